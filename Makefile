@@ -1,0 +1,58 @@
+# picollm: every target sets up its own environment first (.venv, pinned by requirements.lock).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SHARED ?= ../shared/data
+ARGS   ?=
+MODEL  ?= picollm-linear@champion
+PROMPT ?= 2 4 6 8
+
+# Offline copies for tests and CI, used only where ../shared/data exists (see README).
+ifneq ($(wildcard $(SHARED)/tiktoken_cache),)
+export TIKTOKEN_CACHE_DIR ?= $(abspath $(SHARED)/tiktoken_cache)
+endif
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train-baseline train-linear generate models ui test test-all lint bench lock clean
+
+help: ## Show the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed ## Create .venv with the pinned dependencies (CPU torch 2.13.0)
+
+train-baseline: setup ## Train the softmax baseline (configs/baseline.yaml) and register picollm-baseline
+	$(BIN)/picollm train configs/baseline.yaml $(ARGS)
+
+train-linear: setup ## Train the linear-attention model (configs/linear.yaml) and register picollm-linear
+	$(BIN)/picollm train configs/linear.yaml $(ARGS)
+
+generate: setup ## Continue PROMPT with MODEL (default picollm-linear@champion)
+	$(BIN)/picollm generate "$(MODEL)" "$(PROMPT)"
+
+models: setup ## List registered models
+	$(BIN)/picollm models list
+
+ui: setup ## Open the MLflow UI on ./mlflow.db (http://127.0.0.1:5000)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+test: setup ## Run the test suite (offline, CPU, a few minutes)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup ## ruff check + format check
+	$(BIN)/ruff check picollm pipelines tests
+	$(BIN)/ruff format --check picollm pipelines tests
+
+bench: setup ## Time training steps of both attentions at several lengths, logged to MLflow
+	$(BIN)/python -m pipelines.bench $(ARGS)
+
+lock: setup ## Refresh requirements.lock from the current environment
+	@(echo "# Every package's version, from 'pip freeze' of a working environment (make lock)."; \
+	  echo "torch==2.13.0"; $(BIN)/pip freeze --exclude-editable | grep -vE '^(picollm|torch)==') > requirements.lock
+
+clean: ## Remove the environment and caches (keeps mlflow.db and mlruns/)
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,253 @@
+"""Pydantic schemas for every config file, and loading with dotted `--set` overrides.
+
+Every schema forbids unknown keys, so a typo is an error that names the key rather than a silently
+ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from picollm.errors import ConfigError
+
+FAMILIES = ("counting", "arithmetic", "geometric", "alternating", "random_walk")
+Family = Literal["counting", "arithmetic", "geometric", "alternating", "random_walk"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(StrictModel):
+    """Synthetic integer sequences. Values live in Z_M with M = vocab_size - 1 (modular arithmetic),
+    so no sequence sticks at a bound and sequences of any length stay inside the trained range.
+    Token M (the last id) is the pad token."""
+
+    seq_types: list[Family] = Field(default_factory=lambda: list(FAMILIES), min_length=1)
+    vocab_size: int = Field(128, ge=8, le=65536)
+    min_len: int = Field(8, ge=3)
+    max_len: int = Field(32, ge=3)
+    n_train: int = Field(400, ge=1, description="training sequences per family")
+    n_val: int = Field(80, ge=1, description="validation sequences per family")
+    n_test: int = Field(80, ge=1, description="test sequences per family")
+    seed: int = 0
+    start_range: tuple[int, int] | None = Field(
+        None, description="inclusive range of first values; null = every value 0..M-1"
+    )
+    arithmetic_steps: list[int] = Field(default_factory=lambda: [2, 3, 4, 5], min_length=1)
+    geometric_ratios: list[int] = Field(default_factory=lambda: [2, 3], min_length=1)
+    walk_steps: list[int] = Field(default_factory=lambda: [-1, 1], min_length=1)
+
+    @property
+    def modulus(self) -> int:
+        return self.vocab_size - 1
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab_size - 1
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        m = self.modulus
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) is larger than max_len ({self.max_len})")
+        if len(set(self.seq_types)) != len(self.seq_types):
+            raise ValueError("seq_types lists a family twice")
+        if self.start_range is not None:
+            lo, hi = self.start_range
+            if not 0 <= lo <= hi < m:
+                raise ValueError(f"start_range must satisfy 0 <= lo <= hi <= {m - 1}, got {[lo, hi]}")
+        if any(s % m == 0 for s in self.arithmetic_steps):
+            raise ValueError(f"arithmetic_steps must be non-zero modulo {m}")
+        if any(r % m in (0, 1) for r in self.geometric_ratios):
+            raise ValueError(f"geometric_ratios must not be 0 or 1 modulo {m} (the sequence would stick)")
+        return self
+
+
+class ModelConfig(StrictModel):
+    attention: Literal["softmax", "linear"] = "softmax"
+    pos_encoding: Literal["alibi", "none", "sinusoidal", "learned"] = "alibi"
+    d_model: int = Field(128, ge=4)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    d_mlp: int | None = Field(None, ge=1, description="MLP width; null = 4 * d_model")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    vocab_size: int | None = Field(None, ge=2, description="null = taken from data.vocab_size")
+    pad_id: int | None = Field(None, description="null = vocab_size - 1")
+    max_seq_len: int = Field(
+        1024, ge=1, description="longest sequence a learned positional table supports"
+    )
+    tie_embeddings: bool = True
+    linear_chunk_size: int = Field(64, ge=1, description="chunk length of the chunkwise linear form")
+    linear_eps: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return self.d_mlp or 4 * self.d_model
+
+    @property
+    def pad_token(self) -> int:
+        assert self.vocab_size is not None
+        return self.vocab_size - 1 if self.pad_id is None else self.pad_id
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr of the cosine as a fraction of lr")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null = off")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without val/loss improving"
+    )
+    log_every: int = Field(10, ge=1, description="log train loss every N optimizer steps")
+    checkpoint_every: int = Field(1, ge=1, description="log the checkpoint artifact every N epochs")
+    eval_batch_size: int = Field(256, ge=1)
+    peak_flops: float | None = Field(
+        None, gt=0, description="FLOP/s used for MFU; null = measured fp32 matmul peak"
+    )
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = Field(
+        None, description="tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
+    experiment: str = Field("picollm", min_length=1)
+    run_name: str | None = None
+    registered_model: str | None = Field(
+        "picollm-baseline", description="register the model under this name; null = don't register"
+    )
+    log_model: bool = True
+
+
+class TrainRunConfig(StrictModel):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _link_model_to_data(self) -> TrainRunConfig:
+        if self.model.vocab_size is None:
+            self.model.vocab_size = self.data.vocab_size
+        elif self.model.vocab_size != self.data.vocab_size:
+            raise ValueError(
+                f"model.vocab_size ({self.model.vocab_size}) differs from data.vocab_size "
+                f"({self.data.vocab_size}); leave model.vocab_size null"
+            )
+        if self.model.pos_encoding == "learned" and self.data.max_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.max_len ({self.data.max_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    msg = msg.removeprefix("Value error, ")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`model.d_model=64` -> (["model", "d_model"], 64); the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return raw
+
+
+def validate(schema: type[C], raw: dict[str, Any], source: str = "config") -> C:
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format_validation_error(e)}") from None
+
+
+def load_config(
+    schema: type[C], path: str | Path | None = None, overrides: list[str] | None = None
+) -> C:
+    """Read a YAML config (or start from defaults), apply `key=value` overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides or [])
+    return validate(schema, raw, source=str(path) if path is not None else "config")
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,82 @@
+"""Next-token evaluation: loss, accuracy overall / per family / on predictable positions, ceilings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, iter_batches
+
+
+@torch.no_grad()
+def predict_split(
+    model: nn.Module, split: PaddedSplit, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-target (N, Lmax-1) predictions, correctness and NLL, in the split's row order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    width = split.tokens.shape[1] - 1
+    preds = torch.full((len(split), width), -1, dtype=torch.long)
+    nll = torch.zeros(len(split), width)
+    order = torch.argsort(split.lengths, stable=True)
+    for idx in order.split(batch_size):
+        sub = split.subset(idx)
+        inputs, targets = inputs_and_targets(sub.tokens.to(device), split.pad_id)
+        logits = model(inputs).float()
+        w = targets.shape[1]
+        preds[idx, :w] = logits.argmax(-1).cpu()
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        nll[idx, :w] = loss.view(targets.shape).cpu()
+    model.train(was_training)
+    _, targets = inputs_and_targets(split.tokens, split.pad_id)
+    correct = (preds == targets) & (targets != IGNORE_INDEX)
+    return preds, correct, nll
+
+
+def accuracy_metrics(
+    split: PaddedSplit, correct: torch.Tensor, nll: torch.Tensor, prefix: str
+) -> dict[str, float]:
+    """Aggregate per-target results into `{prefix}/loss`, `{prefix}/accuracy`, per family, etc.
+
+    `ceiling` is the Bayes-optimal expected accuracy on the same targets; `accuracy_predictable`
+    counts only targets the ideal predictor gets right with certainty (ceiling 1 there).
+    """
+    _, targets = inputs_and_targets(split.tokens, split.pad_id)
+    valid = targets != IGNORE_INDEX
+    out: dict[str, float] = {}
+
+    def add(name: str, rows: torch.Tensor) -> None:
+        v = valid & rows[:, None]
+        n = int(v.sum())
+        if n == 0:
+            return
+        out[f"{prefix}/loss{name}"] = float(nll[v].mean())
+        out[f"{prefix}/accuracy{name}"] = float(correct[v].float().mean())
+        if split.ceilings is not None:
+            ceil = split.ceilings
+            out[f"{prefix}/ceiling{name}"] = float(ceil[v].mean())
+            pred = v & (ceil >= 1 - 1e-9)
+            if int(pred.sum()):
+                out[f"{prefix}/accuracy_predictable{name}"] = float(correct[pred].float().mean())
+            out[f"{prefix}/accuracy_vs_ceiling{name}"] = float(correct[v].float().mean()) / max(
+                float(ceil[v].mean()), 1e-12
+            )
+
+    add("", torch.ones(len(split), dtype=torch.bool))
+    if split.family_ids is not None:
+        for i, fam in enumerate(split.family_names):
+            add(f"/{fam}", split.family_ids == i)
+    return out
+
+
+def evaluate(model: nn.Module, split: PaddedSplit, prefix: str, batch_size: int = 256) -> dict[str, float]:
+    _, correct, nll = predict_split(model, split, batch_size)
+    metrics = accuracy_metrics(split, correct, nll, prefix)
+    metrics[f"{prefix}/perplexity"] = math.exp(min(metrics[f"{prefix}/loss"], 50.0))
+    return metrics

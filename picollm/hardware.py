@@ -1,0 +1,47 @@
+"""Device selection and the matmul peak used for model-FLOPs utilisation."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from picollm.errors import PicollmError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PicollmError("train.device is cuda, but no CUDA device is available (use auto or cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise PicollmError("train.device is mps, but MPS is not available (use auto or cpu)")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_matmul_peak(device: torch.device, size: int = 1024, seconds: float = 0.15) -> float:
+    """Best fp32 matmul throughput (FLOP/s) over a short burst: the denominator of MFU."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    _sync(device)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - t0))
+    return best

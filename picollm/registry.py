@@ -1,0 +1,288 @@
+"""Log models without pickled code, register them, and load them back by name.
+
+A logged model is an MLflow models-from-code pyfunc (`picollm/serving.py`) whose artifacts are
+`weights.pt` (a state dict, loaded with weights_only=True) and `model_config.json`.
+`load_model` accepts:  NAME (latest version), NAME@ALIAS, NAME/VERSION, models:/..., runs:/RUN_ID[/model]
+and a bare run id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from picollm import tracking  # noqa: F401  (sets MLflow env defaults before mlflow is imported)
+from picollm.config import ModelConfig
+from picollm.data import pad_sequences, parse_prompt
+from picollm.errors import ModelNotFoundError, PicollmError
+from picollm.model import Transformer
+
+import mlflow  # noqa: E402,I001
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.models import ModelSignature  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+WEIGHTS_FILE = "weights.pt"
+CONFIG_FILE = "model_config.json"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def pip_requirements() -> list[str]:
+    import numpy
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+            f"numpy=={numpy.__version__}", "pyyaml", "pydantic"]
+
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "prompt")]),
+    outputs=Schema([ColSpec("string", "continuation")]),
+    params=ParamSchema(
+        [
+            ParamSpec("max_new_tokens", "long", 8),
+            ParamSpec("temperature", "double", 0.0),
+            ParamSpec("top_k", "long", 0),
+            ParamSpec("top_p", "double", 1.0),
+            ParamSpec("seed", "long", 0),
+        ]
+    ),
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def save_files(model: Transformer, directory: Path) -> dict[str, str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    weights, config = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+    config.write_text(model.cfg.model_dump_json(indent=2))
+    return {"weights": str(weights), "config": str(config)}
+
+
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+    """torch.load with weights_only=True; a damaged or foreign file is one clear PicollmError."""
+    path = Path(path)
+    if not path.is_file():
+        raise PicollmError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, crafted pickle (refused by weights_only), ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PicollmError(f"cannot load {path.name}: {first[:200]}") from None
+
+
+def build_from_state(state: dict[str, Any], cfg: ModelConfig, source: str = "weights") -> Transformer:
+    model = Transformer(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = str(e).splitlines()
+        hint = next((ln.strip() for ln in detail[1:] if ln.strip()), detail[0])
+        raise PicollmError(f"{source} do not match the model config: {hint[:200]}") from None
+    return model.eval()
+
+
+def load_from_files(weights: str | Path, config: str | Path) -> Transformer:
+    try:
+        cfg = ModelConfig.model_validate_json(Path(config).read_text())
+    except (OSError, ValueError) as e:
+        raise PicollmError(f"cannot read model config {config}: {str(e).splitlines()[0]}") from None
+    return build_from_state(load_state_dict(weights), cfg, source=Path(weights).name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging and registering
+
+
+def log_model(model: Transformer, registered_name: str | None) -> tuple[str, str | None]:
+    """Log the model to the active run (and register it). Returns (model_uri, version or None).
+
+    The first version of a name gets the alias `champion`; later ones are promoted explicitly.
+    """
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow nags about input examples and type hints; the signature above is explicit.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+        files = save_files(model, Path(tmp))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).with_name("serving.py")),
+            artifacts=files,
+            pip_requirements=pip_requirements(),
+            signature=SIGNATURE,
+            registered_model_name=registered_name,
+        )
+    version = None
+    if registered_name:
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        aliases = client.get_registered_model(registered_name).aliases
+        if CHAMPION not in aliases:
+            client.set_registered_model_alias(registered_name, CHAMPION, version)
+    return info.model_uri, version
+
+
+def promote(name: str, version: str, alias: str = CHAMPION) -> None:
+    client = MlflowClient()
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise ModelNotFoundError(f"model {name!r} has no version {version}") from None
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def list_models() -> list[dict[str, Any]]:
+    client = MlflowClient()
+    out = []
+    for rm in client.search_registered_models():
+        versions = client.search_model_versions(f"name='{rm.name}'")
+        latest = max((int(v.version) for v in versions), default=None)
+        out.append({"name": rm.name, "latest": latest, "versions": len(versions),
+                    "aliases": dict(rm.aliases or {})})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving and loading
+
+
+def _registered_names() -> list[str]:
+    return sorted(rm.name for rm in MlflowClient().search_registered_models())
+
+
+def resolve_model_uri(ref: str) -> str:
+    """Turn a user reference into a models:/ or runs:/ URI, checking that it exists."""
+    ref = ref.strip()
+    if not ref:
+        raise ModelNotFoundError("model reference is empty")
+    client = MlflowClient()
+    if ref.startswith("runs:/"):
+        run_id = ref.removeprefix("runs:/").split("/")[0]
+        _check_run(client, run_id)
+        return ref if ref.count("/") >= 2 and ref.split("/", 2)[2] else f"runs:/{run_id}/model"
+    if _RUN_ID.match(ref):
+        _check_run(client, ref)
+        return f"runs:/{ref}/model"
+    body = ref.removeprefix("models:/")
+    if body.startswith("m-"):  # a logged-model id
+        return ref if ref.startswith("models:/") else f"models:/{body}"
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        _check_name(client, name)
+        try:
+            client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            raise ModelNotFoundError(f"model {name!r} has no alias {alias!r}") from None
+        return f"models:/{name}@{alias}"
+    if "/" in body:
+        name, version = body.rsplit("/", 1)
+        _check_name(client, name)
+        if not version.isdigit():
+            raise ModelNotFoundError(f"model version must be a number, got {version!r} in {ref!r}")
+        try:
+            client.get_model_version(name, version)
+        except MlflowException:
+            raise ModelNotFoundError(f"model {name!r} has no version {version}") from None
+        return f"models:/{name}/{version}"
+    _check_name(client, body)
+    versions = client.search_model_versions(f"name='{body}'")
+    if not versions:
+        raise ModelNotFoundError(f"model {body!r} has no versions")
+    return f"models:/{body}/{max(int(v.version) for v in versions)}"
+
+
+def _check_name(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        known = ", ".join(_registered_names()) or "none yet"
+        raise ModelNotFoundError(f"no registered model named {name!r} (registered: {known})") from None
+
+
+def _check_run(client: MlflowClient, run_id: str) -> None:
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise ModelNotFoundError(f"no run with id {run_id!r} in {mlflow.get_tracking_uri()}") from None
+
+
+def download_model(ref: str) -> tuple[str, Path]:
+    uri = resolve_model_uri(ref)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except MlflowException as e:
+        raise ModelNotFoundError(f"cannot download {uri}: {e.message.splitlines()[0][:200]}") from None
+    files = local / "artifacts"
+    if not (files / WEIGHTS_FILE).is_file():
+        raise ModelNotFoundError(f"{uri} is not a picollm model (no {WEIGHTS_FILE})")
+    return uri, files
+
+
+def load_model(ref: str, device: str | torch.device = "cpu") -> Transformer:
+    """The trained torch model (eval mode, with `generate`) behind a registry or run reference."""
+    from picollm.tracking import init_tracking
+
+    init_tracking()
+    _, files = download_model(ref)
+    return load_from_files(files / WEIGHTS_FILE, files / CONFIG_FILE).to(device)
+
+
+def model_version_of(ref: str) -> dict[str, str] | None:
+    """Name, version and source run of a registry reference (None for run references)."""
+    uri = resolve_model_uri(ref)
+    if not uri.startswith("models:/") or uri.removeprefix("models:/").startswith("m-"):
+        return None
+    body = uri.removeprefix("models:/")
+    client = MlflowClient()
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, version = body.rsplit("/", 1)
+        mv = client.get_model_version(name, version)
+    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id or ""}
+
+
+# --------------------------------------------------------------------------------------------------
+# Text interface
+
+
+def continue_prompts(
+    model: Transformer,
+    prompts: list[str],
+    max_new_tokens: int = 8,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """Space-separated integer prompts -> their continuations (same format), batched."""
+    if max_new_tokens < 1:
+        raise PicollmError("max_new_tokens must be at least 1")
+    vocab = model.cfg.vocab_size
+    assert vocab is not None
+    ids = [parse_prompt(p, vocab) for p in prompts]
+    if not ids:
+        return []
+    longest = max(len(i) for i in ids) + max_new_tokens
+    if model.cfg.pos_encoding == "learned" and longest > model.cfg.max_seq_len:
+        raise PicollmError(
+            f"prompt plus {max_new_tokens} new tokens ({longest}) exceeds the model's "
+            f"max_seq_len ({model.cfg.max_seq_len})"
+        )
+    tokens = pad_sequences(ids, model.pad_id, side="left").to(model.device)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    out = model.generate(tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+    return [" ".join(str(t) for t in row[tokens.shape[1]:].tolist()) for row in out]

@@ -1,0 +1,215 @@
+"""One trainer for every model: AdamW, warmup + cosine, clipping, per-epoch eval, early stopping,
+exact resume from a checkpoint dict. Tracking, progress display and checkpoint storage are
+callbacks, so the loop knows nothing of MLflow or the terminal."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from picollm.config import TrainConfig
+from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, iter_batches
+
+log = logging.getLogger(__name__)
+
+
+class TrainCallbacks(Protocol):
+    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None: ...
+    def on_step(self, step: int, metrics: dict[str, float] | None) -> None: ...
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None: ...
+
+
+class NullCallbacks:
+    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
+        pass
+
+    def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on matrices (not on norms, biases or the tied embedding)."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def lm_loss(model: nn.Module, tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over non-pad targets, and the number of those targets."""
+    inputs, targets = inputs_and_targets(tokens, pad_id)
+    logits = model(inputs)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        device: torch.device,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+    ) -> None:
+        self.model = model.to(device)
+        self.cfg = cfg
+        self.device = device
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+
+    def _batch_generator(self, epoch: int) -> torch.Generator:
+        # Batch order depends only on (seed, epoch), so a resumed run sees the same batches.
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+
+    def checkpoint(self, epoch: int, step: int, extra: dict[str, Any]) -> dict[str, Any]:
+        assert self.scheduler is not None
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "epoch": epoch,
+            "step": step,
+            **extra,
+        }
+
+    def fit(
+        self,
+        train: PaddedSplit,
+        evaluate: Callable[[nn.Module], dict[str, float]],
+        callbacks: TrainCallbacks | None = None,
+        resume: dict[str, Any] | None = None,
+        monitor: str = "val/loss",
+    ) -> TrainResult:
+        cb = callbacks or NullCallbacks()
+        cfg = self.cfg
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(min(cfg.warmup_steps, total // 2), total, cfg.min_lr_ratio)
+        )
+        start_epoch, step = 0, 0
+        history: list[dict[str, float]] = []
+        best, best_epoch, bad_epochs, best_state = math.inf, None, 0, None
+        if resume is not None:
+            self.model.load_state_dict(resume["model"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.scheduler.load_state_dict(resume["scheduler"])
+            torch.set_rng_state(resume["rng_cpu"])
+            start_epoch, step = int(resume["epoch"]), int(resume["step"])
+            history = list(resume.get("history", []))
+            best = float(resume.get("best", math.inf))
+            best_epoch = resume.get("best_epoch")
+            bad_epochs = int(resume.get("bad_epochs", 0))
+            if resume.get("best_state") is not None:
+                best_state = resume["best_state"]
+            log.info("resuming at epoch %d, step %d", start_epoch, step)
+        cb.on_train_start(total, steps_per_epoch, start_epoch)
+        stopped_early = False
+        epoch = start_epoch
+        for epoch in range(start_epoch, cfg.epochs):
+            self.model.train()
+            t0 = time.perf_counter()
+            tokens_seen = 0
+            loss_sum = torch.zeros((), device=self.device)
+            window = torch.zeros((), device=self.device)
+            window_n = 0
+            for batch in iter_batches(train, cfg.batch_size, self._batch_generator(epoch)):
+                loss, n_tok = lm_loss(self.model, batch.tokens.to(self.device, non_blocking=True), train.pad_id)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
+                self.optimizer.step()
+                self.scheduler.step()
+                step += 1
+                tokens_seen += n_tok
+                d = loss.detach()
+                loss_sum += d * n_tok
+                window += d
+                window_n += 1
+                logged = None
+                if step % cfg.log_every == 0:
+                    if not torch.isfinite(window):
+                        raise FloatingPointError(f"train/loss is not finite at step {step}")
+                    logged = {"train/loss_step": float(window) / window_n, "lr": self.scheduler.get_last_lr()[0]}
+                    window.zero_()
+                    window_n = 0
+                cb.on_step(step, logged)
+            train_time = time.perf_counter() - t0
+            metrics = {"epoch": float(epoch + 1), "train/loss": float(loss_sum) / max(tokens_seen, 1)}
+            if not math.isfinite(metrics["train/loss"]):
+                raise FloatingPointError(f"train/loss is not finite in epoch {epoch + 1}")
+            metrics["throughput/tokens_per_s"] = tokens_seen / train_time
+            metrics["throughput/epoch_seconds"] = train_time
+            if self.flops_per_token and self.peak_flops:
+                metrics["throughput/mfu"] = metrics["throughput/tokens_per_s"] * self.flops_per_token / self.peak_flops
+            metrics.update(evaluate(self.model))
+            history.append(metrics)
+            score = metrics.get(monitor, math.nan)
+            if score < best:
+                best, best_epoch, bad_epochs = score, epoch + 1, 0
+                if cfg.early_stopping_patience:
+                    best_state = copy.deepcopy(self.model.state_dict())
+            else:
+                bad_epochs += 1
+            cb.on_epoch_end(epoch + 1, step, metrics)
+            stop = cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
+            last = epoch + 1 == cfg.epochs or stop
+            if (epoch + 1) % cfg.checkpoint_every == 0 or last:
+                extra = {"history": history, "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                         "best_state": best_state}
+                cb.on_checkpoint(self.checkpoint(epoch + 1, step, extra), epoch + 1)
+            if stop:
+                stopped_early = True
+                log.info("early stopping after epoch %d (best %s at epoch %s)", epoch + 1, monitor, best_epoch)
+                break
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        return TrainResult(
+            epochs_run=len(history), steps=step, history=history, best_epoch=best_epoch, stopped_early=stopped_early
+        )

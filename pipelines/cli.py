@@ -1,0 +1,212 @@
+"""`picollm` command line: thin Typer commands over one pydantic validation each.
+
+Bad input of any kind (config, override, model reference, file, data) prints one line and exits 2.
+Tracebacks appear only with --debug or PICOLLM_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="picollm: tiny Transformers on integer sequences, tracked in MLflow.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Registered models: list them, move the champion alias.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"debug": os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")}
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/linear.yaml")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
+]
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+) -> None:
+    STATE["debug"] = STATE["debug"] or debug
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@contextmanager
+def guarded() -> Iterator[None]:
+    """One clear line and exit 2 for the user's mistakes; 130 for Ctrl-C; 1 for our own bugs."""
+    from picollm.errors import PicollmError
+
+    try:
+        yield
+    except PicollmError as e:
+        if STATE["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as e:
+        if STATE["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e}  (rerun with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+class RichReporter:
+    """Progress bar over training steps, one summary line per epoch."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=True,
+        )
+        self.task: Any = None
+        self.steps_per_epoch = 1
+
+    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
+        self.steps_per_epoch = steps_per_epoch
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_epoch * steps_per_epoch,
+                                           epoch=start_epoch + 1, loss="-")
+
+    def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
+        fields = {"loss": f"{metrics['train/loss_step']:.3f}"} if metrics else {}
+        self.progress.update(self.task, completed=step, epoch=(step - 1) // self.steps_per_epoch + 1, **fields)
+
+    def on_epoch_end(self, epoch: int, step: int, m: dict[str, float]) -> None:
+        line = (f"epoch {epoch:>3}  train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  "
+                f"val/accuracy {m['val/accuracy']:.4f}")
+        if "val/ceiling" in m:
+            line += f" (ceiling {m['val/ceiling']:.4f})"
+        line += f"  {m['throughput/tokens_per_s']:,.0f} tok/s"
+        if "throughput/mfu" in m:
+            line += f"  MFU {100 * m['throughput/mfu']:.1f}%"
+        self.progress.console.print(line, highlight=False, soft_wrap=True)
+
+    def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def family_table(metrics: dict[str, float], families: list[str], prefix: str = "test") -> Table:
+    table = Table(title=f"{prefix} accuracy per family")
+    for col in ("family", "accuracy", "ceiling", "acc / ceiling", "acc (predictable pos.)"):
+        table.add_column(col, justify="left" if col == "family" else "right")
+
+    def fmt(key: str) -> str:
+        return f"{metrics[key]:.4f}" if key in metrics else "-"
+
+    for fam in [*families, ""]:
+        sfx = f"/{fam}" if fam else ""
+        table.add_row(fam or "[bold]all", fmt(f"{prefix}/accuracy{sfx}"), fmt(f"{prefix}/ceiling{sfx}"),
+                      fmt(f"{prefix}/accuracy_vs_ceiling{sfx}"), fmt(f"{prefix}/accuracy_predictable{sfx}"))
+    return table
+
+
+def _load(schema_name: str, config: Path | None, overrides: list[str] | None) -> Any:
+    from picollm import config as cfgmod
+
+    return cfgmod.load_config(getattr(cfgmod, schema_name), config, overrides or [])
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    resume: Annotated[str | None, typer.Option(help="Continue this run id from its last checkpoint.")] = None,
+) -> None:
+    """Train a model, log it to MLflow and register it."""
+    with guarded():
+        cfg = _load("TrainRunConfig", config, overrides)
+        from pipelines import train as flow
+
+        reporter = RichReporter()
+        try:
+            out = flow.run(cfg, resume=resume, ui=reporter)
+        finally:
+            reporter.stop()
+        console.print(family_table(out.test_metrics, out.families))
+        reg = f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
+        console.print(f"run {out.run_id}{reg}", highlight=False)
+
+
+@app.command()
+def generate(
+    model_ref: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS, NAME/VERSION, models:/..., runs:/... or a run id")],
+    prompt: Annotated[str, typer.Argument(help="Space-separated integers, e.g. '2 4 6 8'")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1)] = 8,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    top_k: Annotated[int | None, typer.Option(min=1)] = None,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    seed: int = 0,
+) -> None:
+    """Continue a prompt with a registered (or logged) model."""
+    with guarded():
+        from picollm.registry import continue_prompts, load_model
+
+        model = load_model(model_ref)
+        [out] = continue_prompts(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed)
+        console.print(f"{' '.join(prompt.split())} [bold green]{out}[/]", highlight=False)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered models with their latest version and aliases."""
+    with guarded():
+        from picollm.registry import list_models
+        from picollm.tracking import init_tracking
+
+        init_tracking()
+        table = Table(title="registered models")
+        for col in ("name", "latest", "versions", "aliases"):
+            table.add_column(col)
+        for m in list_models():
+            aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(m["aliases"].items()))
+            table.add_row(m["name"], str(m["latest"]), str(m["versions"]), aliases)
+        console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(
+    name: str,
+    version: str,
+    alias: Annotated[str, typer.Option(help="Alias to move onto this version.")] = "champion",
+) -> None:
+    """Point an alias (default: champion) at a version."""
+    with guarded():
+        from picollm.registry import promote
+        from picollm.tracking import init_tracking
+
+        init_tracking()
+        promote(name, version, alias)
+        console.print(f"{name}@{alias} -> version {version}")
+
+
+def main() -> None:
+    app()
+
+
+
+
+
+
+if __name__ == "__main__":
+    main()
