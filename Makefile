@@ -48,7 +48,7 @@ lint: setup ## ruff check + format check
 	$(BIN)/ruff format --check picollm pipelines tests
 
 bench: setup ## Time training steps of both attentions at several lengths, logged to MLflow
-	$(BIN)/python -m pipelines.bench $(ARGS)
+	$(BIN)/picollm bench configs/bench.yaml $(ARGS)
 
 lock: setup ## Refresh requirements.lock from the current environment
 	@(echo "# Every package's version, from 'pip freeze' of a working environment (make lock)."; \

@@ -251,3 +251,25 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+class BenchConfig(StrictModel):
+    """`make bench`: training-step time of both attentions vs sequence length, side by side."""
+
+    lengths: list[int] = Field(default_factory=lambda: [32, 256, 1024, 4096], min_length=1)
+    tokens_per_step: int = Field(4096, ge=1, description="batch size = max(1, tokens_per_step // length)")
+    warmup_steps: int = Field(2, ge=0)
+    timed_steps: int = Field(5, ge=1)
+    vocab_size: int = Field(128, ge=8)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    kernels: bool = Field(True, description="also time the linear-attention forms alone (fwd+bwd)")
+    num_threads: int | None = Field(None, ge=1)
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(experiment="picollm-bench", registered_model=None, log_model=False)
+    )
+
+    @model_validator(mode="after")
+    def _vocab(self) -> BenchConfig:
+        if self.model.vocab_size is None:
+            self.model.vocab_size = self.vocab_size
+        return self

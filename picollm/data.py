@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -105,7 +106,6 @@ def ceiling_per_position(seq: np.ndarray, family: str, cfg: DataConfig) -> np.nd
     m = cfg.modulus
     starts = set(_starts(cfg).tolist())
     fams = set(cfg.seq_types)
-    log_fam = -math.log(len(fams))
     n_start = len(starts)
     n_start_geo = len(starts - {0})
     steps = [d % m for d in cfg.arithmetic_steps]
@@ -132,11 +132,9 @@ def ceiling_per_position(seq: np.ndarray, family: str, cfg: DataConfig) -> np.nd
             h.walk &= ((cur - prev) % m) in walk_counts
         cur = x[t]
         weights: dict[int, float] = {}
-
-        def add(value: int, logw: float) -> None:
-            weights[value % m] = weights.get(value % m, 0.0) + math.exp(logw)
-
-        # log-weights relative to a common factor exp(log_fam); the walk's (1/|S|)^t needs logs
+        floor = 0.0
+        add = partial(_add_weight, weights, m)
+        # Log prior weights, leaving out the common family prior 1/|families|.
         if in_starts:
             if "counting" in fams and h.counting:
                 add(cur + 1, -math.log(n_start))
@@ -148,10 +146,8 @@ def ceiling_per_position(seq: np.ndarray, family: str, cfg: DataConfig) -> np.nd
                     n_same = steps.count(h.arith_step)
                     add(cur + h.arith_step, math.log(n_same) - math.log(n_start * len(steps)))
             if "alternating" in fams:
-                if t == 0:
-                    for b in range(m):
-                        if b != cur:
-                            add(b, -math.log(n_start * (m - 1)))
+                if t == 0:  # b is any value but a: a uniform floor, added below without a loop
+                    floor = 1.0 / (n_start * (m - 1))
                 elif h.alternating:
                     add(x[t - 1], -math.log(n_start * (m - 1)))
             if "random_walk" in fams and h.walk:
@@ -162,17 +158,33 @@ def ceiling_per_position(seq: np.ndarray, family: str, cfg: DataConfig) -> np.nd
             for r in h.geo_ratios:
                 n_r = ratios.count(r)
                 add(cur * r, math.log(n_r) - math.log(n_start_geo * len(ratios)))
-        if not weights:
+        # Values not in `weights` (other than cur) carry only the floor; they tie for the argmax
+        # only when nothing else is consistent.
+        for v in weights:
+            if v != cur:
+                weights[v] += floor
+        n_floor_only = (m - 1 - sum(v != cur for v in weights)) if floor > 0 else 0
+        best = max([*weights.values(), floor if n_floor_only else 0.0])
+        if best == 0.0:
             out[t] = 0.0
             continue
-        best = max(weights.values())
-        argmax = [v for v, w in weights.items() if w >= best * (1 - 1e-9)]
+        argmax = {v for v, w in weights.items() if w >= best * (1 - 1e-9)}
+        floor_wins = n_floor_only > 0 and floor >= best * (1 - 1e-9)
+        n_argmax = len(argmax) + (n_floor_only if floor_wins else 0)
+
+        def in_argmax(v: int, argmax=argmax, floor_wins=floor_wins) -> bool:
+            return v in argmax or (floor_wins and v not in weights and v != cur)
+
         if family == "random_walk":
             true_p = {(cur + s) % m: c / len(walk) for s, c in walk_counts.items()}
-            out[t] = sum(true_p.get(v, 0.0) for v in argmax) / len(argmax)
+            out[t] = sum(p for v, p in true_p.items() if in_argmax(v)) / n_argmax
         else:
-            out[t] = float(x[t + 1] in argmax) / len(argmax)
+            out[t] = float(in_argmax(x[t + 1])) / n_argmax
     return out
+
+
+def _add_weight(weights: dict[int, float], m: int, value: int, logw: float) -> None:
+    weights[value % m] = weights.get(value % m, 0.0) + math.exp(logw)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, iter_batches
+from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets
 
 
 @torch.no_grad()

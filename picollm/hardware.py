@@ -30,8 +30,11 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def measure_matmul_peak(device: torch.device, size: int = 1024, seconds: float = 0.15) -> float:
-    """Best fp32 matmul throughput (FLOP/s) over a short burst: the denominator of MFU."""
+def measure_matmul_peak(device: torch.device, size: int = 2048, seconds: float = 0.4) -> float:
+    """Best fp32 matmul throughput (FLOP/s) over a short burst: the denominator of MFU.
+
+    The best of many repeats, so a briefly busy machine still reads close to its real peak; on a
+    machine that stays loaded, set train.peak_flops instead."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     a @ b
@@ -40,8 +43,8 @@ def measure_matmul_peak(device: torch.device, size: int = 1024, seconds: float =
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
-        for _ in range(4):
+        for _ in range(2):
             a @ b
         _sync(device)
-        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - t0))
+        best = max(best, 2 * 2 * size**3 / (time.perf_counter() - t0))
     return best

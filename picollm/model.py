@@ -240,7 +240,10 @@ class Transformer(HookedMixin, nn.Module):
         x = self.hook_embed(self.embed(tokens))
         if self.cfg.pos_encoding in ("learned", "sinusoidal"):
             pos = self._positions(key_mask, n)
-            pe = self.pos_embed(pos) if self.pos_embed is not None else sinusoidal(pos, self.cfg.d_model)
+            if self.pos_embed is not None:
+                pe = self.pos_embed(pos)
+            else:  # at the embedding's init scale: unit-amplitude waves would drown the token signal
+                pe = 0.02 * sinusoidal(pos, self.cfg.d_model)
             x = x + self.hook_pos_embed(pe.to(x.dtype))
         x = self.drop(x)
         for i, block in enumerate(self.blocks):

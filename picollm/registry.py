@@ -8,7 +8,6 @@ and a bare run id.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import tempfile
@@ -16,19 +15,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from picollm import tracking  # noqa: F401  (sets MLflow env defaults before mlflow is imported)
+from picollm import tracking  # noqa: F401  (sets MLflow env defaults)
 from picollm.config import ModelConfig
 from picollm.data import pad_sequences, parse_prompt
 from picollm.errors import ModelNotFoundError, PicollmError
 from picollm.model import Transformer
-
-import mlflow  # noqa: E402,I001
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.models import ModelSignature  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +44,8 @@ def pip_requirements() -> list[str]:
 
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "prompt")]),
-    outputs=Schema([ColSpec("string", "continuation")]),
+    inputs=Schema([ColSpec("string")]),
+    outputs=Schema([ColSpec("string")]),
     params=ParamSchema(
         [
             ParamSpec("max_new_tokens", "long", 8),
@@ -114,7 +112,7 @@ def log_model(model: Transformer, registered_name: str | None) -> tuple[str, str
     """
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # MLflow nags about input examples and type hints; the signature above is explicit.
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+        warnings.filterwarnings("ignore", message=r"(?s).*(type hint|input example)", category=UserWarning)
         files = save_files(model, Path(tmp))
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,6 +168,28 @@ def generate(
         console.print(f"{' '.join(prompt.split())} [bold green]{out}[/]", highlight=False)
 
 
+@app.command()
+def bench(
+    config: Annotated[Path, typer.Argument(help="Bench config")] = Path("configs/bench.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Time training steps of softmax vs linear attention at several lengths (logged to MLflow)."""
+    with guarded():
+        cfg = _load("BenchConfig", config, overrides)
+        from pipelines import bench as flow
+
+        res = flow.run(cfg)
+        table = Table(title="training step time (median)")
+        for col in ("N", "batch", "softmax ms", "linear ms", "linear/softmax", "kernels ms: quadratic / chunkwise / naive"):
+            table.add_column(col, justify="right")
+        for n in cfg.lengths:
+            kern = (" / ".join(f"{res[f'kernel_ms.{f}@{n}']:.1f}" for f in ("quadratic", "chunkwise", "naive_cumulative"))
+                    if cfg.kernels else "-")
+            table.add_row(str(n), str(max(1, cfg.tokens_per_step // n)), f"{res[f'step_ms.softmax@{n}']:.1f}",
+                          f"{res[f'step_ms.linear@{n}']:.1f}", f"{res[f'ratio.linear_over_softmax@{n}']:.2f}", kern)
+        console.print(table)
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Registered models with their latest version and aliases."""
@@ -200,7 +223,12 @@ def models_promote(
         console.print(f"{name}@{alias} -> version {version}")
 
 
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so `kill` marks the MLflow run KILLED, like Ctrl-C
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     app()
 
 

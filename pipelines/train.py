@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import torch
+from mlflow.tracking import MlflowClient
 
 from picollm import plots, tracking
 from picollm.config import TrainRunConfig, flatten, to_yaml, validate
@@ -20,9 +22,6 @@ from picollm.hardware import measure_matmul_peak, resolve_device
 from picollm.model import Transformer
 from picollm.registry import load_state_dict, log_model
 from picollm.training import NullCallbacks, TrainCallbacks, Trainer
-
-import mlflow  # noqa: E402,I001
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 log = logging.getLogger(__name__)
 
