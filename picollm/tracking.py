@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -121,7 +122,7 @@ class MetricLogger:
         self._buf: list[Metric] = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        ts = int(__import__("time").time() * 1000)
+        ts = int(time.time() * 1000)
         self._buf.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
 
     def flush(self) -> None:

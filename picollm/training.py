@@ -124,7 +124,10 @@ class Trainer:
         callbacks: TrainCallbacks | None = None,
         resume: dict[str, Any] | None = None,
         monitor: str = "val/loss",
+        checkpoint_extra: dict[str, Any] | None = None,
     ) -> TrainResult:
+        """Train for cfg.epochs (from `resume`'s epoch on); `checkpoint_extra` is stored in every
+        checkpoint (e.g. the run config, so a resume can check it)."""
         cb = callbacks or NullCallbacks()
         cfg = self.cfg
         steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -202,7 +205,7 @@ class Trainer:
             last = epoch + 1 == cfg.epochs or stop
             if (epoch + 1) % cfg.checkpoint_every == 0 or last:
                 extra = {"history": history, "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                         "best_state": best_state}
+                         "best_state": best_state, **(checkpoint_extra or {})}
                 cb.on_checkpoint(self.checkpoint(epoch + 1, step, extra), epoch + 1)
             if stop:
                 stopped_early = True

@@ -129,14 +129,12 @@ def run(
             mlflow.log_metrics(data.stats(), step=0)
 
         callbacks = _MlflowCallbacks(run_id, ui or NullCallbacks())
-        config_dict = cfg.model_dump(mode="json")
-        orig_checkpoint = trainer.checkpoint
-        trainer.checkpoint = lambda e, s, extra: orig_checkpoint(e, s, {**extra, "config": config_dict})  # type: ignore[method-assign]
         result = trainer.fit(
             splits["train"],
             lambda m: evaluate(m, splits["val"], "val", cfg.train.eval_batch_size),
             callbacks,
             resume=ckpt,
+            checkpoint_extra={"config": cfg.model_dump(mode="json")},
         )
         test_metrics = evaluate(trainer.model, splits["test"], "test", cfg.train.eval_batch_size)
         final = {**test_metrics, **{k: v for k, v in result.history[-1].items() if k.startswith("val/")}}
