@@ -59,7 +59,7 @@ def init_tracking(configured: str | None = None) -> str:
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(db) + ".lock", timeout=120):
+        with FileLock(str(db) + ".lock", timeout=120), _quiet("mlflow.store.db.utils", "alembic"):
             MlflowClient(uri).search_experiments(max_results=1)
     elif uri.startswith(("http://", "https://")):
         try:
@@ -70,6 +70,20 @@ def init_tracking(configured: str | None = None) -> str:
             raise PicollmError(f"tracking server {uri} is unreachable ({reason})") from None
     _initialised.add(uri)
     return uri
+
+
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence chatty INFO loggers (MLflow's "Creating initial MLflow database tables...")."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def artifact_root(uri: str) -> str | None:
