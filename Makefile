@@ -13,7 +13,7 @@ export TIKTOKEN_CACHE_DIR ?= $(abspath $(SHARED)/tiktoken_cache)
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train-baseline train-linear generate models ui test test-all lint bench lock clean
+.PHONY: help setup train-baseline train-linear dpo compare analyze generate models ui test test-all lint bench lock clean
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -30,6 +30,15 @@ train-baseline: setup ## Train the softmax baseline (configs/baseline.yaml) and 
 
 train-linear: setup ## Train the linear-attention model (configs/linear.yaml) and register picollm-linear
 	$(BIN)/picollm train configs/linear.yaml $(ARGS)
+
+dpo: setup ## SFT a reference on TinyStories, then DPO it (configs/dpo.yaml); registers picollm-sft and picollm-dpo
+	$(BIN)/picollm dpo configs/dpo.yaml $(ARGS)
+
+compare: setup ## Softmax vs linear over 3 seeds each (configs/compare.yaml): metrics with CIs, report, one MLflow parent run
+	$(BIN)/picollm compare configs/compare.yaml $(ARGS)
+
+analyze: setup ## Interpretability report of MODEL (embeddings, attention, neurons, ablation) as an MLflow run
+	$(BIN)/picollm analyze "$(MODEL)" $(ARGS)
 
 generate: setup ## Continue PROMPT with MODEL (default picollm-linear@champion)
 	$(BIN)/picollm generate "$(MODEL)" "$(PROMPT)"

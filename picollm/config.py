@@ -71,6 +71,9 @@ class DataConfig(StrictModel):
 class ModelConfig(StrictModel):
     attention: Literal["softmax", "linear"] = "softmax"
     pos_encoding: Literal["alibi", "none", "sinusoidal", "learned"] = "alibi"
+    alibi_exponent: float = Field(
+        4.0, gt=0, description="ALiBi slopes m_h = 2^(-alibi_exponent * h / n_heads), h = 1..n_heads"
+    )
     d_model: int = Field(128, ge=4)
     n_layers: int = Field(2, ge=1)
     n_heads: int = Field(4, ge=1)
@@ -78,10 +81,8 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     vocab_size: int | None = Field(None, ge=2, description="null = taken from data.vocab_size")
     pad_id: int | None = Field(None, description="null = vocab_size - 1")
-    max_seq_len: int = Field(
-        1024, ge=1, description="longest sequence a learned positional table supports"
-    )
-    tie_embeddings: bool = True
+    max_seq_len: int = Field(1024, ge=1, description="longest sequence a learned positional table supports")
+    tie_embeddings: bool = False
     linear_chunk_size: int = Field(64, ge=1, description="chunk length of the chunkwise linear form")
     linear_eps: float = Field(1e-6, gt=0)
 
@@ -111,7 +112,7 @@ class TrainConfig(StrictModel):
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr of the cosine as a fraction of lr")
     warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null = off")
     seed: int = 0
@@ -123,15 +124,11 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1, description="log train loss every N optimizer steps")
     checkpoint_every: int = Field(1, ge=1, description="log the checkpoint artifact every N epochs")
     eval_batch_size: int = Field(256, ge=1)
-    peak_flops: float | None = Field(
-        None, gt=0, description="FLOP/s used for MFU; null = measured fp32 matmul peak"
-    )
+    peak_flops: float | None = Field(None, gt=0, description="FLOP/s used for MFU; null = measured fp32 matmul peak")
 
 
 class TrackingConfig(StrictModel):
-    uri: str | None = Field(
-        None, description="tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
-    )
+    uri: str | None = Field(None, description="tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     experiment: str = Field("picollm", min_length=1)
     run_name: str | None = None
     registered_model: str | None = Field(
@@ -156,9 +153,7 @@ class TrainRunConfig(StrictModel):
                 f"({self.data.vocab_size}); leave model.vocab_size null"
             )
         if self.model.pos_encoding == "learned" and self.data.max_len > self.model.max_seq_len:
-            raise ValueError(
-                f"data.max_len ({self.data.max_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
-            )
+            raise ValueError(f"data.max_len ({self.data.max_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         return self
 
 
@@ -229,9 +224,7 @@ def validate(schema: type[C], raw: dict[str, Any], source: str = "config") -> C:
         raise ConfigError(f"{source}: {_format_validation_error(e)}") from None
 
 
-def load_config(
-    schema: type[C], path: str | Path | None = None, overrides: list[str] | None = None
-) -> C:
+def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Read a YAML config (or start from defaults), apply `key=value` overrides, validate."""
     raw = read_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
@@ -272,4 +265,258 @@ class BenchConfig(StrictModel):
     def _vocab(self) -> BenchConfig:
         if self.model.vocab_size is None:
             self.model.vocab_size = self.vocab_size
+        return self
+
+
+ANALYSIS_SECTIONS = ("embeddings", "attention", "activations", "ablation")
+
+
+class AnalysisConfig(StrictModel):
+    """`picollm analyze MODEL_REF`: interpretability report of a trained model, logged to MLflow."""
+
+    model: str | None = Field(
+        None, description="model reference: NAME, NAME@ALIAS, NAME/VERSION, models:/..., runs:/... or a run id"
+    )
+    what: list[Literal["embeddings", "attention", "activations", "ablation"]] = Field(
+        default_factory=lambda: list(ANALYSIS_SECTIONS), min_length=1, description="sections to compute"
+    )
+    split: Literal["train", "val", "test"] = Field("test", description="split of the regenerated training data")
+    n_per_family: int = Field(80, ge=1, description="sequences per family from the split (fewer if it has fewer)")
+    attention_positions: int = Field(16, ge=2, description="positions shown in the attention heatmaps")
+    max_k_back: int = Field(4, ge=1, description="k-back attention profile for k = 1..max_k_back")
+    top_neurons: int = Field(24, ge=1, description="rows of the selective-neuron heatmap")
+    activation_shift: float | None = Field(
+        0.17,
+        ge=0,
+        description="added to GELU outputs (min about -0.17) before the selectivity index; "
+        "null = subtract the observed minimum",
+    )
+    dead_threshold: float = Field(0.01, ge=0, description="a neuron never above this on the batch is dead")
+    seed: int = Field(0, description="seed of the randomly initialised baseline model")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "cpu"
+    batch_size: int = Field(256, ge=1, description="sequences per forward pass")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(experiment="picollm-analysis", registered_model=None, log_model=False)
+    )
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> AnalysisConfig:
+        if len(set(self.what)) != len(self.what):
+            raise ValueError("what lists a section twice")
+        return self
+
+
+class CompareSettings(StrictModel):
+    """`compare` section of `picollm compare`: which models, how many seeds, what to evaluate."""
+
+    baseline: list[str] | None = Field(
+        None, description="softmax model reference(s) (NAME@ALIAS, NAME/VERSION, runs:/...); null = train"
+    )
+    linear: list[str] | None = Field(None, description="linear-attention model reference(s); null = train")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="train.seed per pair")
+    length_factors: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8], min_length=1, description="evaluate at these multiples of data.max_len"
+    )
+    n_long: int = Field(40, ge=1, description="length-generalisation sequences per family and factor")
+    ci: Literal["t", "bootstrap"] = Field("t", description="confidence interval of the mean over seeds")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    bootstrap_samples: int = Field(10000, ge=100)
+    alpha: float = Field(0.05, gt=0, lt=1, description="Welch t-test level below which a difference is called real")
+    calibration_bins: int = Field(10, ge=2, description="equal-width confidence bins of the ECE")
+    attention_positions: int = Field(16, ge=2, description="positions shown in the attention heatmaps")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_ref(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):  # `compare.baseline: NAME@ALIAS` is a list of one
+            raw = {k: [v] if k in ("baseline", "linear") and isinstance(v, str) else v for k, v in raw.items()}
+        return raw
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareSettings:
+        if (self.baseline is None) != (self.linear is None):
+            raise ValueError("give both compare.baseline and compare.linear (evaluate) or neither (train)")
+        if self.baseline is not None and (not self.baseline or not self.linear):
+            raise ValueError("compare.baseline and compare.linear must name at least one model each")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("compare.seeds lists a seed twice")
+        if any(f < 1 for f in self.length_factors) or len(set(self.length_factors)) != len(self.length_factors):
+            raise ValueError("compare.length_factors must be distinct integers >= 1")
+        return self
+
+
+class EfficiencyConfig(StrictModel):
+    """`efficiency` section of `picollm compare`: both attentions timed side by side in one process."""
+
+    enabled: bool = True
+    lengths: list[int] = Field(default_factory=lambda: [64, 256, 1024, 4096], min_length=1)
+    tokens_per_step: int = Field(4096, ge=1, description="batch size = max(1, tokens_per_step // length)")
+    warmup_steps: int = Field(1, ge=0)
+    timed_steps: int = Field(3, ge=1)
+    memory: bool = Field(True, description="peak RSS of one training step per (model, length), fresh subprocess each")
+    gen_contexts: list[int] = Field(default_factory=lambda: [64, 256, 1024, 4096], min_length=1)
+    gen_tokens: int = Field(16, ge=1, description="greedy decode steps timed per context length")
+    num_threads: int | None = Field(None, ge=1, description="torch threads while timing; null = unchanged")
+
+    @model_validator(mode="after")
+    def _check(self) -> EfficiencyConfig:
+        if any(n < 2 for n in self.lengths + self.gen_contexts):
+            raise ValueError("efficiency lengths and gen_contexts must be >= 2")
+        return self
+
+
+class CompareConfig(StrictModel):
+    """`picollm compare`: softmax vs linear attention, same data and seeds, one parent MLflow run."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="shared; attention is set per model")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    compare: CompareSettings = Field(default_factory=CompareSettings)
+    efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig)
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(experiment="picollm-compare", registered_model="picollm-compare"),
+        description="registered_model is a prefix: children register as <prefix>-softmax / <prefix>-linear",
+    )
+
+    @model_validator(mode="after")
+    def _link(self) -> CompareConfig:
+        if self.model.vocab_size is None:
+            self.model.vocab_size = self.data.vocab_size
+        elif self.model.vocab_size != self.data.vocab_size:
+            raise ValueError(
+                f"model.vocab_size ({self.model.vocab_size}) differs from data.vocab_size "
+                f"({self.data.vocab_size}); leave model.vocab_size null"
+            )
+        longest = max(self.compare.length_factors) * self.data.max_len
+        if self.compare.baseline is None and self.model.pos_encoding == "learned" and longest > self.model.max_seq_len:
+            raise ValueError(
+                f"length generalisation needs {longest} positions but model.max_seq_len is "
+                f"{self.model.max_seq_len} (learned positions)"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# DPO: `picollm dpo configs/dpo.yaml` (pipelines/dpo.py)
+
+GPT2_VOCAB = 50258  # tiktoken's GPT-2 ranks (50257) plus one pad token as the last id
+CORRUPTIONS = ("random_tokens", "swap_tokens", "shuffle_sentences", "other_story", "replace_words")
+Corruption = Literal["random_tokens", "swap_tokens", "shuffle_sentences", "other_story", "replace_words"]
+
+
+class DPODataConfig(StrictModel):
+    """Stories (or synthetic sequences) cut into prompt + continuation at sentence boundaries."""
+
+    source: Literal["tinystories", "files", "synthetic"] = "tinystories"
+    dataset: str = Field("roneneldan/TinyStories", min_length=1, description="hub dataset of source tinystories")
+    split: str = Field("train", min_length=1, description="hub split of source tinystories")
+    path: str | None = Field(None, description="source files: a .txt/.jsonl file, a directory of them, or a glob")
+    text_field: str = Field("text", min_length=1, description="the story field of .jsonl rows")
+    limit: int | None = Field(5000, ge=1, description="stories read (streamed); null = all")
+    seq_max_len: int = Field(128, ge=8, description="longest prompt + continuation, in tokens")
+    prompt_sentences: int = Field(2, ge=1, description="sentences in the prompt")
+    continuation_sentences: int | None = Field(
+        3, ge=1, description="sentences in the chosen continuation; null = as many as fit in seq_max_len"
+    )
+    min_continuation_tokens: int = Field(4, ge=2, description="skip stories whose continuation is shorter")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of stories in val")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of stories in test")
+    seed: int = 0
+    synthetic: DataConfig = Field(default_factory=DataConfig, description="source synthetic: the sequences")
+    synthetic_prompt_fraction: float = Field(0.5, gt=0, lt=1, description="source synthetic: prompt share")
+
+    @model_validator(mode="after")
+    def _check(self) -> DPODataConfig:
+        if self.source == "files" and not self.path:
+            raise ValueError("data.source is files but data.path is not set")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave stories for training")
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        return self.synthetic.vocab_size if self.source == "synthetic" else GPT2_VOCAB
+
+
+class DPOConfig(StrictModel):
+    reference: str | None = Field(
+        None, description="registered model or run to use as reference; null = train an SFT reference"
+    )
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid only)")
+    length_normalize: bool = Field(False, description="divide sequence log-probs by the response length")
+    corruptions: list[Corruption] = Field(default_factory=lambda: ["other_story", "swap_tokens"], min_length=1)
+    swap_k: int = Field(2, ge=1, description="swap_tokens: adjacent swaps per continuation")
+    replace_k: int = Field(2, ge=1, description="replace_words: words replaced per continuation")
+    train_pairs: int = Field(2000, ge=1)
+    val_pairs: int = Field(200, ge=1)
+    test_pairs: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1, description="pairs per step (2x sequences in the forward pass)")
+    lr: float = Field(5e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float | None = Field(1.0, gt=0)
+    max_steps: int = Field(200, ge=1)
+    eval_every: int = Field(25, ge=1, description="evaluate on val every N steps")
+    early_stopping_patience: int | None = Field(
+        4, ge=1, description="stop after this many evaluations without the monitor improving"
+    )
+    monitor: Literal["val/loss", "val/accuracy", "val/rewards/accuracies", "val/rewards/margins"] = "val/loss"
+    log_every: int = Field(5, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+    num_samples: int = Field(4, ge=0, description="test prompts continued by reference and policy")
+    sample_tokens: int = Field(32, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> DPOConfig:
+        if len(set(self.corruptions)) != len(self.corruptions):
+            raise ValueError("corruptions lists a scheme twice")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError("label_smoothing applies to loss_type sigmoid only")
+        return self
+
+
+class DPOTrackingConfig(TrackingConfig):
+    experiment: str = Field("picollm-dpo", min_length=1)
+    registered_model: str | None = Field("picollm-dpo", description="the DPO policy; null = don't register")
+    sft_registered_model: str | None = Field("picollm-sft", description="the SFT reference; null = don't register")
+
+
+class SFTConfig(TrainConfig):
+    """TrainConfig with defaults sized for a 50k-token output head (the logits dominate memory)."""
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    warmup_steps: int = Field(20, ge=0)
+    eval_batch_size: int = Field(16, ge=1)
+
+
+class DPORunConfig(StrictModel):
+    data: DPODataConfig = Field(default_factory=DPODataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(
+        default_factory=SFTConfig, description="SFT of the reference; its device and num_threads apply to the whole run"
+    )
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    tracking: DPOTrackingConfig = Field(default_factory=DPOTrackingConfig)
+
+    @model_validator(mode="after")
+    def _link(self) -> DPORunConfig:
+        vocab = self.data.vocab_size
+        if self.model.vocab_size is None:
+            self.model.vocab_size = vocab
+        elif self.model.vocab_size != vocab:
+            raise ValueError(
+                f"model.vocab_size ({self.model.vocab_size}) differs from the data's vocabulary ({vocab}); "
+                "leave model.vocab_size null"
+            )
+        if self.model.pos_encoding == "learned" and self.data.seq_max_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_max_len ({self.data.seq_max_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
         return self

@@ -172,7 +172,7 @@ def ceiling_per_position(seq: np.ndarray, family: str, cfg: DataConfig) -> np.nd
         floor_wins = n_floor_only > 0 and floor >= best * (1 - 1e-9)
         n_argmax = len(argmax) + (n_floor_only if floor_wins else 0)
 
-        def in_argmax(v: int, argmax=argmax, floor_wins=floor_wins) -> bool:
+        def in_argmax(v: int, argmax=argmax, floor_wins=floor_wins, weights=weights, cur=cur) -> bool:
             return v in argmax or (floor_wins and v not in weights and v != cur)
 
         if family == "random_walk":

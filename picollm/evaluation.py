@@ -39,9 +39,7 @@ def predict_split(
     return preds, correct, nll
 
 
-def accuracy_metrics(
-    split: PaddedSplit, correct: torch.Tensor, nll: torch.Tensor, prefix: str
-) -> dict[str, float]:
+def accuracy_metrics(split: PaddedSplit, correct: torch.Tensor, nll: torch.Tensor, prefix: str) -> dict[str, float]:
     """Aggregate per-target results into `{prefix}/loss`, `{prefix}/accuracy`, per family, etc.
 
     `ceiling` is the Bayes-optimal expected accuracy on the same targets; `accuracy_predictable`

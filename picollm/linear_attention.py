@@ -29,18 +29,14 @@ def decay_matrix(n: int, log_decay: torch.Tensor, device: torch.device | None = 
     return w * causal
 
 
-def kernel_pattern(
-    fq: torch.Tensor, fk: torch.Tensor, log_decay: torch.Tensor, eps: float
-) -> torch.Tensor:
+def kernel_pattern(fq: torch.Tensor, fk: torch.Tensor, log_decay: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalised kernel weights A_ij (B, H, N, N) such that y = A @ v exactly."""
     n = fq.shape[-2]
     scores = (fq @ fk.transpose(-1, -2)) * decay_matrix(n, log_decay, fq.device)
     return scores / (scores.sum(-1, keepdim=True) + eps)
 
 
-def quadratic(
-    fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, eps: float
-) -> torch.Tensor:
+def quadratic(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, eps: float) -> torch.Tensor:
     """fq, fk: (B, H, N, dk) fp32 features (fk already zeroed on padding); v: (B, H, N, dv)."""
     return kernel_pattern(fq, fk, log_decay, eps) @ v.float()
 
@@ -86,9 +82,7 @@ def chunkwise(
     return y.reshape(b, h, nc * c, dv)[:, :, :n]
 
 
-def final_state(
-    fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def final_state(fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """State after the last position: S = sum_j g^(N-1-j) phi(k_j) v_j^T, z = sum_j g^(N-1-j) phi(k_j)."""
     n = fk.shape[-2]
     w = torch.exp(log_decay.float().view(1, -1, 1) * (n - 1 - torch.arange(n, device=fk.device)).float())
@@ -115,9 +109,7 @@ def recurrent_step(
     return num / (den + eps), state, z
 
 
-def recurrent(
-    fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, eps: float
-) -> torch.Tensor:
+def recurrent(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, eps: float) -> torch.Tensor:
     """Reference loop over positions (used by tests and generation)."""
     b, h, n, dk = fq.shape
     state = fq.new_zeros(b, h, dk, v.shape[-1])

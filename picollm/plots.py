@@ -20,8 +20,12 @@ def training_curves(history: list[dict[str, float]]) -> Figure:
     if "val/ceiling" in history[-1]:
         ax_acc.axhline(history[-1]["val/ceiling"], ls="--", color="grey", label="Bayes ceiling")
     if "val/accuracy_predictable" in history[-1]:
-        ax_acc.plot(epochs, [h.get("val/accuracy_predictable", float("nan")) for h in history],
-                    marker="o", label="val accuracy (predictable positions)")
+        ax_acc.plot(
+            epochs,
+            [h.get("val/accuracy_predictable", float("nan")) for h in history],
+            marker="o",
+            label="val accuracy (predictable positions)",
+        )
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Next-token accuracy", ylim=(0, 1.02))
     ax_acc.legend(loc="lower right")
     fig.tight_layout()

@@ -39,8 +39,13 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 def pip_requirements() -> list[str]:
     import numpy
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-            f"numpy=={numpy.__version__}", "pyyaml", "pydantic"]
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+        f"numpy=={numpy.__version__}",
+        "pyyaml",
+        "pydantic",
+    ]
 
 
 SIGNATURE = ModelSignature(
@@ -147,8 +152,7 @@ def list_models() -> list[dict[str, Any]]:
     for rm in client.search_registered_models():
         versions = client.search_model_versions(f"name='{rm.name}'")
         latest = max((int(v.version) for v in versions), default=None)
-        out.append({"name": rm.name, "latest": latest, "versions": len(versions),
-                    "aliases": dict(rm.aliases or {})})
+        out.append({"name": rm.name, "latest": latest, "versions": len(versions), "aliases": dict(rm.aliases or {})})
     return out
 
 
@@ -230,9 +234,12 @@ def download_model(ref: str) -> tuple[str, Path]:
 
 def load_model(ref: str, device: str | torch.device = "cpu") -> Transformer:
     """The trained torch model (eval mode, with `generate`) behind a registry or run reference."""
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
     from picollm.tracking import init_tracking
 
-    init_tracking()
+    # Respect a store the caller already chose with mlflow.set_tracking_uri(); else env / default.
+    init_tracking(mlflow.get_tracking_uri() if is_tracking_uri_set() else None)
     _, files = download_model(ref)
     return load_from_files(files / WEIGHTS_FILE, files / CONFIG_FILE).to(device)
 
@@ -283,4 +290,4 @@ def continue_prompts(
     tokens = pad_sequences(ids, model.pad_id, side="left").to(model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     out = model.generate(tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-    return [" ".join(str(t) for t in row[tokens.shape[1]:].tolist()) for row in out]
+    return [" ".join(str(t) for t in row[tokens.shape[1] :].tolist()) for row in out]

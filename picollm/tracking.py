@@ -82,7 +82,7 @@ def _quiet(*names: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 
@@ -119,7 +119,10 @@ def git_commit() -> tuple[str | None, bool]:
         dirty = bool(
             subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=here, capture_output=True, text=True, timeout=5,
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=5,
             ).stdout.strip()
         )
         return sha, dirty

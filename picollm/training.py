@@ -78,9 +78,7 @@ def lm_loss(model: nn.Module, tokens: torch.Tensor, pad_id: int) -> tuple[torch.
     """Mean next-token cross-entropy over non-pad targets, and the number of those targets."""
     inputs, targets = inputs_and_targets(tokens, pad_id)
     logits = model(inputs)
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
@@ -204,8 +202,14 @@ class Trainer:
             stop = cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
             last = epoch + 1 == cfg.epochs or stop
             if (epoch + 1) % cfg.checkpoint_every == 0 or last:
-                extra = {"history": history, "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                         "best_state": best_state, **(checkpoint_extra or {})}
+                extra = {
+                    "history": history,
+                    "best": best,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs,
+                    "best_state": best_state,
+                    **(checkpoint_extra or {}),
+                }
                 cb.on_checkpoint(self.checkpoint(epoch + 1, step, extra), epoch + 1)
             if stop:
                 stopped_early = True

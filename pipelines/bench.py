@@ -70,7 +70,7 @@ def run(cfg: BenchConfig) -> dict[str, float]:
             row["ratio.linear_over_softmax"] = row["step_ms.linear"] / row["step_ms.softmax"]
             if cfg.kernels:
                 h, dh = cfg.model.n_heads, cfg.model.d_head
-                ld = -alibi_slopes(h)
+                ld = -alibi_slopes(h, cfg.model.alibi_exponent)
                 for form, fn in {
                     "quadratic": lambda q, k, v, ld=ld: la.quadratic(q, k, v, ld, 1e-6),
                     "chunkwise": lambda q, k, v, ld=ld: la.chunkwise(q, k, v, ld, 1e-6, cfg.model.linear_chunk_size),

@@ -19,8 +19,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(help="picollm: tiny Transformers on integer sequences, tracked in MLflow.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="picollm: tiny Transformers on integer sequences, tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 models_app = typer.Typer(help="Registered models: list them, move the champion alias.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
@@ -41,7 +45,9 @@ def main_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
 ) -> None:
     STATE["debug"] = STATE["debug"] or debug
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 @contextmanager
@@ -64,8 +70,11 @@ def guarded() -> Iterator[None]:
     except Exception as e:
         if STATE["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e}  (rerun with --debug for the traceback)",
-                          highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {type(e).__name__}: {e}  (rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from None
 
 
@@ -74,8 +83,13 @@ class RichReporter:
 
     def __init__(self) -> None:
         self.progress = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=True,
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
         )
         self.task: Any = None
         self.steps_per_epoch = 1
@@ -83,16 +97,19 @@ class RichReporter:
     def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
         self.steps_per_epoch = steps_per_epoch
         self.progress.start()
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_epoch * steps_per_epoch,
-                                           epoch=start_epoch + 1, loss="-")
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=start_epoch * steps_per_epoch, epoch=start_epoch + 1, loss="-"
+        )
 
     def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
         fields = {"loss": f"{metrics['train/loss_step']:.3f}"} if metrics else {}
         self.progress.update(self.task, completed=step, epoch=(step - 1) // self.steps_per_epoch + 1, **fields)
 
     def on_epoch_end(self, epoch: int, step: int, m: dict[str, float]) -> None:
-        line = (f"epoch {epoch:>3}  train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  "
-                f"val/accuracy {m['val/accuracy']:.4f}")
+        line = (
+            f"epoch {epoch:>3}  train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  "
+            f"val/accuracy {m['val/accuracy']:.4f}"
+        )
         if "val/ceiling" in m:
             line += f" (ceiling {m['val/ceiling']:.4f})"
         line += f"  {m['throughput/tokens_per_s']:,.0f} tok/s"
@@ -117,8 +134,13 @@ def family_table(metrics: dict[str, float], families: list[str], prefix: str = "
 
     for fam in [*families, ""]:
         sfx = f"/{fam}" if fam else ""
-        table.add_row(fam or "[bold]all", fmt(f"{prefix}/accuracy{sfx}"), fmt(f"{prefix}/ceiling{sfx}"),
-                      fmt(f"{prefix}/accuracy_vs_ceiling{sfx}"), fmt(f"{prefix}/accuracy_predictable{sfx}"))
+        table.add_row(
+            fam or "[bold]all",
+            fmt(f"{prefix}/accuracy{sfx}"),
+            fmt(f"{prefix}/ceiling{sfx}"),
+            fmt(f"{prefix}/accuracy_vs_ceiling{sfx}"),
+            fmt(f"{prefix}/accuracy_predictable{sfx}"),
+        )
     return table
 
 
@@ -145,13 +167,108 @@ def train(
         finally:
             reporter.stop()
         console.print(family_table(out.test_metrics, out.families))
-        reg = f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
+        reg = (
+            f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
+        )
         console.print(f"run {out.run_id}{reg}", highlight=False)
 
 
 @app.command()
+def dpo(config: ConfigArg, overrides: SetOpt = None) -> None:
+    """SFT a reference on stories, then DPO it on corrupted continuations; register both."""
+    with guarded():
+        cfg = _load("DPORunConfig", config, overrides)
+        from pipelines import dpo as flow
+
+        reporter = RichReporter()
+
+        def echo(line: str) -> None:  # DPO progress, after the SFT progress bar is gone
+            reporter.stop()
+            console.print(line, highlight=False)
+
+        try:
+            out = flow.run(cfg, ui=reporter, echo=echo)
+        finally:
+            reporter.stop()
+        m = out.metrics
+        table = Table(title=f"test pairs (step-0 loss {m['dpo.step0_loss']:.4f}, {m['time/total_s']:.0f} s)")
+        for col in ("scheme", "reference accuracy", "DPO accuracy", "rewards/accuracies", "rewards/margins"):
+            table.add_column(col, justify="left" if col == "scheme" else "right")
+        for scheme in [*out.schemes, ""]:
+            sfx = f"/{scheme}" if scheme else ""
+            table.add_row(
+                scheme or "[bold]all",
+                *(
+                    f"{m[f'test/{k}{sfx}']:.3f}"
+                    for k in ("reference_accuracy", "accuracy", "rewards/accuracies", "rewards/margins")
+                ),
+            )
+        console.print(table)
+        reg = (
+            f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
+        )
+        console.print(f"run {out.run_id}  reference {out.reference}{reg}", highlight=False)
+
+
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="Compare config")] = Path("configs/compare.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Softmax vs linear attention: train (or load) both over seeds, evaluate, report with CIs (MLflow)."""
+    with guarded():
+        cfg = _load("CompareConfig", config, overrides)
+        from pipelines import compare as flow
+
+        out = flow.run(cfg, progress=lambda msg: console.print(f"[dim]{msg}[/]", highlight=False))
+        n = {att: sum(m.attention == att for m in out.members) for att in ("softmax", "linear")}
+        table = Table(title=f"softmax (n={n['softmax']}) vs linear (n={n['linear']}): mean ± CI")
+        for col in ("metric", "softmax", "linear", "linear − softmax", "Welch p", "verdict"):
+            table.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
+        for r in out.rows:
+            table.add_row(r["metric"], r["softmax"], r["linear"], r["diff"], r["welch_p"], r["verdict"])
+        console.print(table)
+        console.print(
+            f"parent run {out.parent_run_id} ({out.mode}, {len(out.members)} child runs), report.md and "
+            f"{len(out.artifacts) - 3} figures logged, {out.seconds:.0f} s",
+            highlight=False,
+        )
+
+
+@app.command()
+def analyze(
+    model_ref: Annotated[
+        str, typer.Argument(help="NAME, NAME@ALIAS, NAME/VERSION, models:/..., runs:/... or a run id")
+    ],
+    what: Annotated[
+        str | None,
+        typer.Option("--what", "-w", help="Sections, comma-separated: embeddings,attention,activations,ablation"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Analysis config (default: configs/analysis.yaml if present)")
+    ] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Interpretability report of a model (embeddings, attention, MLP neurons, ablations), logged to MLflow."""
+    with guarded():
+        from pipelines import analyze as flow
+
+        cfg = flow.load_config(model_ref, config, overrides, what)
+        out = flow.run(cfg)
+        for line in out.summary:
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print(
+            f"run {out.run_id}  analysed {out.source.label}  {len(out.artifacts)} artifacts, "
+            f"{len(out.metrics)} metrics, {out.seconds:.0f} s",
+            highlight=False,
+        )
+
+
+@app.command()
 def generate(
-    model_ref: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS, NAME/VERSION, models:/..., runs:/... or a run id")],
+    model_ref: Annotated[
+        str, typer.Argument(help="NAME, NAME@ALIAS, NAME/VERSION, models:/..., runs:/... or a run id")
+    ],
     prompt: Annotated[str, typer.Argument(help="Space-separated integers, e.g. '2 4 6 8'")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1)] = 8,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
@@ -180,13 +297,29 @@ def bench(
 
         res = flow.run(cfg)
         table = Table(title="training step time (median)")
-        for col in ("N", "batch", "softmax ms", "linear ms", "linear/softmax", "kernels ms: quadratic / chunkwise / naive"):
+        for col in (
+            "N",
+            "batch",
+            "softmax ms",
+            "linear ms",
+            "linear/softmax",
+            "kernels ms: quadratic / chunkwise / naive",
+        ):
             table.add_column(col, justify="right")
         for n in cfg.lengths:
-            kern = (" / ".join(f"{res[f'kernel_ms.{f}@{n}']:.1f}" for f in ("quadratic", "chunkwise", "naive_cumulative"))
-                    if cfg.kernels else "-")
-            table.add_row(str(n), str(max(1, cfg.tokens_per_step // n)), f"{res[f'step_ms.softmax@{n}']:.1f}",
-                          f"{res[f'step_ms.linear@{n}']:.1f}", f"{res[f'ratio.linear_over_softmax@{n}']:.2f}", kern)
+            kern = (
+                " / ".join(f"{res[f'kernel_ms.{f}@{n}']:.1f}" for f in ("quadratic", "chunkwise", "naive_cumulative"))
+                if cfg.kernels
+                else "-"
+            )
+            table.add_row(
+                str(n),
+                str(max(1, cfg.tokens_per_step // n)),
+                f"{res[f'step_ms.softmax@{n}']:.1f}",
+                f"{res[f'step_ms.linear@{n}']:.1f}",
+                f"{res[f'ratio.linear_over_softmax@{n}']:.2f}",
+                kern,
+            )
         console.print(table)
 
 
@@ -230,10 +363,6 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     app()
-
-
-
-
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class TrainOutcome:
     test_metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     families: list[str] = field(default_factory=list)
+    model: Transformer | None = field(default=None, repr=False)  # the trained model (on the CPU)
 
 
 class _MlflowCallbacks:
@@ -90,8 +91,9 @@ def _load_resume(run_id: str, cfg: TrainRunConfig) -> tuple[TrainRunConfig, dict
 
 
 def run(
-    cfg: TrainRunConfig, resume: str | None = None, ui: TrainCallbacks | None = None
+    cfg: TrainRunConfig, resume: str | None = None, ui: TrainCallbacks | None = None, nested: bool = False
 ) -> TrainOutcome:
+    """Train, evaluate, log and register; `nested` opens the run as a child of the active run."""
     tracking.init_tracking(cfg.tracking.uri)
     ckpt = None
     if resume:
@@ -112,7 +114,7 @@ def run(
 
     run_name = cfg.tracking.run_name or f"{cfg.model.attention}-{cfg.model.pos_encoding}-seed{cfg.train.seed}"
     tags = {"picollm.flow": "train", "model.attention": cfg.model.attention}
-    with tracking.tracked_run(cfg.tracking.experiment, run_name, run_id=resume, tags=tags) as active:
+    with tracking.tracked_run(cfg.tracking.experiment, run_name, run_id=resume, tags=tags, nested=nested) as active:
         run_id = active.info.run_id
         if ckpt is None:
             tracking.log_params(flatten(cfg.model_dump(mode="json")))
@@ -161,7 +163,7 @@ def run(
             model_uri, version = log_model(trainer.model.cpu(), cfg.tracking.registered_model)
             if version:
                 mlflow.set_tag("registered_model", f"{cfg.tracking.registered_model}/{version}")
-    return TrainOutcome(run_id, model_uri, version, final, result.history, families)
+    return TrainOutcome(run_id, model_uri, version, final, result.history, families, trainer.model.cpu())
 
 
 def _mean(history: list[dict[str, float]], key: str) -> float:

@@ -222,8 +222,9 @@ def test_generate_restores_training_mode_and_rejects_empty_prompts():
 
 
 def test_tied_embeddings_and_hook_names():
-    model = make_model("linear")
+    model = make_model("linear", tie_embeddings=True)
     assert model.head.weight is model.embed.weight
+    assert make_model("linear").head.weight is not make_model("linear").embed.weight  # untied by default
     names = set(model.hook_points())
     for n in (
         "hook_embed",

@@ -1,0 +1,332 @@
+"""Flow: stories -> preference pairs -> SFT reference (nested run) -> DPO policy, all tracked in MLflow.
+
+Data, pairs and a named reference are loaded and checked before the MLflow run starts, so bad input
+leaves no run behind. The parent run holds the DPO metrics, sample generations and the policy
+(registered as tracking.registered_model, default picollm-dpo); the nested run holds the SFT
+(registered as tracking.sft_registered_model, default picollm-sft).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlflow
+import torch
+
+from picollm import tracking
+from picollm.config import DPORunConfig, flatten, to_yaml
+from picollm.data import PaddedSplit, pad_sequences
+from picollm.dpo import (
+    DPOTrainer,
+    PairSet,
+    batch_logps,
+    collate,
+    compute_reference_logps,
+    dpo_loss,
+    lm_metrics,
+    response_logps,
+    sequence_logps,
+)
+from picollm.errors import PicollmError
+from picollm.hardware import measure_matmul_peak, resolve_device
+from picollm.model import Transformer
+from picollm.registry import load_model, log_model
+from picollm.text_data import PreferenceData, PreferencePair, build_preference_data
+from picollm.training import NullCallbacks, TrainCallbacks, Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DPOOutcome:
+    run_id: str
+    sft_run_id: str | None
+    reference: str  # the registered SFT version, or dpo.reference as given
+    model_uri: str | None
+    registered_version: str | None
+    sft_version: str | None
+    metrics: dict[str, float]  # test metrics, plus step-0 loss and timings
+    schemes: list[str] = field(default_factory=list)
+    steps: int = 0
+    samples: dict[str, list[str]] = field(default_factory=dict)
+
+
+class _SFTCallbacks:
+    """Trainer callbacks for the nested SFT run: batched metric logging, no checkpoints (not resumable)."""
+
+    def __init__(self, run_id: str, ui: TrainCallbacks) -> None:
+        self.metrics = tracking.MetricLogger(run_id)
+        self.ui = ui
+
+    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
+        self.ui.on_train_start(total_steps, steps_per_epoch, start_epoch)
+
+    def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
+        if metrics:
+            self.metrics.log(metrics, step)
+        self.ui.on_step(step, metrics)
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.log(metrics, step)
+        self.metrics.flush()
+        self.ui.on_epoch_end(epoch, step, metrics)
+
+    def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
+        pass
+
+
+def _padded(seqs: list[list[int]], pad_id: int) -> PaddedSplit:
+    return PaddedSplit(pad_sequences(seqs, pad_id), torch.tensor([len(s) for s in seqs]), pad_id)
+
+
+def _load_reference(cfg: DPORunConfig, data: PreferenceData) -> Transformer:
+    assert cfg.dpo.reference is not None
+    model = load_model(cfg.dpo.reference)
+    if model.cfg.vocab_size != data.vocab_size or model.pad_id != data.pad_id:
+        raise PicollmError(
+            f"dpo.reference {cfg.dpo.reference!r} has vocabulary {model.cfg.vocab_size} (pad {model.pad_id}), "
+            f"but data.source {cfg.data.source} needs {data.vocab_size} (pad {data.pad_id})"
+        )
+    if model.cfg.pos_encoding == "learned" and cfg.data.seq_max_len > model.cfg.max_seq_len:
+        raise PicollmError(f"data.seq_max_len exceeds the reference's max_seq_len ({model.cfg.max_seq_len})")
+    return model
+
+
+def _train_sft(
+    cfg: DPORunConfig, data: PreferenceData, device: torch.device, run_name: str, ui: TrainCallbacks
+) -> tuple[Transformer, str, str | None, str | None]:
+    """SFT of the reference on the training prompts + chosen continuations, in a nested run.
+    Returns (model, run id, model uri, registered version)."""
+    train_split = _padded(data.sft_sequences("train"), data.pad_id)
+    val_split = _padded(data.sft_sequences("val"), data.pad_id)
+    torch.manual_seed(cfg.sft.seed)
+    model = Transformer(cfg.model)
+    peak = cfg.sft.peak_flops or measure_matmul_peak(device)
+    trainer = Trainer(model, cfg.sft, device, flops_per_token=6 * model.matmul_params(), peak_flops=peak)
+    with tracking.tracked_run(
+        cfg.tracking.experiment, f"{run_name}-sft", tags={"picollm.flow": "sft"}, nested=True
+    ) as active:
+        run_id = active.info.run_id
+        tracking.log_params(
+            {
+                **flatten({"model": cfg.model.model_dump(mode="json")}),
+                **flatten({"train": cfg.sft.model_dump(mode="json")}),
+                "model.num_params": model.num_params(),
+                "data.source": cfg.data.source,
+            }
+        )
+        evaluate = lambda m: lm_metrics(m, val_split, "val", cfg.sft.eval_batch_size)  # noqa: E731
+        result = trainer.fit(train_split, evaluate, _SFTCallbacks(run_id, ui))
+        test_split = _padded(data.sft_sequences("test"), data.pad_id)
+        test = lm_metrics(trainer.model, test_split, "test", cfg.sft.eval_batch_size)
+        mlflow.log_metrics({**test, "train.epochs_run": float(result.epochs_run)}, step=result.steps)
+        uri = version = None
+        if cfg.tracking.log_model:
+            uri, version = log_model(trainer.model.cpu(), cfg.tracking.sft_registered_model)
+    return trainer.model, run_id, uri, version
+
+
+@torch.no_grad()
+def generate_samples(
+    reference: Transformer, policy: Transformer, data: PreferenceData, n: int, max_new_tokens: int
+) -> dict[str, list[str]]:
+    """Greedy continuations of the first n test prompts by reference and policy, with the true one."""
+    examples = data.examples["test"][:n]
+    if not examples:
+        return {}
+    prompts = pad_sequences([ex.prompt for ex in examples], data.pad_id, side="left").to(reference.device)
+    width = prompts.shape[1]
+    if reference.cfg.pos_encoding == "learned":
+        max_new_tokens = max(1, min(max_new_tokens, reference.cfg.max_seq_len - width))
+    out = {"prompt": [data.decode(ex.prompt) for ex in examples], "chosen": [data.decode(ex.chosen) for ex in examples]}
+    for name, model in (("reference", reference), ("policy", policy)):
+        gen = model.generate(prompts, max_new_tokens)[:, width:]
+        out[name] = [data.decode(row) for row in gen.tolist()]
+    return out
+
+
+def _samples_markdown(samples: dict[str, list[str]]) -> str:
+    lines = ["# Sample continuations (greedy)", ""]
+    for i, prompt in enumerate(samples.get("prompt", [])):
+        lines += [f"## {i + 1}", "", f"**prompt:** {prompt}", ""]
+        lines += [f"- **{k}:** {samples[k][i]}" for k in ("chosen", "reference", "policy")]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run(
+    cfg: DPORunConfig,
+    ui: TrainCallbacks | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> DPOOutcome:
+    """The whole flow. `ui` receives the SFT trainer's callbacks; `echo` one line per DPO evaluation."""
+    echo = echo or log.info
+    t_start = time.perf_counter()
+    tracking.init_tracking(cfg.tracking.uri)
+    device = resolve_device(cfg.sft.device)
+    if cfg.sft.num_threads:
+        torch.set_num_threads(cfg.sft.num_threads)
+
+    # Everything that can fail on the user's input happens before the run starts.
+    data = build_preference_data(cfg.data, cfg.dpo)
+    reference = _load_reference(cfg, data) if cfg.dpo.reference else None
+    schemes = list(cfg.dpo.corruptions)
+    run_name = cfg.tracking.run_name or f"dpo-{cfg.data.source}-{'+'.join(schemes)}-{cfg.dpo.loss_type}"
+
+    with tracking.tracked_run(cfg.tracking.experiment, run_name, tags={"picollm.flow": "dpo"}) as active:
+        run_id = active.info.run_id
+        tracking.log_params(flatten(cfg.model_dump(mode="json")))
+        tracking.log_params({"hardware.device": str(device), "hardware.torch_threads": torch.get_num_threads()})
+        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        mlflow.log_metrics(data.stats(), step=0)
+
+        sft_run_id = sft_uri = sft_version = None
+        t0 = time.perf_counter()
+        if reference is None:
+            reference, sft_run_id, sft_uri, sft_version = _train_sft(cfg, data, device, run_name, ui or NullCallbacks())
+            ref_name = (
+                f"{cfg.tracking.sft_registered_model}/{sft_version}"
+                if sft_version
+                else sft_uri or f"runs:/{sft_run_id}"
+            )
+            mlflow.set_tag("sft_run_id", sft_run_id)
+        else:
+            ref_name = cfg.dpo.reference or ""
+        mlflow.set_tag("reference", ref_name)
+        timings = {"time/sft_s": time.perf_counter() - t0}
+
+        reference = reference.to(device).eval().requires_grad_(False)
+        sets = {name: PairSet(pairs, data.pad_id) for name, pairs in data.pairs.items()}
+        t0 = time.perf_counter()
+        for pairs in sets.values():  # once: the reference is frozen
+            compute_reference_logps(reference, pairs, cfg.dpo.eval_batch_size, device)
+        timings["time/reference_logps_s"] = time.perf_counter() - t0
+
+        torch.manual_seed(cfg.dpo.seed)
+        policy = copy.deepcopy(reference).requires_grad_(True).train()
+        trainer = DPOTrainer(policy, cfg.dpo, device)
+        metrics = tracking.MetricLogger(run_id)
+
+        def on_eval(step: int, m: dict[str, float]) -> None:
+            metrics.log(m, step)
+            metrics.flush()
+            echo(
+                f"dpo step {step:>4}  val/loss {m['val/loss']:.4f}  val/accuracy {m['val/accuracy']:.3f}  "
+                f"(reference {m['val/reference_accuracy']:.3f})  val/rewards/margins {m['val/rewards/margins']:.3f}"
+            )
+
+        result = trainer.fit(sets["train"], sets["val"], on_log=lambda s, m: metrics.log(m, s), on_eval=on_eval)
+        test = trainer.evaluate(sets["test"], "test")
+        timings |= {"time/dpo_s": result.seconds, "time/total_s": time.perf_counter() - t_start}
+        summary = {
+            **test,
+            **timings,
+            "dpo.steps": float(result.steps),
+            "dpo.step0_loss": result.step0_loss,
+            "dpo.best_step": float(result.best_step or 0),
+            "dpo.stopped_early": float(result.stopped_early),
+        }
+        metrics.log(summary, result.steps)
+        metrics.flush()
+
+        samples = generate_samples(reference, policy, data, cfg.dpo.num_samples, cfg.dpo.sample_tokens)
+        if samples:
+            mlflow.log_table(samples, "samples/generations.json")
+            mlflow.log_text(_samples_markdown(samples), "samples/generations.md")
+
+        model_uri = version = None
+        if cfg.tracking.log_model:
+            model_uri, version = log_model(policy.cpu(), cfg.tracking.registered_model)
+            if version:
+                mlflow.set_tag("registered_model", f"{cfg.tracking.registered_model}/{version}")
+    return DPOOutcome(
+        run_id, sft_run_id, ref_name, model_uri, version, sft_version, summary, schemes, result.steps, samples
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def bench_step(cfg: DPORunConfig, warmup_steps: int = 2, timed_steps: int = 5) -> dict[str, float]:
+    """Median time of one DPO step (reference log-probs precomputed, chosen+rejected in one forward)
+    against naive steps that re-run the reference every step: `naive` in one concatenated pass,
+    `naive_separate` with separate chosen and rejected passes for policy and reference; and
+    `full_logits`, our step with the output head on every position instead of response positions only.
+
+    Uses random tokens shaped like the config's data (batch dpo.batch_size pairs, prompt seq_max_len/4,
+    responses seq_max_len/2), so it needs no data set. Variants are interleaved to share CPU noise.
+    """
+    device = resolve_device(cfg.sft.device)
+    if cfg.sft.num_threads:
+        torch.set_num_threads(cfg.sft.num_threads)
+    torch.manual_seed(cfg.dpo.seed)
+    vocab = cfg.data.vocab_size
+    pad = vocab - 1
+    n_prompt, n_resp = max(1, cfg.data.seq_max_len // 4), max(2, cfg.data.seq_max_len // 2)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(0, pad, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [
+        PreferencePair(i, "random_tokens", rand(n_prompt), rand(n_resp), rand(n_resp))
+        for i in range(cfg.dpo.batch_size)
+    ]
+    batch = collate(pairs, pad).to(device)
+    reference = Transformer(cfg.model).to(device).eval().requires_grad_(False)
+    policy = copy.deepcopy(reference).requires_grad_(True).train()
+    opt = DPOTrainer(policy, cfg.dpo, device).optimizer
+    with torch.no_grad():
+        ref_c, ref_r = batch_logps(reference, batch)
+    chosen_only = collate([PreferencePair(p.uid, p.scheme, p.prompt, p.chosen, p.chosen) for p in pairs], pad)
+    rejected_only = collate([PreferencePair(p.uid, p.scheme, p.prompt, p.rejected, p.rejected) for p in pairs], pad)
+    half = lambda b: (b.tokens[: b.n_pairs].to(device), b.response_mask[: b.n_pairs].to(device))  # noqa: E731
+
+    def update(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> None:
+        losses, _, _ = dpo_loss(pc, pr, rc, rr, cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        opt.step()
+
+    def ours() -> None:
+        update(*batch_logps(policy, batch), ref_c, ref_r)
+
+    def naive() -> None:
+        with torch.no_grad():
+            rc, rr = batch_logps(reference, batch)
+        update(*batch_logps(policy, batch), rc, rr)
+
+    def naive_separate() -> None:
+        (tc, mc), (tr, mr) = half(chosen_only), half(rejected_only)
+        with torch.no_grad():
+            rc, rr = response_logps(reference, tc, mc), response_logps(reference, tr, mr)
+        update(response_logps(policy, tc, mc), response_logps(policy, tr, mr), rc, rr)
+
+    def full_logits() -> None:  # ours, but the head scores every position (prompt and padding too)
+        logps = sequence_logps(policy(batch.tokens), batch.tokens, batch.response_mask)
+        update(logps[: batch.n_pairs], logps[batch.n_pairs :], ref_c, ref_r)
+
+    variants = {"dpo": ours, "naive": naive, "naive_separate": naive_separate, "full_logits": full_logits}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(warmup_steps + timed_steps):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup_steps:
+                times[name].append(time.perf_counter() - t0)
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    out = {f"dpo_bench.{k}_step_ms": v for k, v in ms.items()}
+    out["dpo_bench.ratio.naive_over_dpo"] = ms["naive"] / ms["dpo"]
+    out["dpo_bench.ratio.naive_separate_over_dpo"] = ms["naive_separate"] / ms["dpo"]
+    out["dpo_bench.ratio.full_logits_over_dpo"] = ms["full_logits"] / ms["dpo"]
+    out["dpo_bench.batch_pairs"] = float(cfg.dpo.batch_size)
+    out["dpo_bench.seq_len"] = float(n_prompt + n_resp)
+    log.info("DPO step benchmark: %s", json.dumps({k: round(v, 2) for k, v in out.items()}))
+    return out
