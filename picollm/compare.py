@@ -42,7 +42,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 from torch import nn  # noqa: E402
@@ -58,7 +57,8 @@ from picollm.data import (  # noqa: E402
     inputs_and_targets,
 )
 from picollm.errors import PicollmError  # noqa: E402
-from picollm.evaluation import accuracy_metrics  # noqa: E402
+from picollm.evaluation import accuracy_metrics, predict_split  # noqa: E402
+from picollm.hardware import median_ms
 from picollm.model import LayerCache, Transformer  # noqa: E402
 from picollm.training import lm_loss, make_optimizer  # noqa: E402
 
@@ -194,29 +194,9 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
 def predict(model: nn.Module, split: PaddedSplit, batch_size: int = 256) -> tuple[torch.Tensor, ...]:
     """Per-target (N, Lmax-1) correctness, NLL and confidence (max probability).
 
-    Batches exactly like evaluation.predict_split, so loss and accuracy equal what the training
-    flow logged for the same model and split."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    width = split.tokens.shape[1] - 1
-    preds = torch.full((len(split), width), -1, dtype=torch.long)
-    nll, conf = torch.zeros(len(split), width), torch.zeros(len(split), width)
-    for idx in torch.argsort(split.lengths, stable=True).split(batch_size):
-        sub = split.subset(idx)
-        inputs, targets = inputs_and_targets(sub.tokens.to(device), split.pad_id)
-        logits = model(inputs).float()
-        w = targets.shape[1]
-        probs = logits.softmax(-1)
-        preds[idx, :w] = logits.argmax(-1).cpu()
-        conf[idx, :w] = probs.max(-1).values.cpu()
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        nll[idx, :w] = loss.view(targets.shape).cpu()
-    model.train(was_training)
-    _, targets = inputs_and_targets(split.tokens, split.pad_id)
-    correct = (preds == targets) & (targets != IGNORE_INDEX)
+    Batches exactly like evaluation.predict_split (it is that function), so loss and accuracy equal what the
+    training flow logged for the same model and split."""
+    _, correct, nll, conf = predict_split(model, split, batch_size, with_confidence=True)
     return correct, nll, conf
 
 
@@ -371,17 +351,6 @@ class Efficiency:
         return out
 
 
-def _median_ms(fn, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
-
-
 def efficiency_models(configs: dict[str, ModelConfig], longest: int) -> dict[str, Transformer]:
     """Freshly initialised copies of the compared architectures (timing does not depend on the
     weights); a learned positional table is widened to the longest measured sequence."""
@@ -411,7 +380,7 @@ def time_train_steps(
                 loss.backward()
                 opt.step()
 
-            out[att][n] = _median_ms(step, warmup, timed)
+            out[att][n] = median_ms(step, warmup, timed)
             log.info("train step %s N=%d: %.1f ms", att, n, out[att][n])
     return out
 

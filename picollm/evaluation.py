@@ -13,22 +13,24 @@ from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets
 
 @torch.no_grad()
 def predict_split(
-    model: nn.Module, split: PaddedSplit, batch_size: int = 256
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-target (N, Lmax-1) predictions, correctness and NLL, in the split's row order."""
+    model: nn.Module, split: PaddedSplit, batch_size: int = 256, with_confidence: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Per-target (N, Lmax-1) predictions, correctness and NLL in the split's row order, plus the
+    confidence (max probability, for calibration) when asked."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     width = split.tokens.shape[1] - 1
     preds = torch.full((len(split), width), -1, dtype=torch.long)
-    nll = torch.zeros(len(split), width)
-    order = torch.argsort(split.lengths, stable=True)
-    for idx in order.split(batch_size):
+    nll, conf = torch.zeros(len(split), width), torch.zeros(len(split), width)
+    for idx in torch.argsort(split.lengths, stable=True).split(batch_size):
         sub = split.subset(idx)
         inputs, targets = inputs_and_targets(sub.tokens.to(device), split.pad_id)
         logits = model(inputs).float()
         w = targets.shape[1]
         preds[idx, :w] = logits.argmax(-1).cpu()
+        if with_confidence:
+            conf[idx, :w] = logits.softmax(-1).max(-1).values.cpu()
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
         )
@@ -36,7 +38,7 @@ def predict_split(
     model.train(was_training)
     _, targets = inputs_and_targets(split.tokens, split.pad_id)
     correct = (preds == targets) & (targets != IGNORE_INDEX)
-    return preds, correct, nll
+    return (preds, correct, nll, conf) if with_confidence else (preds, correct, nll)
 
 
 def accuracy_metrics(split: PaddedSplit, correct: torch.Tensor, nll: torch.Tensor, prefix: str) -> dict[str, float]:

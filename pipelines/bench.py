@@ -4,9 +4,6 @@ sequence lengths, in one process, interleaved so machine noise hits both alike; 
 from __future__ import annotations
 
 import logging
-import statistics
-import time
-from collections.abc import Callable
 
 import mlflow
 import torch
@@ -14,6 +11,7 @@ import torch
 from picollm import linear_attention as la
 from picollm import tracking
 from picollm.config import BenchConfig, TrainConfig, flatten
+from picollm.hardware import median_ms
 from picollm.model import Transformer, alibi_slopes
 from picollm.training import lm_loss, make_optimizer
 
@@ -26,17 +24,6 @@ def naive_cumulative(fq, fk, v, log_decay, eps):
     z = torch.cumsum(fk, dim=2)
     num = torch.einsum("bhnd,bhnde->bhne", fq, state)
     return num / ((fq * z).sum(-1, keepdim=True) + eps)
-
-
-def _time(fn: Callable[[], None], warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def run(cfg: BenchConfig) -> dict[str, float]:
@@ -64,7 +51,7 @@ def run(cfg: BenchConfig) -> dict[str, float]:
                     loss.backward()
                     opt.step()
 
-                ms = _time(step, cfg.warmup_steps, cfg.timed_steps)
+                ms = median_ms(step, cfg.warmup_steps, cfg.timed_steps)
                 row[f"step_ms.{att}"] = ms
                 row[f"tokens_per_s.{att}"] = batch * n / ms * 1000
             row["ratio.linear_over_softmax"] = row["step_ms.linear"] / row["step_ms.softmax"]
@@ -81,7 +68,7 @@ def run(cfg: BenchConfig) -> dict[str, float]:
                     def kernel(fn=fn, q=q, k=k, v=v) -> None:
                         fn(la.feature_map(q), la.feature_map(k), v).sum().backward()
 
-                    row[f"kernel_ms.{form}"] = _time(kernel, 1, cfg.timed_steps)
+                    row[f"kernel_ms.{form}"] = median_ms(kernel, 1, cfg.timed_steps)
             mlflow.log_metrics(row, step=n)
             results.update({f"{k}@{n}": v for k, v in row.items()})
             log.info("N=%d %s", n, row)

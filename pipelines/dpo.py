@@ -15,7 +15,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import mlflow
 import torch
@@ -40,6 +39,7 @@ from picollm.model import Transformer
 from picollm.registry import load_model, log_model
 from picollm.text_data import PreferenceData, PreferencePair, build_preference_data
 from picollm.training import NullCallbacks, TrainCallbacks, Trainer
+from pipelines.train import MlflowCallbacks
 
 log = logging.getLogger(__name__)
 
@@ -56,30 +56,6 @@ class DPOOutcome:
     schemes: list[str] = field(default_factory=list)
     steps: int = 0
     samples: dict[str, list[str]] = field(default_factory=dict)
-
-
-class _SFTCallbacks:
-    """Trainer callbacks for the nested SFT run: batched metric logging, no checkpoints (not resumable)."""
-
-    def __init__(self, run_id: str, ui: TrainCallbacks) -> None:
-        self.metrics = tracking.MetricLogger(run_id)
-        self.ui = ui
-
-    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
-        self.ui.on_train_start(total_steps, steps_per_epoch, start_epoch)
-
-    def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
-        if metrics:
-            self.metrics.log(metrics, step)
-        self.ui.on_step(step, metrics)
-
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
-        self.metrics.log(metrics, step)
-        self.metrics.flush()
-        self.ui.on_epoch_end(epoch, step, metrics)
-
-    def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
-        pass
 
 
 def _padded(seqs: list[list[int]], pad_id: int) -> PaddedSplit:
@@ -123,7 +99,7 @@ def _train_sft(
             }
         )
         evaluate = lambda m: lm_metrics(m, val_split, "val", cfg.sft.eval_batch_size)  # noqa: E731
-        result = trainer.fit(train_split, evaluate, _SFTCallbacks(run_id, ui))
+        result = trainer.fit(train_split, evaluate, MlflowCallbacks(run_id, ui, checkpoints=False))
         test_split = _padded(data.sft_sequences("test"), data.pad_id)
         test = lm_metrics(trainer.model, test_split, "test", cfg.sft.eval_batch_size)
         mlflow.log_metrics({**test, "train.epochs_run": float(result.epochs_run)}, step=result.steps)

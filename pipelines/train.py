@@ -40,12 +40,14 @@ class TrainOutcome:
     model: Transformer | None = field(default=None, repr=False)  # the trained model (on the CPU)
 
 
-class _MlflowCallbacks:
-    """Trainer callbacks that log to the active run (batched) and forward to a UI reporter."""
+class MlflowCallbacks:
+    """Trainer callbacks that log to the active run (batched) and forward to a UI reporter;
+    `checkpoints=False` skips the checkpoint artifact (runs that are not resumable)."""
 
-    def __init__(self, run_id: str, ui: TrainCallbacks) -> None:
+    def __init__(self, run_id: str, ui: TrainCallbacks, checkpoints: bool = True) -> None:
         self.metrics = tracking.MetricLogger(run_id)
         self.ui = ui
+        self.checkpoints = checkpoints
 
     def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
         self.ui.on_train_start(total_steps, steps_per_epoch, start_epoch)
@@ -61,6 +63,8 @@ class _MlflowCallbacks:
         self.ui.on_epoch_end(epoch, step, metrics)
 
     def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
+        if not self.checkpoints:
+            return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(CHECKPOINT_PATH).name
             torch.save(checkpoint, path)
@@ -130,7 +134,7 @@ def run(
             mlflow.log_text(to_yaml(cfg), "config.yaml")
             mlflow.log_metrics(data.stats(), step=0)
 
-        callbacks = _MlflowCallbacks(run_id, ui or NullCallbacks())
+        callbacks = MlflowCallbacks(run_id, ui or NullCallbacks())
         result = trainer.fit(
             splits["train"],
             lambda m: evaluate(m, splits["val"], "val", cfg.train.eval_batch_size),
