@@ -468,7 +468,8 @@ def memory_worker(payload: str) -> None:
     opt.step()
     peak = _peak_rss_mb()
     step = peak - before if before is not None and reset else math.nan
-    print(json.dumps({"peak_rss_mb": peak, "before_mb": before, "step_mb": step, "reset": reset}))
+    # The parent process reads this JSON line from the worker's stdout (an IPC channel, not UI output).
+    sys.stdout.write(json.dumps({"peak_rss_mb": peak, "before_mb": before, "step_mb": step, "reset": reset}) + "\n")
 
 
 def measure_step_memory(model_cfg: ModelConfig, length: int, batch: int, timeout: float = 900) -> dict[str, float]:

@@ -137,6 +137,17 @@ class TrackingConfig(StrictModel):
     log_model: bool = True
 
 
+def link_vocab(model: ModelConfig, data: DataConfig) -> None:
+    """The model's vocabulary comes from the data; an explicit, different one is an error."""
+    if model.vocab_size is None:
+        model.vocab_size = data.vocab_size
+    elif model.vocab_size != data.vocab_size:
+        raise ValueError(
+            f"model.vocab_size ({model.vocab_size}) differs from data.vocab_size ({data.vocab_size}); "
+            "leave model.vocab_size null"
+        )
+
+
 class TrainRunConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -145,13 +156,7 @@ class TrainRunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _link_model_to_data(self) -> TrainRunConfig:
-        if self.model.vocab_size is None:
-            self.model.vocab_size = self.data.vocab_size
-        elif self.model.vocab_size != self.data.vocab_size:
-            raise ValueError(
-                f"model.vocab_size ({self.model.vocab_size}) differs from data.vocab_size "
-                f"({self.data.vocab_size}); leave model.vocab_size null"
-            )
+        link_vocab(self.model, self.data)
         if self.model.pos_encoding == "learned" and self.data.max_len > self.model.max_seq_len:
             raise ValueError(f"data.max_len ({self.data.max_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         return self
@@ -381,13 +386,7 @@ class CompareConfig(StrictModel):
 
     @model_validator(mode="after")
     def _link(self) -> CompareConfig:
-        if self.model.vocab_size is None:
-            self.model.vocab_size = self.data.vocab_size
-        elif self.model.vocab_size != self.data.vocab_size:
-            raise ValueError(
-                f"model.vocab_size ({self.model.vocab_size}) differs from data.vocab_size "
-                f"({self.data.vocab_size}); leave model.vocab_size null"
-            )
+        link_vocab(self.model, self.data)
         longest = max(self.compare.length_factors) * self.data.max_len
         if self.compare.baseline is None and self.model.pos_encoding == "learned" and longest > self.model.max_seq_len:
             raise ValueError(
