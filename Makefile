@@ -6,21 +6,30 @@ SHARED ?= ../shared/data
 ARGS   ?=
 MODEL  ?= picollm-linear@champion
 PROMPT ?= 2 4 6 8
+NPROC  ?= 2
+CONFIG ?= configs/linear.yaml
 
 # Offline copies for tests and CI, used only where ../shared/data exists (see README).
 ifneq ($(wildcard $(SHARED)/tiktoken_cache),)
 export TIKTOKEN_CACHE_DIR ?= $(abspath $(SHARED)/tiktoken_cache)
 endif
 
+# PostgreSQL for `make server` / `make test-integration`: Debian's package, installed when missing and root.
+PG_INSTALL = command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql || \
+	    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }; \
+	  else echo "PostgreSQL is missing: run 'sudo apt-get install postgresql'" >&2; exit 1; fi; }
+
 .DEFAULT_GOAL := help
-.PHONY: help setup train-baseline train-linear dpo compare analyze generate models ui test test-all lint bench lock clean
+.PHONY: help setup train-baseline train-linear train-ddp dpo compare analyze generate models ui test test-all lint bench lock clean server server-stop test-integration
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev,server]"
 	touch $@
 
 setup: $(BIN)/.installed ## Create .venv with the pinned dependencies (CPU torch 2.13.0)
@@ -30,6 +39,9 @@ train-baseline: setup ## Train the softmax baseline (configs/baseline.yaml) and 
 
 train-linear: setup ## Train the linear-attention model (configs/linear.yaml) and register picollm-linear
 	$(BIN)/picollm train configs/linear.yaml $(ARGS)
+
+train-ddp: setup ## Train CONFIG (default configs/linear.yaml) with DDP on NPROC processes (torchrun, gloo/nccl)
+	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m pipelines.cli train $(CONFIG) $(ARGS)
 
 dpo: setup ## SFT a reference on TinyStories, then DPO it (configs/dpo.yaml); registers picollm-sft and picollm-dpo
 	$(BIN)/picollm dpo configs/dpo.yaml $(ARGS)
@@ -51,6 +63,17 @@ ui: setup ## Open the MLflow UI on ./mlflow.db (http://127.0.0.1:5000)
 
 test: setup ## Run the test suite (offline, CPU, a few minutes)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+
+test-integration: setup ## PostgreSQL + mlflow server + 2-process DDP training (installs postgresql if missing)
+	@$(PG_INSTALL)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m integration tests/integration $(ARGS)
+
+server: setup ## Start the team MLflow server (PostgreSQL backend) on http://127.0.0.1:5001 (configs/server.yaml)
+	@$(PG_INSTALL)
+	$(BIN)/picollm server start configs/server.yaml $(ARGS)
+
+server-stop: setup ## Stop the server started by make server (mlflow and PostgreSQL, by PID)
+	$(BIN)/picollm server stop configs/server.yaml $(ARGS)
 
 lint: setup ## ruff check + format check
 	$(BIN)/ruff check picollm pipelines tests

@@ -125,6 +125,16 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = Field(1, ge=1, description="log the checkpoint artifact every N epochs")
     eval_batch_size: int = Field(256, ge=1)
     peak_flops: float | None = Field(None, gt=0, description="FLOP/s used for MFU; null = measured fp32 matmul peak")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast for matmuls (state, normaliser and losses stay fp32); auto = bf16 on CUDA"
+    )
+    compile: bool = Field(False, description="torch.compile the model (CUDA or a C++ compiler on CPU)")
+    nonfinite: Literal["stop", "skip_batch"] = Field(
+        "stop", description="on a NaN/inf loss: stop the run (FAILED), or skip that batch and go on"
+    )
+    max_skipped_batches: int = Field(
+        10, ge=0, description="with nonfinite=skip_batch, stop after this many skipped batches in all"
+    )
 
 
 class TrackingConfig(StrictModel):
@@ -251,9 +261,23 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class BenchConfig(StrictModel):
-    """`make bench`: training-step time of both attentions vs sequence length, side by side."""
+class BenchRunsConfig(StrictModel):
+    """Whole training runs timed by the `ddp` and `tracking` bench sections."""
 
+    config: Path = Field(Path("configs/linear.yaml"), description="training config the runs use")
+    overrides: list[str] = Field(default_factory=list, description="--set overrides applied to that config")
+    nproc: int = Field(2, ge=2, description="DDP processes (torchrun) compared with one process")
+    http_server: bool = Field(True, description="also time the run against a temporary PostgreSQL-backed mlflow server")
+
+
+class BenchConfig(StrictModel):
+    """`make bench`: training-step time of both attentions vs sequence length, side by side; DDP speedup;
+    MLflow's share of a training run's wall time."""
+
+    sections: list[Literal["steps", "ddp", "tracking"]] = Field(
+        default_factory=lambda: ["steps", "ddp", "tracking"], min_length=1
+    )
+    runs: BenchRunsConfig = Field(default_factory=BenchRunsConfig)
     lengths: list[int] = Field(default_factory=lambda: [32, 256, 1024, 4096], min_length=1)
     tokens_per_step: int = Field(4096, ge=1, description="batch size = max(1, tokens_per_step // length)")
     warmup_steps: int = Field(2, ge=0)
@@ -460,6 +484,9 @@ class DPOConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float | None = Field(1.0, gt=0)
     max_steps: int = Field(200, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast for the policy and reference forward passes; auto = bf16 on CUDA"
+    )
     eval_every: int = Field(25, ge=1, description="evaluate on val every N steps")
     early_stopping_patience: int | None = Field(
         4, ge=1, description="stop after this many evaluations without the monitor improving"
@@ -519,3 +546,28 @@ class DPORunConfig(StrictModel):
                 f"data.seq_max_len ({self.data.seq_max_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
         return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Team tracking server (`make server`): MLflow on a PostgreSQL backend store
+
+
+class ServerConfig(StrictModel):
+    """`picollm server start`: PostgreSQL on loopback + `mlflow server` over it, all state in `state_dir`."""
+
+    host: str = Field("127.0.0.1", description="address mlflow server binds to; 0.0.0.0 for a team (see README)")
+    port: int = Field(5001, ge=1, le=65535)
+    allowed_hosts: list[str] | None = Field(
+        None, description="mlflow --allowed-hosts (Host headers it accepts); null = MLflow's localhost default"
+    )
+    workers: int = Field(1, ge=1, description="mlflow server worker processes")
+    state_dir: Path = Field(Path(".picollm-server"), description="PostgreSQL data, artifacts, logs and pid files")
+    postgres_port: int = Field(5433, ge=1, le=65535)
+    postgres_db: str = Field("mlflow", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    postgres_user: str = Field("mlflow", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    postgres_bin: Path | None = Field(None, description="folder with initdb/pg_ctl; null = PATH, then Debian's")
+    backend_store_uri: str | None = Field(
+        None, description="use this existing database instead of starting PostgreSQL (e.g. a team's host)"
+    )
+    artifacts_destination: str | None = Field(None, description="artifact store; null = <state_dir>/artifacts")
+    startup_timeout_s: float = Field(60.0, gt=0)

@@ -22,7 +22,7 @@ from picollm.config import DPOConfig, TrainConfig
 from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, length_bucketed_batches, pad_sequences
 from picollm.errors import PicollmError
 from picollm.text_data import PreferencePair
-from picollm.training import lr_lambda, make_optimizer
+from picollm.training import autocast, lr_lambda, make_optimizer, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,11 @@ def response_logps(model: nn.Module, tokens: torch.Tensor, response_mask: torch.
     return torch.zeros(tokens.shape[0], device=tokens.device).index_add_(0, rows, logp)
 
 
-def batch_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected log-probs from ONE forward pass over the concatenated batch."""
-    logps = response_logps(model, batch.tokens, batch.response_mask)
+def batch_logps(model: nn.Module, batch: PairBatch, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs from ONE forward pass over the concatenated batch (matmuls in bf16
+    under `precision="bf16"`; the log-softmax and the per-sequence sums always in fp32)."""
+    with autocast(batch.tokens.device, precision):
+        logps = response_logps(model, batch.tokens, batch.response_mask)
     return logps[: batch.n_pairs], logps[batch.n_pairs :]
 
 
@@ -174,13 +176,15 @@ class PairSet:
 
 
 @torch.no_grad()
-def compute_reference_logps(reference: nn.Module, pairs: PairSet, batch_size: int, device: torch.device) -> None:
+def compute_reference_logps(
+    reference: nn.Module, pairs: PairSet, batch_size: int, device: torch.device, precision: str = "fp32"
+) -> None:
     """Fill pairs.ref_chosen/ref_rejected with the reference's log-probs (eval mode: no dropout)."""
     was_training = reference.training
     reference.eval()
     chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
     for idx in pairs.batches(batch_size):
-        c, r = batch_logps(reference, pairs.batch(idx).to(device))
+        c, r = batch_logps(reference, pairs.batch(idx).to(device), precision)
         chosen[idx], rejected[idx] = c.cpu(), r.cpu()
     reference.train(was_training)
     pairs.ref_chosen, pairs.ref_rejected = chosen, rejected
@@ -279,6 +283,7 @@ class DPOTrainer:
         self.policy = policy.to(device)
         self.cfg = cfg
         self.device = device
+        self.precision = resolve_precision(cfg.precision, device)
         opt_cfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
         self.optimizer = make_optimizer(self.policy, opt_cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -288,7 +293,7 @@ class DPOTrainer:
     def _terms(self, batch: PairBatch, ref_c: torch.Tensor, ref_r: torch.Tensor):
         """(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, ref_c, ref_r)
         with log-probs length-normalised when configured, so metrics match the loss."""
-        pc, pr = batch_logps(self.policy, batch)
+        pc, pr = batch_logps(self.policy, batch, self.precision)
         ref_c, ref_r = ref_c.to(self.device), ref_r.to(self.device)
         if self.cfg.length_normalize:
             lc, lr = batch.lengths[: batch.n_pairs].float(), batch.lengths[batch.n_pairs :].float()

@@ -1,8 +1,10 @@
-"""User-facing errors: the CLI turns these into one line on stderr and exit code 2."""
+"""User-facing errors: the CLI turns these into one line on stderr and their `exit_code` (2 = bad input)."""
 
 
 class PicollmError(Exception):
     """A problem with the user's input (config, override, model reference, file, data)."""
+
+    exit_code = 2
 
 
 class ConfigError(PicollmError):
@@ -11,3 +13,9 @@ class ConfigError(PicollmError):
 
 class ModelNotFoundError(PicollmError):
     """A model reference that names no registered model, version, alias or run."""
+
+
+class TrainingError(PicollmError):
+    """Training could not go on (e.g. a non-finite loss): not the input's fault, so exit code 1."""
+
+    exit_code = 1

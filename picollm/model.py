@@ -111,6 +111,11 @@ class Attention(nn.Module):
 
     # -- linear ----------------------------------------------------------------------------------
     def _linear(self, q, k, v, key_mask, cache):
+        # The state and normaliser sum over the whole prefix: keep them in fp32 even under bf16 autocast.
+        with torch.autocast(q.device.type, enabled=False):
+            return self._linear_fp32(q, k, v, key_mask, cache)
+
+    def _linear_fp32(self, q, k, v, key_mask, cache):
         n = q.shape[2]
         fq, fk = la.feature_map(q), la.feature_map(k)
         # Mask phi(k), not k: elu(0) + 1 = 1, so a zeroed key would still add weight.

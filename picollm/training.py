@@ -15,9 +15,12 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from picollm.config import TrainConfig
 from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, iter_batches
+from picollm.distributed import DistContext, all_reduce_sum, any_rank, broadcast_json
+from picollm.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,26 @@ def lm_loss(model: nn.Module, tokens: torch.Tensor, pad_id: int) -> tuple[torch.
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 where it pays (CUDA with bf16 support), fp32 elsewhere."""
+    if precision == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if bf16_ok else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast for matmuls; losses, softmax statistics and the linear-attention state and
+    normaliser are computed in fp32 regardless (they accumulate over many terms)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 class Trainer:
+    """Trains `model` on one process or, given a DistContext from `distributed.setup`, as one rank of
+    DDP. `cfg.batch_size` is the global batch: every rank draws the same batch order (seeded by
+    epoch) and trains on its rows of each batch, and the loss is scaled so the all-reduced gradient
+    equals the single-process gradient of the same batch."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -90,18 +112,59 @@ class Trainer:
         device: torch.device,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
+        dist: DistContext | None = None,
     ) -> None:
-        self.model = model.to(device)
+        self.model = model.to(device)  # the plain module: checkpoints, evaluation, the returned model
         self.cfg = cfg
         self.device = device
+        self.dist = dist or DistContext(device=device)
+        self.precision = resolve_precision(cfg.precision, device)
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.train_model: nn.Module = self.model  # what the training step calls
+        if self.dist.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
 
     def _batch_generator(self, epoch: int) -> torch.Generator:
         # Batch order depends only on (seed, epoch), so a resumed run sees the same batches.
         return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+
+    def _forward(self, batch: PaddedSplit) -> tuple[torch.Tensor, int]:
+        """This rank's summed next-token loss over its rows, and the global batch's target count."""
+        inputs, targets = inputs_and_targets(batch.tokens, batch.pad_id)
+        n_tok = int((targets != IGNORE_INDEX).sum())
+        rows = self.dist.shard(len(inputs))
+        inputs = inputs[rows].to(self.device, non_blocking=True)
+        targets = targets[rows].to(self.device, non_blocking=True)
+        with autocast(self.device, self.precision):
+            logits = self.train_model(inputs)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return loss, n_tok
+
+    def _non_finite(self, loss: torch.Tensor, step: int, epoch: int, skipped: int) -> int:
+        """Stop (the default) or count a skipped batch; the weights never see the bad step."""
+        what = f"train/loss is not finite at step {step} (epoch {epoch + 1}"
+        what += f", this rank's loss {float(loss)})" if self.dist.enabled else f": {float(loss)})"
+        if self.cfg.nonfinite == "stop":
+            raise TrainingError(
+                f"{what}; training stopped, the last good checkpoint is kept "
+                "(lower train.lr, or set train.nonfinite=skip_batch)"
+            )
+        skipped += 1
+        if skipped > self.cfg.max_skipped_batches:
+            raise TrainingError(f"{what}: {skipped} non-finite batches, more than train.max_skipped_batches")
+        log.warning("%s; batch skipped (%d so far)", what, skipped)
+        return skipped
 
     def checkpoint(self, epoch: int, step: int, extra: dict[str, Any]) -> dict[str, Any]:
         assert self.scheduler is not None
@@ -151,45 +214,56 @@ class Trainer:
             log.info("resuming at epoch %d, step %d", start_epoch, step)
         cb.on_train_start(total, steps_per_epoch, start_epoch)
         stopped_early = False
+        skipped = int(resume.get("skipped_batches", 0)) if resume is not None else 0
         epoch = start_epoch
         for epoch in range(start_epoch, cfg.epochs):
-            self.model.train()
+            self.train_model.train()
             t0 = time.perf_counter()
-            tokens_seen = 0
-            loss_sum = torch.zeros((), device=self.device)
-            window = torch.zeros((), device=self.device)
-            window_n = 0
+            tokens_seen = 0  # global (all ranks) non-pad targets this epoch
+            loss_sum = torch.zeros((), device=self.device)  # this rank's summed token losses
+            window_sum = torch.zeros((), device=self.device)
+            window_tokens = 0
             for batch in iter_batches(train, cfg.batch_size, self._batch_generator(epoch)):
-                loss, n_tok = lm_loss(self.model, batch.tokens.to(self.device, non_blocking=True), train.pad_id)
+                step += 1
+                loss_tokens, n_tok = self._forward(batch)
+                if any_rank(self.dist, not bool(torch.isfinite(loss_tokens))):
+                    skipped = self._non_finite(loss_tokens, step, epoch, skipped)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step()  # the batch is dropped; the schedule goes on
+                    cb.on_step(step, {"train/skipped_batches": float(skipped)})
+                    continue
+                # Scaled so DDP's gradient mean over ranks is the mean over the global batch's tokens.
+                loss = loss_tokens * (self.dist.world_size / max(n_tok, 1))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
                 self.optimizer.step()
                 self.scheduler.step()
-                step += 1
                 tokens_seen += n_tok
-                d = loss.detach()
-                loss_sum += d * n_tok
-                window += d
-                window_n += 1
+                d = loss_tokens.detach()
+                loss_sum += d
+                window_sum += d
+                window_tokens += n_tok
                 logged = None
                 if step % cfg.log_every == 0:
-                    if not torch.isfinite(window):
-                        raise FloatingPointError(f"train/loss is not finite at step {step}")
-                    logged = {"train/loss_step": float(window) / window_n, "lr": self.scheduler.get_last_lr()[0]}
-                    window.zero_()
-                    window_n = 0
+                    [window_total] = all_reduce_sum(self.dist, window_sum)
+                    logged = {"train/loss_step": window_total / max(window_tokens, 1)}
+                    logged["lr"] = self.scheduler.get_last_lr()[0]
+                    window_sum.zero_()
+                    window_tokens = 0
                 cb.on_step(step, logged)
             train_time = time.perf_counter() - t0
-            metrics = {"epoch": float(epoch + 1), "train/loss": float(loss_sum) / max(tokens_seen, 1)}
-            if not math.isfinite(metrics["train/loss"]):
-                raise FloatingPointError(f"train/loss is not finite in epoch {epoch + 1}")
+            [epoch_loss] = all_reduce_sum(self.dist, loss_sum)
+            metrics = {"epoch": float(epoch + 1), "train/loss": epoch_loss / max(tokens_seen, 1)}
+            if skipped:
+                metrics["train/skipped_batches"] = float(skipped)
             metrics["throughput/tokens_per_s"] = tokens_seen / train_time
             metrics["throughput/epoch_seconds"] = train_time
             if self.flops_per_token and self.peak_flops:
                 metrics["throughput/mfu"] = metrics["throughput/tokens_per_s"] * self.flops_per_token / self.peak_flops
-            metrics.update(evaluate(self.model))
+            # Rank 0 evaluates; the others take its numbers, so early stopping agrees everywhere.
+            metrics.update(broadcast_json(self.dist, evaluate(self.model) if self.dist.is_main else None))
             history.append(metrics)
             score = metrics.get(monitor, math.nan)
             if score < best:
@@ -201,8 +275,9 @@ class Trainer:
             cb.on_epoch_end(epoch + 1, step, metrics)
             stop = cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
             last = epoch + 1 == cfg.epochs or stop
-            if (epoch + 1) % cfg.checkpoint_every == 0 or last:
+            if self.dist.is_main and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
                 extra = {
+                    "skipped_batches": skipped,
                     "history": history,
                     "best": best,
                     "best_epoch": best_epoch,

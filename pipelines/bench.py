@@ -1,19 +1,35 @@
-"""Flow: time training steps of softmax vs linear attention (and the linear forms alone) at several
-sequence lengths, in one process, interleaved so machine noise hits both alike; log to MLflow."""
+"""Flow: benchmarks, logged as one MLflow run.
+
+- steps: training-step time of softmax vs linear attention (and the linear forms alone) at several sequence
+  lengths, in one process, interleaved so machine noise hits both alike;
+- ddp: training throughput of one process vs `torchrun` DDP processes on this machine;
+- tracking: MLflow's share of a training run's wall time (no-op vs SQLite vs an HTTP server)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.tracking import MlflowClient
 
 from picollm import linear_attention as la
 from picollm import tracking
-from picollm.config import BenchConfig, TrainConfig, flatten
+from picollm.config import BenchConfig, BenchRunsConfig, ServerConfig, TrainConfig, TrainRunConfig, flatten, load_config
+from picollm.errors import PicollmError
 from picollm.hardware import median_ms
 from picollm.model import Transformer, alibi_slopes
 from picollm.training import lm_loss, make_optimizer
+from pipelines import server
 
 log = logging.getLogger(__name__)
 
@@ -26,57 +42,235 @@ def naive_cumulative(fq, fk, v, log_decay, eps):
     return num / ((fq * z).sum(-1, keepdim=True) + eps)
 
 
-def run(cfg: BenchConfig) -> dict[str, float]:
-    tracking.init_tracking(cfg.tracking.uri)
+@dataclass
+class BenchOutcome:
+    run_id: str
+    results: dict[str, float]
+    report: list[str]  # markdown tables, also logged as bench.md
+
+
+def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) -> BenchOutcome:
+    """Measure the configured sections, then log everything as one run in the bench experiment (the
+    whole-run sections train in their own temporary stores, so nothing of theirs enters yours)."""
+    uri = tracking.init_tracking(cfg.tracking.uri)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    threads = torch.get_num_threads()
     results: dict[str, float] = {}
-    run_name = cfg.tracking.run_name or "bench"
-    with tracking.tracked_run(cfg.tracking.experiment, run_name, tags={"picollm.flow": "bench"}):
-        tracking.log_params(flatten(cfg.model_dump(mode="json")) | {"torch_threads": torch.get_num_threads()})
-        models = {}
-        for att in ("softmax", "linear"):
-            torch.manual_seed(0)
-            m = Transformer(cfg.model.model_copy(update={"attention": att, "max_seq_len": max(cfg.lengths) + 1}))
-            models[att] = (m, make_optimizer(m, TrainConfig()))
-        for n in cfg.lengths:
-            batch = max(1, cfg.tokens_per_step // n)
-            tokens = torch.randint(0, cfg.model.vocab_size - 1, (batch, n + 1))
-            row: dict[str, float] = {}
-            for att, (m, opt) in models.items():  # same process, same inputs, back to back
-
-                def step(m=m, opt=opt, tokens=tokens) -> None:
-                    loss, _ = lm_loss(m, tokens, m.pad_id)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-
-                ms = median_ms(step, cfg.warmup_steps, cfg.timed_steps)
-                row[f"step_ms.{att}"] = ms
-                row[f"tokens_per_s.{att}"] = batch * n / ms * 1000
-            row["ratio.linear_over_softmax"] = row["step_ms.linear"] / row["step_ms.softmax"]
-            if cfg.kernels:
-                h, dh = cfg.model.n_heads, cfg.model.d_head
-                ld = -alibi_slopes(h, cfg.model.alibi_exponent)
-                for form, fn in {
-                    "quadratic": lambda q, k, v, ld=ld: la.quadratic(q, k, v, ld, 1e-6),
-                    "chunkwise": lambda q, k, v, ld=ld: la.chunkwise(q, k, v, ld, 1e-6, cfg.model.linear_chunk_size),
-                    "naive_cumulative": lambda q, k, v, ld=ld: naive_cumulative(q, k, v, ld, 1e-6),
-                }.items():
-                    q, k, v = (torch.randn(batch, h, n, dh, requires_grad=True) for _ in range(3))
-
-                    def kernel(fn=fn, q=q, k=k, v=v) -> None:
-                        fn(la.feature_map(q), la.feature_map(k), v).sum().backward()
-
-                    row[f"kernel_ms.{form}"] = median_ms(kernel, 1, cfg.timed_steps)
-            mlflow.log_metrics(row, step=n)
+    report: list[str] = []
+    by_length: dict[int, dict[str, float]] = {}
+    if "steps" in cfg.sections:
+        progress("steps: softmax vs linear training steps at each length")
+        by_length = time_steps(cfg)
+        for n, row in by_length.items():
             results.update({f"{k}@{n}": v for k, v in row.items()})
-            log.info("N=%d %s", n, row)
-        lines = ["| N | batch | softmax ms/step | linear ms/step | linear/softmax |", "|---|---|---|---|---|"]
-        for n in cfg.lengths:
+        report += steps_table(cfg, results)
+    train_cfg = load_config(TrainRunConfig, cfg.runs.config, cfg.runs.overrides) if _needs_runs(cfg) else None
+    if "ddp" in cfg.sections:
+        progress(f"ddp: {cfg.runs.config} on 1 process vs {cfg.runs.nproc} torchrun processes")
+        ddp = time_ddp(cfg.runs, train_cfg)
+        results.update(ddp)
+        report += ddp_table(cfg.runs, ddp)
+    if "tracking" in cfg.sections:
+        progress(f"tracking: {cfg.runs.config} with no tracking, SQLite and an HTTP server")
+        overhead = time_tracking(cfg.runs, train_cfg, progress)
+        results.update(overhead)
+        report += tracking_table(overhead)
+        torch.set_num_threads(threads)
+
+    tracking.init_tracking(uri)  # the whole-run sections pointed MLflow at their own stores
+    run_name = cfg.tracking.run_name or "bench"
+    with tracking.tracked_run(cfg.tracking.experiment, run_name, tags={"picollm.flow": "bench"}) as active:
+        tracking.log_params(flatten(cfg.model_dump(mode="json")) | {"torch_threads": threads})
+        for n, row in by_length.items():
+            mlflow.log_metrics(row, step=n)
+        mlflow.log_metrics({k: v for k, v in results.items() if "@" not in k})
+        mlflow.log_text("\n".join(report) + "\n", "bench.md")
+    return BenchOutcome(active.info.run_id, results, report)
+
+
+def _needs_runs(cfg: BenchConfig) -> bool:
+    return bool({"ddp", "tracking"} & set(cfg.sections))
+
+
+def time_steps(cfg: BenchConfig) -> dict[int, dict[str, float]]:
+    """Per length: median training-step time of both attentions, same process, same inputs."""
+    out: dict[int, dict[str, float]] = {}
+    models = {}
+    for att in ("softmax", "linear"):
+        torch.manual_seed(0)
+        m = Transformer(cfg.model.model_copy(update={"attention": att, "max_seq_len": max(cfg.lengths) + 1}))
+        models[att] = (m, make_optimizer(m, TrainConfig()))
+    for n in cfg.lengths:
+        batch = max(1, cfg.tokens_per_step // n)
+        tokens = torch.randint(0, cfg.model.vocab_size - 1, (batch, n + 1))
+        row: dict[str, float] = {}
+        for att, (m, opt) in models.items():  # same process, same inputs, back to back
+
+            def step(m=m, opt=opt, tokens=tokens) -> None:
+                loss, _ = lm_loss(m, tokens, m.pad_id)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            ms = median_ms(step, cfg.warmup_steps, cfg.timed_steps)
+            row[f"step_ms.{att}"] = ms
+            row[f"tokens_per_s.{att}"] = batch * n / ms * 1000
+        row["ratio.linear_over_softmax"] = row["step_ms.linear"] / row["step_ms.softmax"]
+        if cfg.kernels:
+            h, dh = cfg.model.n_heads, cfg.model.d_head
+            ld = -alibi_slopes(h, cfg.model.alibi_exponent)
+            for form, fn in {
+                "quadratic": lambda q, k, v, ld=ld: la.quadratic(q, k, v, ld, 1e-6),
+                "chunkwise": lambda q, k, v, ld=ld: la.chunkwise(q, k, v, ld, 1e-6, cfg.model.linear_chunk_size),
+                "naive_cumulative": lambda q, k, v, ld=ld: naive_cumulative(q, k, v, ld, 1e-6),
+            }.items():
+                q, k, v = (torch.randn(batch, h, n, dh, requires_grad=True) for _ in range(3))
+
+                def kernel(fn=fn, q=q, k=k, v=v) -> None:
+                    fn(la.feature_map(q), la.feature_map(k), v).sum().backward()
+
+                row[f"kernel_ms.{form}"] = median_ms(kernel, 1, cfg.timed_steps)
+        out[n] = row
+        log.info("N=%d %s", n, row)
+    return out
+
+
+def steps_table(cfg: BenchConfig, results: dict[str, float]) -> list[str]:
+    lines = ["| N | batch | softmax ms/step | linear ms/step | linear/softmax |", "|---|---|---|---|---|"]
+    for n in cfg.lengths:
+        lines.append(
+            f"| {n} | {max(1, cfg.tokens_per_step // n)} | {results[f'step_ms.softmax@{n}']:.1f} | "
+            f"{results[f'step_ms.linear@{n}']:.1f} | {results[f'ratio.linear_over_softmax@{n}']:.2f} |"
+        )
+    return [*lines, ""]
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole training runs: DDP speedup, tracking overhead
+
+
+def _train_cli(runs: BenchRunsConfig, uri: str, nproc: int, *extra: str) -> tuple[float, dict[str, float]]:
+    """Wall time of `picollm train` on `nproc` processes (torchrun when > 1) and the run's metrics."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = cmd if nproc > 1 else [sys.executable]
+    cmd += ["-m", "pipelines.cli", "train", str(runs.config)]
+    for item in [*runs.overrides, "tracking.log_model=false", *extra]:
+        cmd += ["--set", item]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise PicollmError(f"bench: {' '.join(cmd[-6:])} exited {res.returncode}: {tail}")
+    client = MlflowClient(uri)
+    [r] = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return wall, r.data.metrics
+
+
+def time_ddp(runs: BenchRunsConfig, train_cfg: TrainRunConfig | None) -> dict[str, float]:
+    """Training throughput (tokens/s over the epochs, evaluation excluded) of one process with all
+    cores, one process with one thread, and `nproc` DDP processes with one thread each."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        tracking.init_tracking(uri)  # created once, before the concurrent ranks start
+        variants = {
+            "single": (1, ()),
+            "single_1thread": (1, ("train.num_threads=1",)),
+            f"ddp{runs.nproc}": (runs.nproc, ()),
+        }
+        for name, (nproc, extra) in variants.items():
+            wall, metrics = _train_cli(runs, uri, nproc, *extra)
+            out[f"ddp.{name}.wall_s"] = wall
+            out[f"ddp.{name}.tokens_per_s"] = metrics["throughput/tokens_per_s_mean"]
+            out[f"ddp.{name}.test_accuracy"] = metrics["test/accuracy"]
+    ddp = out[f"ddp.ddp{runs.nproc}.tokens_per_s"]
+    out["ddp.speedup_vs_single"] = ddp / out["ddp.single.tokens_per_s"]
+    out["ddp.speedup_vs_single_1thread"] = ddp / out["ddp.single_1thread.tokens_per_s"]
+    return out
+
+
+def ddp_table(runs: BenchRunsConfig, r: dict[str, float]) -> list[str]:
+    lines = ["| training | tokens/s | wall s (with imports) | test accuracy |", "|---|---|---|---|"]
+    for name, label in (
+        ("single", "1 process, default threads"),
+        ("single_1thread", "1 process, 1 thread"),
+        (f"ddp{runs.nproc}", f"{runs.nproc} DDP processes (gloo), 1 thread each"),
+    ):
+        lines.append(
+            f"| {label} | {r[f'ddp.{name}.tokens_per_s']:,.0f} | {r[f'ddp.{name}.wall_s']:.1f} | "
+            f"{r[f'ddp.{name}.test_accuracy']:.4f} |"
+        )
+    lines.append(
+        f"\nDDP speedup: {r['ddp.speedup_vs_single']:.2f}x over one process, "
+        f"{r['ddp.speedup_vs_single_1thread']:.2f}x over one single-threaded process."
+    )
+    return [*lines, ""]
+
+
+def time_tracking(
+    runs: BenchRunsConfig, train_cfg: TrainRunConfig | None, progress: Callable[[str], None]
+) -> dict[str, float]:
+    """Wall time of one training run in this process (imports excluded): without MLflow, logging to
+    SQLite, and logging to a PostgreSQL-backed mlflow server over HTTP. Same seed, so same work."""
+    from pipelines import train as train_flow
+
+    assert train_cfg is not None
+    # A pinned peak skips the per-run matmul probe, which is not tracking work.
+    cfg = train_cfg.model_copy(deep=True)
+    cfg.train.peak_flops = cfg.train.peak_flops or 1e11
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="picollm-bench-") as tmp:
+        os.chmod(tmp, 0o711)  # PostgreSQL runs as `postgres` when we are root: it must reach state_dir
+        stores = {"sqlite": f"sqlite:///{tmp}/mlflow.db"}
+        server_cfg = None
+        if runs.http_server:
+            server_cfg = ServerConfig(port=_free_port(), postgres_port=_free_port(), state_dir=Path(tmp) / "server")
+            try:
+                stores["http"] = server.start(server_cfg)["url"]
+            except PicollmError as e:
+                progress(f"tracking: no HTTP server ({e}); timing SQLite only")
+                server_cfg = None
+        try:
+            for uri in stores.values():
+                tracking.init_tracking(uri)  # store creation and migrations are a one-off, not per run
+            out["tracking.none.wall_s"] = _timed(lambda: train_flow.run_untracked(cfg))
+            for name, uri in stores.items():
+                cfg.tracking.uri = uri
+                out[f"tracking.{name}.wall_s"] = _timed(lambda: train_flow.run(cfg))
+        finally:
+            if server_cfg is not None:
+                server.stop(server_cfg)
+    base = out["tracking.none.wall_s"]
+    for name in stores:
+        out[f"tracking.{name}.overhead_pct"] = (
+            100 * (out[f"tracking.{name}.wall_s"] - base) / out[f"tracking.{name}.wall_s"]
+        )
+    return out
+
+
+def tracking_table(r: dict[str, float]) -> list[str]:
+    lines = ["| tracking | wall s | MLflow share of wall |", "|---|---|---|"]
+    lines.append(f"| none (no-op) | {r['tracking.none.wall_s']:.1f} | - |")
+    for name in ("sqlite", "http"):
+        if f"tracking.{name}.wall_s" in r:
             lines.append(
-                f"| {n} | {max(1, cfg.tokens_per_step // n)} | {results[f'step_ms.softmax@{n}']:.1f} | "
-                f"{results[f'step_ms.linear@{n}']:.1f} | {results[f'ratio.linear_over_softmax@{n}']:.2f} |"
+                f"| {name} | {r[f'tracking.{name}.wall_s']:.1f} | {r[f'tracking.{name}.overhead_pct']:.1f} % |"
             )
-        mlflow.log_text("\n".join(lines) + "\n", "bench.md")
-    return results
+    return [*lines, ""]
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -27,6 +27,10 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Registered models: list them, move the champion alias.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+server_app = typer.Typer(
+    help="Team tracking server: PostgreSQL + mlflow server in the background (see README).", no_args_is_help=True
+)
+app.add_typer(server_app, name="server")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -61,7 +65,7 @@ def guarded() -> Iterator[None]:
         if STATE["debug"]:
             raise
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
@@ -166,6 +170,8 @@ def train(
             out = flow.run(cfg, resume=resume, ui=reporter)
         finally:
             reporter.stop()
+        if not out.run_id:  # a DDP rank other than 0: rank 0 reports
+            return
         console.print(family_table(out.test_metrics, out.families))
         reg = (
             f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
@@ -290,37 +296,15 @@ def bench(
     config: Annotated[Path, typer.Argument(help="Bench config")] = Path("configs/bench.yaml"),
     overrides: SetOpt = None,
 ) -> None:
-    """Time training steps of softmax vs linear attention at several lengths (logged to MLflow)."""
+    """Benchmarks logged to MLflow: step time of both attentions vs length, DDP speedup, MLflow overhead."""
     with guarded():
         cfg = _load("BenchConfig", config, overrides)
         from pipelines import bench as flow
 
-        res = flow.run(cfg)
-        table = Table(title="training step time (median)")
-        for col in (
-            "N",
-            "batch",
-            "softmax ms",
-            "linear ms",
-            "linear/softmax",
-            "kernels ms: quadratic / chunkwise / naive",
-        ):
-            table.add_column(col, justify="right")
-        for n in cfg.lengths:
-            kern = (
-                " / ".join(f"{res[f'kernel_ms.{f}@{n}']:.1f}" for f in ("quadratic", "chunkwise", "naive_cumulative"))
-                if cfg.kernels
-                else "-"
-            )
-            table.add_row(
-                str(n),
-                str(max(1, cfg.tokens_per_step // n)),
-                f"{res[f'step_ms.softmax@{n}']:.1f}",
-                f"{res[f'step_ms.linear@{n}']:.1f}",
-                f"{res[f'ratio.linear_over_softmax@{n}']:.2f}",
-                kern,
-            )
-        console.print(table)
+        out = flow.run(cfg, progress=lambda msg: console.print(f"[dim]{msg}[/]", highlight=False))
+        for line in out.report:
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print(f"run {out.run_id} (bench.md and metrics in experiment {cfg.tracking.experiment})")
 
 
 @models_app.command("list")
@@ -354,6 +338,44 @@ def models_promote(
         init_tracking()
         promote(name, version, alias)
         console.print(f"{name}@{alias} -> version {version}")
+
+
+ServerConfigArg = Annotated[Path | None, typer.Argument(help="Server config, e.g. configs/server.yaml")]
+
+
+@server_app.command("start")
+def server_start(config: ServerConfigArg = None, overrides: SetOpt = None) -> None:
+    """Start PostgreSQL and mlflow server in the background (idempotent); print the tracking URI to export."""
+    with guarded():
+        cfg = _load("ServerConfig", config, overrides)
+        from pipelines import server
+
+        info = server.start(cfg)
+        for line in server.describe_start(info):
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print(f"export MLFLOW_TRACKING_URI={info['url']}", highlight=False, soft_wrap=True)
+
+
+@server_app.command("stop")
+def server_stop(config: ServerConfigArg = None, overrides: SetOpt = None) -> None:
+    """Stop the mlflow server and PostgreSQL that `picollm server start` started (idempotent)."""
+    with guarded():
+        cfg = _load("ServerConfig", config, overrides)
+        from pipelines import server
+
+        for line in server.describe_stop(server.stop(cfg)):
+            console.print(line, highlight=False, soft_wrap=True)
+
+
+@server_app.command("status")
+def server_status(config: ServerConfigArg = None, overrides: SetOpt = None) -> None:
+    """Whether the mlflow server and its PostgreSQL are running, with their PIDs."""
+    with guarded():
+        cfg = _load("ServerConfig", config, overrides)
+        from pipelines import server
+
+        for line in server.describe_status(server.status(cfg)):
+            console.print(line, highlight=False, soft_wrap=True)
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:

@@ -38,7 +38,7 @@ from picollm.hardware import measure_matmul_peak, resolve_device
 from picollm.model import Transformer
 from picollm.registry import load_model, log_model
 from picollm.text_data import PreferenceData, PreferencePair, build_preference_data
-from picollm.training import NullCallbacks, TrainCallbacks, Trainer
+from picollm.training import NullCallbacks, TrainCallbacks, Trainer, resolve_precision
 from pipelines.train import MlflowCallbacks
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,9 @@ def run(
         reference = reference.to(device).eval().requires_grad_(False)
         sets = {name: PairSet(pairs, data.pad_id) for name, pairs in data.pairs.items()}
         t0 = time.perf_counter()
+        precision = resolve_precision(cfg.dpo.precision, device)  # reference and policy alike: step-0 loss ln 2
         for pairs in sets.values():  # once: the reference is frozen
-            compute_reference_logps(reference, pairs, cfg.dpo.eval_batch_size, device)
+            compute_reference_logps(reference, pairs, cfg.dpo.eval_batch_size, device, precision)
         timings["time/reference_logps_s"] = time.perf_counter() - t0
 
         torch.manual_seed(cfg.dpo.seed)

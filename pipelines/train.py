@@ -5,23 +5,25 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from picollm import plots, tracking
+from picollm import distributed, plots, tracking
 from picollm.config import TrainRunConfig, flatten, to_yaml, validate
-from picollm.data import build_data, to_padded
+from picollm.data import PaddedSplit, SyntheticData, build_data, to_padded
 from picollm.errors import PicollmError
 from picollm.evaluation import evaluate
-from picollm.hardware import measure_matmul_peak, resolve_device
+from picollm.hardware import measure_matmul_peak
 from picollm.model import Transformer
 from picollm.registry import load_state_dict, log_model
-from picollm.training import NullCallbacks, TrainCallbacks, Trainer
+from picollm.training import NullCallbacks, TrainCallbacks, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -97,24 +99,44 @@ def _load_resume(run_id: str, cfg: TrainRunConfig) -> tuple[TrainRunConfig, dict
 def run(
     cfg: TrainRunConfig, resume: str | None = None, ui: TrainCallbacks | None = None, nested: bool = False
 ) -> TrainOutcome:
-    """Train, evaluate, log and register; `nested` opens the run as a child of the active run."""
-    tracking.init_tracking(cfg.tracking.uri)
-    ckpt = None
-    if resume:
-        cfg, ckpt = _load_resume(resume, cfg)
-        if int(ckpt["epoch"]) >= cfg.train.epochs:
-            raise PicollmError(f"--resume: run {resume} already completed {ckpt['epoch']} epochs")
-    device = resolve_device(cfg.train.device)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    """Train, evaluate, log and register; `nested` opens the run as a child of the active run.
 
-    data = build_data(cfg.data)  # before the run starts: bad data settings leave no run behind
+    Under torchrun every rank calls this: all of them train (DDP), only rank 0 talks to MLflow, and
+    the other ranks return an outcome with an empty run id."""
+    ctx, device = distributed.setup(cfg.train.device)
+    try:
+        return _run(cfg, ctx, device, resume, ui, nested)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _run(
+    cfg: TrainRunConfig,
+    ctx: distributed.DistContext,
+    device: torch.device,
+    resume: str | None,
+    ui: TrainCallbacks | None,
+    nested: bool,
+) -> TrainOutcome:
+    ckpt = None
+    failure: BaseException | None = None
+    if ctx.is_main:  # the store must answer (and a resume must make sense) before any work starts
+        try:
+            tracking.init_tracking(cfg.tracking.uri)
+            if resume:
+                cfg, ckpt = _load_resume(resume, cfg)
+                if int(ckpt["epoch"]) >= cfg.train.epochs:
+                    raise PicollmError(f"--resume: run {resume} already completed {ckpt['epoch']} epochs")
+        except Exception as e:
+            failure = e
+    distributed.share_failure(ctx, failure)
+    if resume:
+        ckpt = distributed.broadcast_checkpoint(ctx, ckpt)
+    data, splits, model, trainer, peak, fit = _prepare(cfg, ctx, device, ckpt)
     families = data.families
-    splits = {name: to_padded(s, cfg.data.pad_id, families) for name, s in data.splits().items()}
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
-    peak = cfg.train.peak_flops or measure_matmul_peak(device)
-    trainer = Trainer(model, cfg.train, device, flops_per_token=6 * model.matmul_params(), peak_flops=peak)
+    if not ctx.is_main:
+        result = fit(NullCallbacks())
+        return TrainOutcome("", None, None, {}, result.history, families)
 
     run_name = cfg.tracking.run_name or f"{cfg.model.attention}-{cfg.model.pos_encoding}-seed{cfg.train.seed}"
     tags = {"picollm.flow": "train", "model.attention": cfg.model.attention}
@@ -129,19 +151,18 @@ def run(
                     "hardware.device": str(device),
                     "hardware.peak_flops": f"{peak:.3e}",
                     "hardware.torch_threads": torch.get_num_threads(),
+                    "train.precision_resolved": trainer.precision,
+                    "distributed.world_size": ctx.world_size,
+                    "distributed.backend": ctx.backend or "none",
+                    "distributed.rows_per_rank": math.ceil(cfg.train.batch_size / ctx.world_size),
                 }
             )
             mlflow.log_text(to_yaml(cfg), "config.yaml")
             mlflow.log_metrics(data.stats(), step=0)
+        elif ctx.enabled:
+            mlflow.set_tag("distributed.resumed_world_size", str(ctx.world_size))
 
-        callbacks = MlflowCallbacks(run_id, ui or NullCallbacks())
-        result = trainer.fit(
-            splits["train"],
-            lambda m: evaluate(m, splits["val"], "val", cfg.train.eval_batch_size),
-            callbacks,
-            resume=ckpt,
-            checkpoint_extra={"config": cfg.model_dump(mode="json")},
-        )
+        result = fit(MlflowCallbacks(run_id, ui or NullCallbacks()))
         test_metrics = evaluate(trainer.model, splits["test"], "test", cfg.train.eval_batch_size)
         final = {**test_metrics, **{k: v for k, v in result.history[-1].items() if k.startswith("val/")}}
         mlflow.log_metrics(test_metrics, step=result.steps)
@@ -168,6 +189,55 @@ def run(
             if version:
                 mlflow.set_tag("registered_model", f"{cfg.tracking.registered_model}/{version}")
     return TrainOutcome(run_id, model_uri, version, final, result.history, families, trainer.model.cpu())
+
+
+class _Prepared(NamedTuple):
+    data: SyntheticData
+    splits: dict[str, PaddedSplit]
+    model: Transformer
+    trainer: Trainer
+    peak: float
+    fit: Callable[[TrainCallbacks], TrainResult]
+
+
+def _prepare(
+    cfg: TrainRunConfig, ctx: distributed.DistContext, device: torch.device, ckpt: dict[str, Any] | None
+) -> _Prepared:
+    """Data, model and trainer: everything of a run but its tracking."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+    data = build_data(cfg.data)  # before the run starts: bad data settings leave no run behind
+    splits = {name: to_padded(s, cfg.data.pad_id, data.families) for name, s in data.splits().items()}
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    # Every rank measures at once, so the peak reflects the shared hardware; MFU is against all ranks.
+    peak = cfg.train.peak_flops or measure_matmul_peak(device)
+    trainer = Trainer(
+        model,
+        cfg.train,
+        device,
+        flops_per_token=6 * model.matmul_params(),
+        peak_flops=peak * ctx.world_size,
+        dist=ctx,
+    )
+    fit = partial(
+        trainer.fit,
+        splits["train"],
+        lambda m: evaluate(m, splits["val"], "val", cfg.train.eval_batch_size),
+        resume=ckpt,
+        checkpoint_extra={"config": cfg.model_dump(mode="json")},
+    )
+    return _Prepared(data, splits, model, trainer, peak, fit)
+
+
+def run_untracked(cfg: TrainRunConfig) -> dict[str, float]:
+    """The same training and test evaluation as `run`, with no MLflow at all: the baseline that
+    `make bench` measures tracking overhead against."""
+    device = distributed.setup(cfg.train.device)[1]
+    _, splits, _, trainer, _, fit = _prepare(cfg, distributed.DistContext(device=device), device, None)
+    fit(NullCallbacks())
+    return evaluate(trainer.model, splits["test"], "test", cfg.train.eval_batch_size)
 
 
 def _mean(history: list[dict[str, float]], key: str) -> float:
