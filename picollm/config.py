@@ -267,6 +267,7 @@ class BenchRunsConfig(StrictModel):
     config: Path = Field(Path("configs/linear.yaml"), description="training config the runs use")
     overrides: list[str] = Field(default_factory=list, description="--set overrides applied to that config")
     nproc: int = Field(2, ge=2, description="DDP processes (torchrun) compared with one process")
+    repeats: int = Field(2, ge=1, description="interleaved repeats of the tracking runs (the best of each counts)")
     http_server: bool = Field(True, description="also time the run against a temporary PostgreSQL-backed mlflow server")
 
 

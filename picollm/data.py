@@ -14,6 +14,7 @@ than training never contain values the model has not seen.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -367,6 +368,9 @@ def iter_batches(
 # Prompts
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 def parse_prompt(text: str, vocab_size: int) -> list[int]:
     """'2 4 6 8' -> [2, 4, 6, 8]; every value must be a token in [0, vocab_size-2]."""
     parts = text.replace(",", " ").split()
@@ -374,10 +378,9 @@ def parse_prompt(text: str, vocab_size: int) -> list[int]:
         raise PicollmError("prompt is empty: give space-separated integers, e.g. '2 4 6 8'")
     out = []
     for p in parts:
-        try:
-            v = int(p)
-        except ValueError:
-            raise PicollmError(f"prompt token {p!r} is not an integer") from None
+        if not _INTEGER.fullmatch(p):  # int() would also take '1_0', '١' or ' +1'
+            raise PicollmError(f"prompt token {p!r} is not an integer")
+        v = int(p)
         if not 0 <= v <= vocab_size - 2:
             raise PicollmError(f"prompt token {v} is outside the model's values 0..{vocab_size - 2}")
         out.append(v)

@@ -19,3 +19,11 @@ class TrainingError(PicollmError):
     """Training could not go on (e.g. a non-finite loss): not the input's fault, so exit code 1."""
 
     exit_code = 1
+
+
+class StorageError(PicollmError):
+    """The tracking or artifact store failed under a run (unwritable, disk full, gone): exit code 1.
+
+    What the run logged before the failure stays in the store; the run is marked FAILED."""
+
+    exit_code = 1

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from pydantic import ValidationError
 
 from picollm import tracking  # noqa: F401  (sets MLflow env defaults)
 from picollm.config import ModelConfig
@@ -76,15 +77,52 @@ def save_files(model: Transformer, directory: Path) -> dict[str, str]:
 
 
 def load_state_dict(path: str | Path) -> dict[str, Any]:
-    """torch.load with weights_only=True; a damaged or foreign file is one clear PicollmError."""
+    """torch.load with weights_only=True (nothing but tensors and plain containers is ever
+    unpickled); a damaged or foreign file is one clear PicollmError."""
     path = Path(path)
     if not path.is_file():
         raise PicollmError(f"weights file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, crafted pickle (refused by weights_only), ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PicollmError(f"cannot load {path.name}: {first[:200]}") from None
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PicollmError(f"cannot load {path.name}: {_load_failure(e)}") from None
+    if not isinstance(state, dict):
+        raise PicollmError(f"cannot load {path.name}: it holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng_cpu", "epoch", "step", "config")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint (weights_only, like every load), checked before anything uses it: every
+    key a resume needs is there and its weights fit the model config stored beside them."""
+    ckpt = load_state_dict(path)
+    name = Path(path).name
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise PicollmError(f"{name} is not a picollm training checkpoint (no {', '.join(missing)})")
+    try:
+        model_cfg = ModelConfig.model_validate(ckpt["config"]["model"])
+    except (TypeError, KeyError, ValidationError):
+        raise PicollmError(f"{name}: its stored config has no valid model section") from None
+    if not isinstance(ckpt["model"], dict):
+        raise PicollmError(f"{name}: its model entry is not a state dict")
+    build_from_state(ckpt["model"], model_cfg, source=f"the weights in {name}")
+    return ckpt
+
+
+def _load_failure(e: Exception) -> str:
+    text = str(e).strip()
+    if "Weights only load failed" in text:
+        return "it holds pickled objects other than tensors (refused: loading never unpickles code)"
+    if isinstance(e, EOFError) or any(
+        m in text for m in ("PytorchStreamReader", "central directory", "invalid load key", "truncated")
+    ):
+        return "the file is truncated or corrupted"
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def build_from_state(state: dict[str, Any], cfg: ModelConfig, source: str = "weights") -> Transformer:
@@ -101,8 +139,14 @@ def build_from_state(state: dict[str, Any], cfg: ModelConfig, source: str = "wei
 def load_from_files(weights: str | Path, config: str | Path) -> Transformer:
     try:
         cfg = ModelConfig.model_validate_json(Path(config).read_text())
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise PicollmError(
+            f"cannot read model config {Path(config).name}: {where + ': ' if where else ''}{err['msg']}"
+        ) from None
     except (OSError, ValueError) as e:
-        raise PicollmError(f"cannot read model config {config}: {str(e).splitlines()[0]}") from None
+        raise PicollmError(f"cannot read model config {Path(config).name}: {str(e).splitlines()[0]}") from None
     return build_from_state(load_state_dict(weights), cfg, source=Path(weights).name)
 
 
@@ -115,7 +159,7 @@ def log_model(model: Transformer, registered_name: str | None) -> tuple[str, str
 
     The first version of a name gets the alias `champion`; later ones are promoted explicitly.
     """
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _mlflow_quiet():
         # MLflow nags about input examples and type hints; the signature above is explicit.
         warnings.filterwarnings("ignore", message=r"(?s).*(type hint|input example)", category=UserWarning)
         files = save_files(model, Path(tmp))
@@ -132,9 +176,22 @@ def log_model(model: Transformer, registered_name: str | None) -> tuple[str, str
         version = str(info.registered_model_version)
         client = MlflowClient()
         aliases = client.get_registered_model(registered_name).aliases
-        if CHAMPION not in aliases:
-            client.set_registered_model_alias(registered_name, CHAMPION, version)
+        if CHAMPION not in aliases:  # the lowest version, so that racing registrations agree on it
+            versions = client.search_model_versions(f"name='{registered_name}'")
+            first = min((int(v.version) for v in versions), default=int(version))
+            client.set_registered_model_alias(registered_name, CHAMPION, str(first))
     return info.model_uri, version
+
+
+def _mlflow_quiet() -> Any:
+    """Silence MLflow's own stderr prints ("Successfully registered model ...", "Created version ..."):
+    the CLI reports registrations itself, and stderr is kept for errors (one line each). MLflow's
+    own counted switch, so its nested uses inside log_model do not turn the prints back on."""
+    from mlflow.utils.autologging_utils import MlflowEventsAndWarningsBehaviorGlobally
+
+    return MlflowEventsAndWarningsBehaviorGlobally(
+        disable_event_logs=True, disable_warnings=False, reroute_warnings=False
+    )
 
 
 def promote(name: str, version: str, alias: str = CHAMPION) -> None:
@@ -143,7 +200,10 @@ def promote(name: str, version: str, alias: str = CHAMPION) -> None:
         client.get_model_version(name, str(version))
     except MlflowException:
         raise ModelNotFoundError(f"model {name!r} has no version {version}") from None
-    client.set_registered_model_alias(name, alias, str(version))
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as e:  # reserved (latest, v3) or malformed alias names
+        raise PicollmError(f"alias {alias!r}: {e.message.strip().splitlines()[0][:200]}") from None
 
 
 def list_models() -> list[dict[str, Any]]:
@@ -179,6 +239,10 @@ def resolve_model_uri(ref: str) -> str:
         return f"runs:/{ref}/model"
     body = ref.removeprefix("models:/")
     if body.startswith("m-"):  # a logged-model id
+        try:
+            mlflow.get_logged_model(body.split("/")[0])
+        except MlflowException:
+            raise ModelNotFoundError(f"no logged model {body!r} in {mlflow.get_tracking_uri()}") from None
         return ref if ref.startswith("models:/") else f"models:/{body}"
     if "@" in body:
         name, alias = body.split("@", 1)

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import subprocess
+import tempfile
+import threading
 import time
+import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +31,7 @@ from filelock import FileLock  # noqa: E402
 from mlflow.entities import Metric, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from picollm.errors import PicollmError  # noqa: E402
+from picollm.errors import PicollmError, StorageError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +50,59 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+# Stores MLflow can track to; anything else is refused in one line before work starts.
+SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+PROBE_TIMEOUT_S = 10.0
+
+
 def init_tracking(configured: str | None = None) -> str:
     """Point MLflow at the store and make sure it exists and is migrated, before any work starts.
 
     A fresh SQLite store is created under a file lock: MLflow's migrations race when several
-    processes create the same database at once. An HTTP server is probed so that an unreachable
-    one fails in seconds with one line rather than hanging in retries.
+    processes create the same database at once. An HTTP server (or a database host) is probed so
+    that an unreachable one fails in seconds with one line rather than hanging in retries.
     """
     uri = resolve_uri(configured)
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0].lower() if "://" in uri else ""
+    if scheme not in SCHEMES:
+        raise PicollmError(
+            f"tracking URI {uri!r}: unsupported scheme {scheme!r} "
+            "(use sqlite:///PATH, http(s)://HOST:PORT or a database URI)"
+        )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if uri in _initialised:
         return uri
     db = sqlite_path(uri)
     if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(db) + ".lock", timeout=120), _quiet("mlflow.store.db.utils", "alembic"):
-            MlflowClient(uri).search_experiments(max_results=1)
-    elif uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(db) + ".lock", timeout=120), _quiet("mlflow.store.db.utils", "alembic"):
+                MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as e:  # a directory in the way, not a database, a lock held for minutes, ...
+            raise PicollmError(f"tracking store {uri} is not usable: {_first_line(e)}") from None
+    elif scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):
                 pass
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             raise PicollmError(f"tracking server {uri} is unreachable ({reason})") from None
+    elif scheme in DB_PORTS:
+        parts = urllib.parse.urlsplit(uri)
+        host, port = parts.hostname or "localhost", parts.port or DB_PORTS[scheme]
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as e:
+            raise PicollmError(f"tracking database {host}:{port} is unreachable ({e.strerror or e})") from None
     _initialised.add(uri)
     return uri
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "message", None) or e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 @contextmanager
@@ -155,6 +188,61 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params({k: items[k] for k in keys[i : i + 100]})
 
 
+def check_artifact_store(artifact_uri: str) -> None:
+    """A local artifact location must be writable before any work starts (StorageError if not)."""
+    parts = urllib.parse.urlsplit(artifact_uri)
+    if parts.scheme not in ("", "file"):
+        return  # a server or object store: its own errors surface on the first upload
+    path = Path(urllib.parse.unquote(parts.path) if parts.scheme else artifact_uri)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".picollm-write-test-"):
+            pass
+    except OSError as e:
+        raise StorageError(f"artifact store {path} is not writable ({e.strerror or e})") from None
+
+
+@contextmanager
+def deferred_signals(redeliver: bool = True) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done (e.g. while a run is being closed), then deliver
+    them (`redeliver`) or drop them. Outside the main thread signals cannot arrive: a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = {s: h for s, h in saved.items() if h is not None}  # None: set outside Python, leave it
+    for s in saved:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    if received and redeliver:
+        signal.raise_signal(received[0])
+
+
+def _close_run(status: RunStatus, error: str | None = None, details: str | None = None) -> None:
+    """End the active run with `status`, shielded from a second Ctrl-C and from a broken store:
+    a failure to record the error must not hide the error itself."""
+    with deferred_signals(redeliver=status == RunStatus.FINISHED):
+        try:
+            if error is not None:
+                mlflow.set_tag("error", error[:5000])
+        except Exception as e:
+            log.warning("could not tag the run with its error: %s", _first_line(e))
+        try:
+            if details is not None:
+                mlflow.log_text(details, "error_traceback.txt")
+        except Exception as e:  # expected when the artifact store is what failed: the tag says it
+            log.debug("could not log the traceback: %s", _first_line(e))
+        try:
+            mlflow.end_run(RunStatus.to_string(status))
+        except Exception as e:
+            log.warning("could not mark the run %s: %s", RunStatus.to_string(status), _first_line(e))
+
+
 @contextmanager
 def tracked_run(
     experiment: str,
@@ -163,8 +251,10 @@ def tracked_run(
     tags: dict[str, str] | None = None,
     nested: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (or resume) a run and always close it with the right status:
-    FINISHED, KILLED on Ctrl-C/SIGTERM, FAILED (with an `error` tag) on any other exception."""
+    """Start (or resume) a run and always close it with the right status: FINISHED; KILLED on
+    Ctrl-C/SIGTERM; FAILED on any other exception, with the message in the `error` tag and the
+    traceback in `error_traceback.txt`. An I/O error (disk full, unwritable artifact store) becomes a
+    StorageError (exit code 1). A local artifact store is checked for writability first."""
     exp_id = None if run_id else experiment_id(experiment)
     sha, dirty = git_commit()
     all_tags = dict(tags or {})
@@ -172,16 +262,17 @@ def tracked_run(
         all_tags |= {"mlflow.source.git.commit": sha, "git.commit": sha, "git.dirty": str(dirty).lower()}
     run = mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=run_name, tags=all_tags, nested=nested)
     try:
+        check_artifact_store(run.info.artifact_uri)
         yield run
     except KeyboardInterrupt:
-        mlflow.set_tag("error", "interrupted")
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        _close_run(RunStatus.KILLED, "interrupted")
         raise
+    except OSError as e:
+        err = StorageError(f"run {run.info.run_id} stopped on an I/O error: {e}; what it logged before is kept")
+        _close_run(RunStatus.FAILED, f"{type(err).__name__}: {err}", traceback.format_exc())
+        raise err from e
     except BaseException as e:
-        try:
-            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-        finally:
-            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _close_run(RunStatus.FAILED, f"{type(e).__name__}: {e}", traceback.format_exc())
         raise
     else:
-        mlflow.end_run()
+        _close_run(RunStatus.FINISHED)

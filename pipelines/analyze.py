@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from picollm import analysis as an
 from picollm import analysis_plots as ap
-from picollm import registry, tracking
+from picollm import distributed, registry, tracking
 from picollm.config import AnalysisConfig, DataConfig, apply_overrides, flatten, read_yaml, to_yaml, validate
 from picollm.data import build_data, to_padded
 from picollm.errors import ConfigError, PicollmError
@@ -370,6 +370,7 @@ class AnalysisOutcome:
 
 
 def run(cfg: AnalysisConfig) -> AnalysisOutcome:
+    distributed.refuse_under_torchrun("analyze")
     start = time.perf_counter()
     if not cfg.model:
         raise PicollmError("no model to analyse: give a model reference (e.g. picollm-linear@champion)")

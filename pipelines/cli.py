@@ -48,7 +48,7 @@ def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
 ) -> None:
-    STATE["debug"] = STATE["debug"] or debug
+    STATE["debug"] = debug or os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")  # per call, not sticky
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -74,8 +74,9 @@ def guarded() -> Iterator[None]:
     except Exception as e:
         if STATE["debug"]:
             raise
+        first = (str(e).strip().splitlines() or [""])[0]  # one line, even for a multi-line message
         err_console.print(
-            f"[bold red]error:[/] {type(e).__name__}: {e}  (rerun with --debug for the traceback)",
+            f"[bold red]error:[/] {type(e).__name__}: {first}  (rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )
@@ -97,10 +98,12 @@ class RichReporter:
         )
         self.task: Any = None
         self.steps_per_epoch = 1
+        self.running = False
 
     def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
         self.steps_per_epoch = steps_per_epoch
         self.progress.start()
+        self.running = True
         self.task = self.progress.add_task(
             "train", total=total_steps, completed=start_epoch * steps_per_epoch, epoch=start_epoch + 1, loss="-"
         )
@@ -125,7 +128,9 @@ class RichReporter:
         pass
 
     def stop(self) -> None:
-        self.progress.stop()
+        if self.running:  # a progress bar never started (or already stopped) prints nothing, not a blank line
+            self.progress.stop()
+            self.running = False
 
 
 def family_table(metrics: dict[str, float], families: list[str], prefix: str = "test") -> Table:
@@ -384,7 +389,19 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    app()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (`cmd &`)
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # usage errors (missing argument, bad option value): one line too
+        if type(e).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+        code = e.exit_code
+    except typer.Abort:
+        err_console.print("[yellow]interrupted[/]")
+        code = 130
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

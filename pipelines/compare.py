@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from picollm import compare as cmp
-from picollm import registry, tracking
+from picollm import distributed, registry, tracking
 from picollm.config import (
     CompareConfig,
     DataConfig,
@@ -229,6 +229,7 @@ def _child_train_config(cfg: CompareConfig, att: str, seed: int) -> TrainRunConf
 
 
 def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
+    distributed.refuse_under_torchrun("compare")
     start = time.perf_counter()
     say: Say = progress or (lambda msg: log.info("%s", msg))
     tracking.init_tracking(cfg.tracking.uri)

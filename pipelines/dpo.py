@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import mlflow
 import torch
 
-from picollm import tracking
+from picollm import distributed, tracking
 from picollm.config import DPORunConfig, flatten, to_yaml
 from picollm.data import PaddedSplit, pad_sequences
 from picollm.dpo import (
@@ -143,6 +143,7 @@ def run(
     echo: Callable[[str], None] | None = None,
 ) -> DPOOutcome:
     """The whole flow. `ui` receives the SFT trainer's callbacks; `echo` one line per DPO evaluation."""
+    distributed.refuse_under_torchrun("dpo")
     echo = echo or log.info
     t_start = time.perf_counter()
     tracking.init_tracking(cfg.tracking.uri)

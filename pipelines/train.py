@@ -22,7 +22,7 @@ from picollm.errors import PicollmError
 from picollm.evaluation import evaluate
 from picollm.hardware import measure_matmul_peak
 from picollm.model import Transformer
-from picollm.registry import load_state_dict, log_model
+from picollm.registry import load_checkpoint, log_model
 from picollm.training import NullCallbacks, TrainCallbacks, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def _load_resume(run_id: str, cfg: TrainRunConfig) -> tuple[TrainRunConfig, dict
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_PATH, dst_path=tmp)
         except (mlflow.exceptions.MlflowException, OSError):
             raise PicollmError(f"--resume: run {run_id} has no checkpoint to resume from") from None
-        ckpt = load_state_dict(path)
+        ckpt = load_checkpoint(path)
     saved = validate(TrainRunConfig, ckpt["config"], source=f"checkpoint of run {run_id}")
     old, new = flatten(saved.model_dump(mode="json")), flatten(cfg.model_dump(mode="json"))
     for key in sorted(old.keys() | new.keys()):

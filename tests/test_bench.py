@@ -23,6 +23,7 @@ def tiny_bench(*overrides: str) -> BenchConfig:
             f"runs.config={TINY}",
             "runs.overrides=[train.epochs=1]",
             "runs.http_server=false",
+            "runs.repeats=1",
             *overrides,
         ],
     )
