@@ -118,37 +118,40 @@ def tiny_text(*overrides: str) -> DPORunConfig:
     return load_config(DPORunConfig, None, base + list(overrides))
 
 
+# Seconds-long DPO on synthetic sequences (also used by tests/test_faults.py).
+TINY_SYNTHETIC = [
+    "data.source=synthetic",
+    "data.synthetic.vocab_size=32",
+    "data.synthetic.min_len=6",
+    "data.synthetic.max_len=12",
+    "data.synthetic.n_train=8",
+    "data.synthetic.n_val=3",
+    "data.synthetic.n_test=3",
+    "model.d_model=16",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "sft.epochs=2",
+    "sft.batch_size=8",
+    "sft.lr=0.01",
+    "sft.warmup_steps=1",
+    "sft.device=cpu",
+    "sft.peak_flops=1.0e11",
+    "dpo.corruptions=[swap_tokens,random_tokens]",
+    "dpo.train_pairs=40",
+    "dpo.val_pairs=12",
+    "dpo.test_pairs=12",
+    "dpo.batch_size=8",
+    "dpo.max_steps=4",
+    "dpo.eval_every=2",
+    "dpo.lr=0.003",
+    "dpo.num_samples=2",
+    "dpo.sample_tokens=4",
+    "tracking.experiment=dpo-syn",
+]
+
+
 def tiny_synthetic(*overrides: str) -> DPORunConfig:
-    base = [
-        "data.source=synthetic",
-        "data.synthetic.vocab_size=32",
-        "data.synthetic.min_len=6",
-        "data.synthetic.max_len=12",
-        "data.synthetic.n_train=8",
-        "data.synthetic.n_val=3",
-        "data.synthetic.n_test=3",
-        "model.d_model=16",
-        "model.n_layers=1",
-        "model.n_heads=2",
-        "sft.epochs=2",
-        "sft.batch_size=8",
-        "sft.lr=0.01",
-        "sft.warmup_steps=1",
-        "sft.device=cpu",
-        "sft.peak_flops=1.0e11",
-        "dpo.corruptions=[swap_tokens,random_tokens]",
-        "dpo.train_pairs=40",
-        "dpo.val_pairs=12",
-        "dpo.test_pairs=12",
-        "dpo.batch_size=8",
-        "dpo.max_steps=4",
-        "dpo.eval_every=2",
-        "dpo.lr=0.003",
-        "dpo.num_samples=2",
-        "dpo.sample_tokens=4",
-        "tracking.experiment=dpo-syn",
-    ]
-    return load_config(DPORunConfig, None, base + list(overrides))
+    return load_config(DPORunConfig, None, TINY_SYNTHETIC + list(overrides))
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from picollm.model import Transformer
 from pipelines.cli import app
 
 from .conftest import REPO, TINY, load_tiny
+from .test_dpo import TINY_SYNTHETIC
 
 runner = CliRunner()
 DPO_YAML = REPO / "configs" / "dpo.yaml"
@@ -34,29 +35,14 @@ COMPARE_TINY = REPO / "configs" / "compare_tiny.yaml"
 BENCH_YAML = REPO / "configs" / "bench.yaml"
 FAKE_RUN = "0123456789abcdef0123456789abcdef"
 
-# configs/dpo.yaml made seconds-long on synthetic sequences (as tests/test_dpo.py's tiny_synthetic)
+# tests/test_dpo.py's tiny synthetic DPO, shortened further (later overrides win)
 DPO_TINY = [
-    "data.source=synthetic",
-    "data.synthetic.vocab_size=32",
-    "data.synthetic.min_len=6",
-    "data.synthetic.max_len=12",
-    "data.synthetic.n_train=8",
-    "data.synthetic.n_val=3",
-    "data.synthetic.n_test=3",
-    "model.d_model=16",
-    "model.n_layers=1",
-    "model.n_heads=2",
+    *TINY_SYNTHETIC,
     "sft.epochs=1",
-    "sft.batch_size=8",
-    "sft.device=cpu",
-    "sft.peak_flops=1.0e11",
-    "dpo.corruptions=[swap_tokens,random_tokens]",
     "dpo.train_pairs=16",
     "dpo.val_pairs=8",
     "dpo.test_pairs=8",
-    "dpo.batch_size=8",
     "dpo.max_steps=2",
-    "dpo.eval_every=2",
     "dpo.num_samples=1",
     "dpo.sample_tokens=2",
 ]
