@@ -179,7 +179,12 @@ def log_model(model: Transformer, registered_name: str | None) -> tuple[str, str
         if CHAMPION not in aliases:  # the lowest version, so that racing registrations agree on it
             versions = client.search_model_versions(f"name='{registered_name}'")
             first = min((int(v.version) for v in versions), default=int(version))
-            client.set_registered_model_alias(registered_name, CHAMPION, str(first))
+            try:
+                client.set_registered_model_alias(registered_name, CHAMPION, str(first))
+            except mlflow.exceptions.MlflowException:
+                # A racing registration set it first (SQLite: UNIQUE constraint); it chose the same version.
+                if CHAMPION not in client.get_registered_model(registered_name).aliases:
+                    raise
     return info.model_uri, version
 
 
