@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from picollm.data import IGNORE_INDEX, inputs_and_targets
+from picollm.hooks import act_name
 from picollm.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ def number_embeddings(model: Transformer) -> torch.Tensor:
     """(M, d) embeddings of the number tokens, read at `hook_embed`. Each token is its own length-1
     sequence so no position limit or positional encoding enters."""
     tokens = number_tokens(model)[:, None]
-    cache = run_cached(model, tokens, ["hook_embed"], batch_size=len(tokens))
-    return cache["hook_embed"][:, 0]
+    cache = run_cached(model, tokens, [act_name("embed")], batch_size=len(tokens))
+    return cache[act_name("embed")][:, 0]
 
 
 def pca(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,14 +272,6 @@ def neuron_stats(
 # Mean ablation
 
 
-def hook_z(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
-
-
-def hook_mlp_out(layer: int) -> str:
-    return f"blocks.{layer}.hook_mlp_out"
-
-
 def masked_mean(act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of (B, N, ...) over the (B, N) positions where mask is True."""
     m = mask.to(act.dtype).view(*mask.shape, *([1] * (act.dim() - 2)))
@@ -299,7 +292,7 @@ def mean_ablation(
     by its mean over all real input positions of the batch."""
     inputs, _ = inputs_and_targets(tokens, model.pad_id)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    names = [hook_z(i) for i in range(n_layers)] + [hook_mlp_out(i) for i in range(n_layers)]
+    names = [act_name("z", i) for i in range(n_layers)] + [act_name("mlp_out", i) for i in range(n_layers)]
     cache = run_cached(model, inputs, names, batch_size)
     real = inputs != model.pad_id
     means = {n: masked_mean(cache[n], real).to(model.device) for n in names}
@@ -319,11 +312,11 @@ def mean_ablation(
     components, deltas = [], []
     for layer in range(n_layers):
         for head in range(n_heads):
-            hooks = [(hook_z(layer), replace_head(head, means[hook_z(layer)]))]
+            hooks = [(act_name("z", layer), replace_head(head, means[act_name("z", layer)]))]
             components.append(f"L{layer}H{head}")
             deltas.append(family_losses(model, tokens, family_ids, n_families, hooks, batch_size) - clean)
     for layer in range(n_layers):
-        hooks = [(hook_mlp_out(layer), replace_all(means[hook_mlp_out(layer)]))]
+        hooks = [(act_name("mlp_out", layer), replace_all(means[act_name("mlp_out", layer)]))]
         components.append(f"L{layer} MLP")
         deltas.append(family_losses(model, tokens, family_ids, n_families, hooks, batch_size) - clean)
     return AblationResult(components, clean, torch.stack(deltas))

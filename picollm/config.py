@@ -106,15 +106,21 @@ class ModelConfig(StrictModel):
         return self.vocab_size - 1 if self.pad_id is None else self.pad_id
 
 
-class TrainConfig(StrictModel):
+class OptimConfig(StrictModel):
+    """The optimiser and its schedule (picollm/optim.py), shared by the `train`, `sft` and `dpo` sections:
+    AdamW, linear warmup, cosine decay to lr * min_lr_ratio, gradient clipping."""
+
+    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate, reached after warmup_steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr of the cosine as a fraction of lr")
+    warmup_steps: int = Field(20, ge=0, description="linear warmup steps (at most half of all steps)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, on weight matrices only")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null = off")
+
+
+class TrainConfig(OptimConfig):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr of the cosine as a fraction of lr")
-    warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null = off")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
@@ -463,7 +469,11 @@ class DPODataConfig(StrictModel):
         return self.synthetic.vocab_size if self.source == "synthetic" else GPT2_VOCAB
 
 
-class DPOConfig(StrictModel):
+class DPOConfig(OptimConfig):
+    # Parameters whose default values are overridden from OptimConfig
+    lr: float = Field(5e-4, gt=0, description="AdamW peak learning rate, reached after warmup_steps")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps (at most half of all steps)")
+
     reference: str | None = Field(
         None, description="registered model or run to use as reference; null = train an SFT reference"
     )
@@ -478,12 +488,6 @@ class DPOConfig(StrictModel):
     val_pairs: int = Field(200, ge=1)
     test_pairs: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1, description="pairs per step (2x sequences in the forward pass)")
-    lr: float = Field(5e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float | None = Field(1.0, gt=0)
     max_steps: int = Field(200, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast for the policy and reference forward passes; auto = bf16 on CUDA"
@@ -519,7 +523,6 @@ class SFTConfig(TrainConfig):
 
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=1)
-    warmup_steps: int = Field(20, ge=0)
     eval_batch_size: int = Field(16, ge=1)
 
 

@@ -7,7 +7,6 @@ rejected sequences concatenated into one batch.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -18,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picollm.config import DPOConfig, TrainConfig
+from picollm import optim
+from picollm.config import DPOConfig
 from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, length_bucketed_batches, pad_sequences
 from picollm.errors import PicollmError
+from picollm.optim import EarlyStopping, NonFiniteGuard, TrainState
 from picollm.text_data import PreferencePair
-from picollm.training import autocast, lr_lambda, make_optimizer, resolve_precision
+from picollm.training import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -284,10 +285,11 @@ class DPOTrainer:
         self.cfg = cfg
         self.device = device
         self.precision = resolve_precision(cfg.precision, device)
-        opt_cfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-        self.optimizer = make_optimizer(self.policy, opt_cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(min(cfg.warmup_steps, cfg.max_steps // 2), cfg.max_steps, cfg.min_lr_ratio)
+        self.optimizer = optim.make_optimizer(self.policy, cfg)
+        self.scheduler = optim.make_scheduler(self.optimizer, cfg, cfg.max_steps)
+        # No skip option: DPO stops at the first non-finite loss, before it reaches the weights.
+        self.guard = NonFiniteGuard(
+            on_stop="training stopped, the policy keeps its last good weights (lower dpo.lr)", metric="DPO train/loss"
         )
 
     def _terms(self, batch: PairBatch, ref_c: torch.Tensor, ref_r: torch.Tensor):
@@ -323,67 +325,82 @@ class DPOTrainer:
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         on_eval: Callable[[int, dict[str, float]], None] | None = None,
     ) -> DPOResult:
+        """Up to cfg.max_steps steps, evaluating every cfg.eval_every; hands back the best policy."""
         cfg = self.cfg
         assert train.ref_chosen is not None and train.ref_rejected is not None
         on_log = on_log or (lambda s, m: None)
         on_eval = on_eval or (lambda s, m: None)
-        mode = MONITOR_MODE[cfg.monitor]
-        sign = 1.0 if mode == "min" else -1.0
         t0 = time.perf_counter()
-
-        # Step 0, before any update: the policy is the reference, so the loss is ln 2 (sigmoid).
-        gen = torch.Generator().manual_seed(cfg.seed)
-        first = train.batches(cfg.batch_size, gen, shuffle=True)[0]
-        self.policy.eval()
-        with torch.no_grad():
-            terms = self._terms(train.batch(first).to(self.device), train.ref_chosen[first], train.ref_rejected[first])
-        step0 = pair_metrics("train", *(t.cpu() for t in terms))
+        step0 = self._step0_metrics(train)
         val0 = self.evaluate(val, "val")
         on_log(0, step0)
         on_eval(0, val0)
-        history = [{"step": 0.0, **val0}]
-        best, best_step, bad, best_state = sign * val0[cfg.monitor], 0, 0, copy.deepcopy(self.policy.state_dict())
+        state = TrainState(early=EarlyStopping(MONITOR_MODE[cfg.monitor], cfg.early_stopping_patience))
+        state.history.append({"step": 0.0, **val0})
+        state.early.update(val0[cfg.monitor], 0, self.policy)
 
         self.policy.train()
-        step, epoch, stopped = 0, 0, False
+        stopped = False
         window: list[dict[str, float]] = []
-        while step < cfg.max_steps and not stopped:
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            for idx in train.batches(cfg.batch_size, gen, shuffle=True):
-                batch = train.batch(idx).to(self.device)
-                terms = self._terms(batch, train.ref_chosen[idx], train.ref_rejected[idx])
-                loss = terms[0].mean()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip, foreach=True)
-                self.optimizer.step()
-                self.scheduler.step()
-                step += 1
-                if not math.isfinite(float(loss.detach())):
-                    raise FloatingPointError(f"DPO loss is not finite at step {step}")
-                window.append(pair_metrics("train", *(t.detach().cpu() for t in terms)))
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    avg = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                    avg["lr"] = self.scheduler.get_last_lr()[0]
-                    on_log(step, avg)
-                    window.clear()
-                if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    metrics = self.evaluate(val, "val")
-                    history.append({"step": float(step), **metrics})
-                    on_eval(step, metrics)
-                    score = sign * metrics[cfg.monitor]
-                    if score < best:
-                        best, best_step, bad = score, step, 0
-                        best_state = copy.deepcopy(self.policy.state_dict())
-                    else:
-                        bad += 1
-                    if cfg.early_stopping_patience is not None and bad >= cfg.early_stopping_patience:
-                        stopped = True
-                        log.info("early stopping at step %d (best %s at step %d)", step, cfg.monitor, best_step)
-                if stopped or step >= cfg.max_steps:
-                    break
-            epoch += 1
-        self.policy.load_state_dict(best_state)
+        while state.step < cfg.max_steps and not stopped:
+            stopped = self._train_pass(train, val, state, window, on_log, on_eval)
+            state.epoch += 1
+        state.early.restore_best(self.policy)
         self.policy.eval()
-        return DPOResult(step, step0["train/loss"], history, best_step, stopped, time.perf_counter() - t0)
+        return DPOResult(
+            state.step, step0["train/loss"], state.history, state.early.best_at, stopped, time.perf_counter() - t0
+        )
+
+    def _step0_metrics(self, train: PairSet) -> dict[str, float]:
+        """Train metrics of the first batch before any update: the policy is the reference, so the loss
+        is ln 2 (sigmoid)."""
+        assert train.ref_chosen is not None and train.ref_rejected is not None
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        first = train.batches(self.cfg.batch_size, gen, shuffle=True)[0]
+        self.policy.eval()
+        with torch.no_grad():
+            terms = self._terms(train.batch(first).to(self.device), train.ref_chosen[first], train.ref_rejected[first])
+        return pair_metrics("train", *(t.cpu() for t in terms))
+
+    def _train_pass(
+        self,
+        train: PairSet,
+        val: PairSet,
+        state: TrainState,
+        window: list[dict[str, float]],
+        on_log: Callable[[int, dict[str, float]], None],
+        on_eval: Callable[[int, dict[str, float]], None],
+    ) -> bool:
+        """One pass over `train` in pass `state.epoch`'s order (or up to max_steps); True to stop early."""
+        cfg = self.cfg
+        assert train.ref_chosen is not None and train.ref_rejected is not None
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.epoch)
+        for idx in train.batches(cfg.batch_size, gen, shuffle=True):
+            state.step += 1
+            last = state.step == cfg.max_steps
+            terms = self._terms(train.batch(idx).to(self.device), train.ref_chosen[idx], train.ref_rejected[idx])
+            loss = terms[0].mean()
+            self.guard.check(loss, state)  # raises before backward: the weights never see a bad loss
+            optim.update(loss, self.policy, self.optimizer, self.scheduler, cfg.grad_clip)
+            window.append(pair_metrics("train", *(t.detach().cpu() for t in terms)))
+            if state.step % cfg.log_every == 0 or last:
+                avg = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                avg["lr"] = self.scheduler.get_last_lr()[0]
+                on_log(state.step, avg)
+                window.clear()
+            if (state.step % cfg.eval_every == 0 or last) and self._eval_step(val, state, on_eval):
+                return True
+            if last:
+                break
+        return False
+
+    def _eval_step(self, val: PairSet, state: TrainState, on_eval: Callable[[int, dict[str, float]], None]) -> bool:
+        """Evaluate on val, keep the best policy; True when early stopping says stop."""
+        metrics = self.evaluate(val, "val")
+        state.history.append({"step": float(state.step), **metrics})
+        on_eval(state.step, metrics)
+        early, monitor = state.early, self.cfg.monitor
+        early.update(metrics[monitor], state.step, self.policy)
+        if early.should_stop:
+            log.info("early stopping at step %d (best %s at step %s)", state.step, monitor, early.best_at)
+        return early.should_stop

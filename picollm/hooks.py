@@ -10,6 +10,34 @@ from torch import nn
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
 
+# Where each activation lives in picollm's Transformer (module attribute paths, TransformerLens names).
+_ATTN = ("q", "k", "v", "pattern", "z")
+_MLP = ("pre", "post")
+_BLOCK = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_TOP = {"embed": "hook_embed", "pos_embed": "hook_pos_embed", "normalized": "ln_final.hook_normalized"}
+
+
+def act_name(name: str, layer: int | None = None) -> str:
+    """The hook-point name of an activation, the one place such names are built (TransformerLens's
+    `get_act_name`): act_name("pattern", 0) == "blocks.0.attn.hook_pattern", act_name("post", 1) ==
+    "blocks.1.mlp.hook_post", act_name("mlp_out", 0) == "blocks.0.hook_mlp_out", act_name("embed") ==
+    "hook_embed". A full name ("blocks.0.attn.hook_z") is returned as it is."""
+    if name.startswith("hook_") or ".hook_" in name:
+        return name
+    if name in _TOP:
+        if layer is not None:
+            raise ValueError(f"{name!r} is not a per-layer activation")
+        return _TOP[name]
+    if layer is None:
+        raise ValueError(f"{name!r} needs a layer")
+    if name in _ATTN:
+        return f"blocks.{layer}.attn.hook_{name}"
+    if name in _MLP:
+        return f"blocks.{layer}.mlp.hook_{name}"
+    if name in _BLOCK:
+        return f"blocks.{layer}.hook_{name}"
+    raise ValueError(f"unknown activation {name!r}; known: {', '.join((*_TOP, *_ATTN, *_MLP, *_BLOCK))}")
+
 
 class HookPoint(nn.Module):
     """Identity module whose name (from `named_modules`) is the hook's address,

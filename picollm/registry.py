@@ -12,6 +12,7 @@ import logging
 import re
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,18 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from pydantic import ValidationError
 
 from picollm import tracking  # noqa: F401  (sets MLflow env defaults)
-from picollm.config import ModelConfig
+from picollm.config import ModelConfig, TrainRunConfig, read_yaml, validate
 from picollm.data import pad_sequences, parse_prompt
 from picollm.errors import ModelNotFoundError, PicollmError
 from picollm.model import Transformer
+from picollm.optim import REQUIRED_CHECKPOINT_KEYS
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "model_config.json"
+SOURCE_CONFIG = "config.yaml"  # the resolved config a training run logs beside its model
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -93,7 +96,7 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     return state
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng_cpu", "epoch", "step", "config")
+CHECKPOINT_KEYS = (*REQUIRED_CHECKPOINT_KEYS, "config")  # the trainer's keys, plus the run config a resume checks
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -303,12 +306,11 @@ def download_model(ref: str) -> tuple[str, Path]:
 
 def load_model(ref: str, device: str | torch.device = "cpu") -> Transformer:
     """The trained torch model (eval mode, with `generate`) behind a registry or run reference."""
-    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-
     from picollm.tracking import init_tracking
 
-    # Respect a store the caller already chose with mlflow.set_tracking_uri(); else env / default.
-    init_tracking(mlflow.get_tracking_uri() if is_tracking_uri_set() else None)
+    # MLflow's current URI: one the caller chose with mlflow.set_tracking_uri(), else the environment's,
+    # else MLflow's default, which is picollm's (sqlite:///<cwd>/mlflow.db).
+    init_tracking(mlflow.get_tracking_uri())
     _, files = download_model(ref)
     return load_from_files(files / WEIGHTS_FILE, files / CONFIG_FILE).to(device)
 
@@ -327,6 +329,84 @@ def model_version_of(ref: str) -> dict[str, str] | None:
         name, version = body.rsplit("/", 1)
         mv = client.get_model_version(name, version)
     return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id or ""}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference resolved once: the pinned URI (an alias could move while a flow works), the
+    registry name and version where there is one, and the training run that produced it."""
+
+    ref: str
+    uri: str  # models:/NAME/VERSION for registry references
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return f"{self.name} v{self.version}"
+        return f"run {self.run_id[:8]}" if self.run_id else self.uri
+
+    def tags(self) -> dict[str, str]:
+        """`model.*` tags for a run that uses this model."""
+        tags = {"model.ref": self.ref, "model.uri": self.uri}
+        for key, value in (
+            ("model.name", self.name),
+            ("model.version", self.version),
+            ("model.source_run", self.run_id),
+        ):
+            if value:
+                tags[key] = value
+        return tags
+
+    def load(self) -> Transformer:
+        """The model, from the store MLflow points at now (unlike `load_model`, which resolves the store)."""
+        _, files = download_model(self.uri)
+        return load_from_files(files / WEIGHTS_FILE, files / CONFIG_FILE)
+
+    def training_config(self) -> TrainRunConfig | None:
+        """The config its training run logged (`config.yaml`), or None (with a warning) where there is none."""
+        if not self.run_id:
+            return None
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = mlflow.artifacts.download_artifacts(
+                    run_id=self.run_id, artifact_path=SOURCE_CONFIG, dst_path=tmp
+                )
+                return validate(TrainRunConfig, read_yaml(path), source=f"{SOURCE_CONFIG} of run {self.run_id}")
+        except (MlflowException, OSError, PicollmError) as e:
+            log.warning("run %s has no usable %s: %s", self.run_id, SOURCE_CONFIG, str(e).splitlines()[0][:200])
+            return None
+
+    def training_history(self, keys: tuple[str, ...] = ("train/loss", "val/loss")) -> list[dict[str, float]]:
+        """Per-epoch metrics of its training run, as the trainer's history records them."""
+        if not self.run_id:
+            return []
+        client = MlflowClient()
+        try:
+            series = {k: sorted(client.get_metric_history(self.run_id, k), key=lambda m: m.step) for k in keys}
+        except MlflowException:
+            return []
+        n = min(len(v) for v in series.values())
+        return [{"epoch": float(i + 1), **{k: v[i].value for k, v in series.items()}} for i in range(n)]
+
+
+def resolve(ref: str) -> ResolvedModel:
+    """Resolve a reference (see `load_model`); ModelNotFoundError (one clear line) if it names nothing."""
+    uri = resolve_model_uri(ref)
+    info = model_version_of(ref)
+    if info is not None:
+        pinned = f"models:/{info['name']}/{info['version']}"
+        return ResolvedModel(ref, pinned, info["name"], info["version"], info["run_id"] or None)
+    if uri.startswith("runs:/"):
+        return ResolvedModel(ref, uri, run_id=uri.removeprefix("runs:/").split("/")[0])
+    run_id = None
+    try:  # models:/m-<id>: a logged model knows the run that produced it
+        run_id = mlflow.get_logged_model(uri.removeprefix("models:/")).source_run_id
+    except (MlflowException, AttributeError) as e:
+        log.warning("cannot find the source run of %s: %s", uri, e)
+    return ResolvedModel(ref, uri, run_id=run_id)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def init_tracking(configured: str | None = None) -> str:
             with FileLock(str(db) + ".lock", timeout=120), _quiet("mlflow.store.db.utils", "alembic"):
                 MlflowClient(uri).search_experiments(max_results=1)
         except Exception as e:  # a directory in the way, not a database, a lock held for minutes, ...
-            raise PicollmError(f"tracking store {uri} is not usable: {_first_line(e)}") from None
+            raise PicollmError(f"tracking store {uri} is not usable: {first_line(e)}") from None
     elif scheme in ("http", "https"):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):
@@ -100,7 +100,7 @@ def init_tracking(configured: str | None = None) -> str:
     return uri
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(getattr(e, "message", None) or e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
@@ -231,16 +231,16 @@ def _close_run(status: RunStatus, error: str | None = None, details: str | None 
             if error is not None:
                 mlflow.set_tag("error", error[:5000])
         except Exception as e:
-            log.warning("could not tag the run with its error: %s", _first_line(e))
+            log.warning("could not tag the run with its error: %s", first_line(e))
         try:
             if details is not None:
                 mlflow.log_text(details, "error_traceback.txt")
         except Exception as e:  # expected when the artifact store is what failed: the tag says it
-            log.debug("could not log the traceback: %s", _first_line(e))
+            log.debug("could not log the traceback: %s", first_line(e))
         try:
             mlflow.end_run(RunStatus.to_string(status))
         except Exception as e:
-            log.warning("could not mark the run %s: %s", RunStatus.to_string(status), _first_line(e))
+            log.warning("could not mark the run %s: %s", RunStatus.to_string(status), first_line(e))
 
 
 @contextmanager

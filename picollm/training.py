@@ -1,15 +1,17 @@
-"""One trainer for every model: AdamW, warmup + cosine, clipping, per-epoch eval, early stopping,
-exact resume from a checkpoint dict. Tracking, progress display and checkpoint storage are
-callbacks, so the loop knows nothing of MLflow or the terminal."""
+"""One trainer for every model: per-epoch eval, early stopping, exact resume from a checkpoint dict,
+DDP. The optimiser, schedule, non-finite guard, early stopping and checkpoint state come from
+picollm/optim.py (shared with the DPO trainer). Tracking, progress display and checkpoint storage
+are callbacks, so the loop knows nothing of MLflow or the terminal."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -17,10 +19,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from picollm import optim
 from picollm.config import TrainConfig
 from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, iter_batches
 from picollm.distributed import DistContext, all_reduce_sum, any_rank, broadcast_json
-from picollm.errors import TrainingError
+from picollm.optim import EarlyStopping, NonFiniteGuard, TrainState, lr_lambda, make_optimizer
+
+__all__ = [
+    "NullCallbacks",
+    "TrainCallbacks",
+    "TrainResult",
+    "Trainer",
+    "autocast",
+    "lm_loss",
+    "lr_lambda",
+    "make_optimizer",
+    "resolve_precision",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +68,6 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int | None = None
     stopped_early: bool = False
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices (not on norms, biases or the tied embedding)."""
-    decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 def lm_loss(model: nn.Module, tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
@@ -122,7 +115,16 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.optimizer = make_optimizer(self.model, cfg)
-        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None  # set by fit: its length is the run's
+        self.state = TrainState()
+        self.guard = NonFiniteGuard(
+            action=cfg.nonfinite,
+            max_skipped=cfg.max_skipped_batches,
+            on_stop="training stopped, the last good checkpoint is kept "
+            "(lower train.lr, or set train.nonfinite=skip_batch)",
+            any_rank=partial(any_rank, self.dist),
+            per_rank=self.dist.enabled,
+        )
         self.train_model: nn.Module = self.model  # what the training step calls
         if self.dist.enabled:
             ids = [device.index] if device.type == "cuda" else None
@@ -151,32 +153,11 @@ class Trainer:
         )
         return loss, n_tok
 
-    def _non_finite(self, loss: torch.Tensor, step: int, epoch: int, skipped: int) -> int:
-        """Stop (the default) or count a skipped batch; the weights never see the bad step."""
-        what = f"train/loss is not finite at step {step} (epoch {epoch + 1}"
-        what += f", this rank's loss {float(loss)})" if self.dist.enabled else f": {float(loss)})"
-        if self.cfg.nonfinite == "stop":
-            raise TrainingError(
-                f"{what}; training stopped, the last good checkpoint is kept "
-                "(lower train.lr, or set train.nonfinite=skip_batch)"
-            )
-        skipped += 1
-        if skipped > self.cfg.max_skipped_batches:
-            raise TrainingError(f"{what}: {skipped} non-finite batches, more than train.max_skipped_batches")
-        log.warning("%s; batch skipped (%d so far)", what, skipped)
-        return skipped
-
     def checkpoint(self, epoch: int, step: int, extra: dict[str, Any]) -> dict[str, Any]:
+        """What `fit(resume=...)` needs to go on after `epoch` (at `step`), plus `extra`."""
         assert self.scheduler is not None
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "epoch": epoch,
-            "step": step,
-            **extra,
-        }
+        state = dataclasses.replace(self.state, epoch=epoch, step=step)
+        return optim.checkpoint(self.model, self.optimizer, self.scheduler, state, extra)
 
     def fit(
         self,
@@ -193,105 +174,85 @@ class Trainer:
         cfg = self.cfg
         steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         total = steps_per_epoch * cfg.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(min(cfg.warmup_steps, total // 2), total, cfg.min_lr_ratio)
-        )
-        start_epoch, step = 0, 0
-        history: list[dict[str, float]] = []
-        best, best_epoch, bad_epochs, best_state = math.inf, None, 0, None
+        self.scheduler = optim.make_scheduler(self.optimizer, cfg, total)
+        patience = cfg.early_stopping_patience
+        self.state = state = TrainState(early=EarlyStopping("min", patience, keep_state=bool(patience)))
         if resume is not None:
-            self.model.load_state_dict(resume["model"])
-            self.optimizer.load_state_dict(resume["optimizer"])
-            self.scheduler.load_state_dict(resume["scheduler"])
-            torch.set_rng_state(resume["rng_cpu"])
-            start_epoch, step = int(resume["epoch"]), int(resume["step"])
-            history = list(resume.get("history", []))
-            best = float(resume.get("best", math.inf))
-            best_epoch = resume.get("best_epoch")
-            bad_epochs = int(resume.get("bad_epochs", 0))
-            if resume.get("best_state") is not None:
-                best_state = resume["best_state"]
-            log.info("resuming at epoch %d, step %d", start_epoch, step)
-        cb.on_train_start(total, steps_per_epoch, start_epoch)
+            optim.restore(resume, self.model, self.optimizer, self.scheduler, state)
+            log.info("resuming at epoch %d, step %d", state.epoch, state.step)
+        cb.on_train_start(total, steps_per_epoch, state.epoch)
         stopped_early = False
-        skipped = int(resume.get("skipped_batches", 0)) if resume is not None else 0
-        epoch = start_epoch
-        for epoch in range(start_epoch, cfg.epochs):
-            self.train_model.train()
-            t0 = time.perf_counter()
-            tokens_seen = 0  # global (all ranks) non-pad targets this epoch
-            loss_sum = torch.zeros((), device=self.device)  # this rank's summed token losses
-            window_sum = torch.zeros((), device=self.device)
-            window_tokens = 0
-            for batch in iter_batches(train, cfg.batch_size, self._batch_generator(epoch)):
-                step += 1
-                loss_tokens, n_tok = self._forward(batch)
-                if any_rank(self.dist, not bool(torch.isfinite(loss_tokens))):
-                    skipped = self._non_finite(loss_tokens, step, epoch, skipped)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scheduler.step()  # the batch is dropped; the schedule goes on
-                    cb.on_step(step, {"train/skipped_batches": float(skipped)})
-                    continue
-                # Scaled so DDP's gradient mean over ranks is the mean over the global batch's tokens.
-                loss = loss_tokens * (self.dist.world_size / max(n_tok, 1))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
-                self.optimizer.step()
-                self.scheduler.step()
-                tokens_seen += n_tok
-                d = loss_tokens.detach()
-                loss_sum += d
-                window_sum += d
-                window_tokens += n_tok
-                logged = None
-                if step % cfg.log_every == 0:
-                    [window_total] = all_reduce_sum(self.dist, window_sum)
-                    logged = {"train/loss_step": window_total / max(window_tokens, 1)}
-                    logged["lr"] = self.scheduler.get_last_lr()[0]
-                    window_sum.zero_()
-                    window_tokens = 0
-                cb.on_step(step, logged)
-            train_time = time.perf_counter() - t0
-            [epoch_loss] = all_reduce_sum(self.dist, loss_sum)
-            metrics = {"epoch": float(epoch + 1), "train/loss": epoch_loss / max(tokens_seen, 1)}
-            if skipped:
-                metrics["train/skipped_batches"] = float(skipped)
-            metrics["throughput/tokens_per_s"] = tokens_seen / train_time
-            metrics["throughput/epoch_seconds"] = train_time
-            if self.flops_per_token and self.peak_flops:
-                metrics["throughput/mfu"] = metrics["throughput/tokens_per_s"] * self.flops_per_token / self.peak_flops
+        while state.epoch < cfg.epochs and not stopped_early:
+            metrics = self._train_epoch(train, cb)
             # Rank 0 evaluates; the others take its numbers, so early stopping agrees everywhere.
             metrics.update(broadcast_json(self.dist, evaluate(self.model) if self.dist.is_main else None))
-            history.append(metrics)
-            score = metrics.get(monitor, math.nan)
-            if score < best:
-                best, best_epoch, bad_epochs = score, epoch + 1, 0
-                if cfg.early_stopping_patience:
-                    best_state = copy.deepcopy(self.model.state_dict())
-            else:
-                bad_epochs += 1
-            cb.on_epoch_end(epoch + 1, step, metrics)
-            stop = cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
-            last = epoch + 1 == cfg.epochs or stop
-            if self.dist.is_main and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
-                extra = {
-                    "skipped_batches": skipped,
-                    "history": history,
-                    "best": best,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs,
-                    "best_state": best_state,
-                    **(checkpoint_extra or {}),
-                }
-                cb.on_checkpoint(self.checkpoint(epoch + 1, step, extra), epoch + 1)
-            if stop:
-                stopped_early = True
-                log.info("early stopping after epoch %d (best %s at epoch %s)", epoch + 1, monitor, best_epoch)
-                break
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
+            stopped_early = self._end_epoch(metrics, monitor, cb, checkpoint_extra or {})
+        state.early.restore_best(self.model)
         return TrainResult(
-            epochs_run=len(history), steps=step, history=history, best_epoch=best_epoch, stopped_early=stopped_early
+            epochs_run=len(state.history),
+            steps=state.step,
+            history=state.history,
+            best_epoch=state.early.best_at,
+            stopped_early=stopped_early,
         )
+
+    def _train_epoch(self, train: PaddedSplit, cb: TrainCallbacks) -> dict[str, float]:
+        """One pass over `train` in epoch `state.epoch`'s batch order; that epoch's train metrics."""
+        cfg, state = self.cfg, self.state
+        assert self.scheduler is not None
+        self.train_model.train()
+        t0 = time.perf_counter()
+        tokens_seen = 0  # global (all ranks) non-pad targets this epoch
+        loss_sum = torch.zeros((), device=self.device)  # this rank's summed token losses
+        window_sum = torch.zeros((), device=self.device)
+        window_tokens = 0
+        for batch in iter_batches(train, cfg.batch_size, self._batch_generator(state.epoch)):
+            state.step += 1
+            loss_tokens, n_tok = self._forward(batch)
+            if not self.guard.check(loss_tokens, state):  # before backward: the weights never see it
+                optim.skip_update(self.optimizer, self.scheduler)
+                cb.on_step(state.step, {"train/skipped_batches": float(state.skipped_batches)})
+                continue
+            # Scaled so DDP's gradient mean over ranks is the mean over the global batch's tokens.
+            loss = loss_tokens * (self.dist.world_size / max(n_tok, 1))
+            optim.update(loss, self.model, self.optimizer, self.scheduler, cfg.grad_clip)
+            tokens_seen += n_tok
+            d = loss_tokens.detach()
+            loss_sum += d
+            window_sum += d
+            window_tokens += n_tok
+            logged = None
+            if state.step % cfg.log_every == 0:
+                [window_total] = all_reduce_sum(self.dist, window_sum)
+                logged = {"train/loss_step": window_total / max(window_tokens, 1)}
+                logged["lr"] = self.scheduler.get_last_lr()[0]
+                window_sum.zero_()
+                window_tokens = 0
+            cb.on_step(state.step, logged)
+        return self._epoch_metrics(loss_sum, tokens_seen, time.perf_counter() - t0)
+
+    def _epoch_metrics(self, loss_sum: torch.Tensor, tokens_seen: int, train_time: float) -> dict[str, float]:
+        [epoch_loss] = all_reduce_sum(self.dist, loss_sum)
+        metrics = {"epoch": float(self.state.epoch + 1), "train/loss": epoch_loss / max(tokens_seen, 1)}
+        if self.state.skipped_batches:
+            metrics["train/skipped_batches"] = float(self.state.skipped_batches)
+        metrics["throughput/tokens_per_s"] = tokens_seen / train_time
+        metrics["throughput/epoch_seconds"] = train_time
+        if self.flops_per_token and self.peak_flops:
+            metrics["throughput/mfu"] = metrics["throughput/tokens_per_s"] * self.flops_per_token / self.peak_flops
+        return metrics
+
+    def _end_epoch(self, metrics: dict[str, float], monitor: str, cb: TrainCallbacks, extra: dict[str, Any]) -> bool:
+        """Record an epoch's metrics (with its evaluation), checkpoint when due; True to stop early."""
+        cfg, state = self.cfg, self.state
+        state.epoch += 1
+        state.history.append(metrics)
+        state.early.update(metrics.get(monitor, math.nan), state.epoch, self.model)
+        cb.on_epoch_end(state.epoch, state.step, metrics)
+        stop = state.early.should_stop
+        last = state.epoch == cfg.epochs or stop
+        if self.dist.is_main and (state.epoch % cfg.checkpoint_every == 0 or last):
+            cb.on_checkpoint(self.checkpoint(state.epoch, state.step, extra), state.epoch)
+        if stop:
+            log.info("early stopping after epoch %d (best %s at epoch %s)", state.epoch, monitor, state.early.best_at)
+        return stop

@@ -8,33 +8,28 @@ metrics are artifacts and metrics of the analysis run, which is tagged with the 
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
-from mlflow.exceptions import MlflowException
 
 from picollm import analysis as an
 from picollm import analysis_plots as ap
-from picollm import distributed, registry, tracking
+from picollm import registry, runs
 from picollm.config import AnalysisConfig, DataConfig, apply_overrides, flatten, read_yaml, to_yaml, validate
 from picollm.data import build_data, to_padded
 from picollm.errors import ConfigError, PicollmError
-from picollm.hardware import resolve_device
+from picollm.hooks import act_name
 from picollm.model import Transformer
+from picollm.runs import RunLog
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("configs/analysis.yaml")
-SOURCE_CONFIG = "config.yaml"  # the data/model/train config the training flow logs with its run
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,78 +55,19 @@ def load_config(
 # Resolving the model and its data
 
 
-@dataclass
-class ModelSource:
-    ref: str
-    uri: str  # pinned: models:/NAME/VERSION for registry references
-    name: str | None = None
-    version: str | None = None
-    run_id: str | None = None
-
-    @property
-    def label(self) -> str:
-        if self.name:
-            return f"{self.name} v{self.version}"
-        return f"run {self.run_id[:8]}" if self.run_id else self.uri
-
-    def tags(self) -> dict[str, str]:
-        tags = {"model.ref": self.ref, "model.uri": self.uri}
-        for key, value in (
-            ("model.name", self.name),
-            ("model.version", self.version),
-            ("model.source_run", self.run_id),
-        ):
-            if value:
-                tags[key] = value
-        return tags
-
-
-def resolve_source(ref: str) -> ModelSource:
-    """Raises ModelNotFoundError (one clear line) for a reference that names nothing."""
-    uri = registry.resolve_model_uri(ref)
-    info = registry.model_version_of(ref)
-    if info is not None:
-        pinned = f"models:/{info['name']}/{info['version']}"  # an alias could move during the analysis
-        return ModelSource(ref, pinned, info["name"], info["version"], info["run_id"] or None)
-    if uri.startswith("runs:/"):
-        return ModelSource(ref, uri, run_id=uri.removeprefix("runs:/").split("/")[0])
-    run_id = None
-    try:  # models:/m-<id>: a logged model knows the run that produced it
-        run_id = mlflow.get_logged_model(uri.removeprefix("models:/")).source_run_id
-    except (MlflowException, AttributeError) as e:
-        log.warning("cannot find the source run of %s: %s", uri, e)
-    return ModelSource(ref, uri, run_id=run_id)
-
-
-def load_source_model(source: ModelSource) -> Transformer:
-    _, files = registry.download_model(source.uri)
-    return registry.load_from_files(files / registry.WEIGHTS_FILE, files / registry.CONFIG_FILE)
-
-
-def source_data_config(run_id: str | None, vocab_size: int) -> tuple[DataConfig, str]:
+def source_data_config(source: registry.ResolvedModel, vocab_size: int) -> tuple[DataConfig, str]:
     """The data config of the training run (so the analysis sees the data the model was trained and
     tested on); DataConfig defaults with the model's vocabulary when the run has none."""
-    if run_id:
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SOURCE_CONFIG, dst_path=tmp)
-                raw = read_yaml(path)
-            data = validate(DataConfig, raw.get("data") or {}, source=f"{SOURCE_CONFIG} of run {run_id}")
-            if data.vocab_size == vocab_size:
-                return data, f"run {run_id}"
-            log.warning(
-                "data.vocab_size %d of run %s differs from the model's %d; using defaults",
-                data.vocab_size,
-                run_id,
-                vocab_size,
-            )
-        except (MlflowException, OSError, PicollmError) as e:
-            log.warning(
-                "no usable %s in run %s (%s); using DataConfig defaults",
-                SOURCE_CONFIG,
-                run_id,
-                str(e).splitlines()[0][:200],
-            )
+    trained = source.training_config()
+    if trained is not None:
+        if trained.data.vocab_size == vocab_size:
+            return trained.data, f"run {source.run_id}"
+        log.warning(
+            "data.vocab_size %d of run %s differs from the model's %d; using defaults",
+            trained.data.vocab_size,
+            source.run_id,
+            vocab_size,
+        )
     try:
         return DataConfig(vocab_size=vocab_size), "defaults"
     except ValueError:
@@ -161,64 +97,27 @@ def analysis_batch(data_cfg: DataConfig, split: str, n_per_family: int, pad_id: 
 
 
 # --------------------------------------------------------------------------------------------------
-# Logging helpers
-
-
-class _Sink:
-    """Logs figures, tables and metrics to the active run as they are made, and remembers the names."""
-
-    def __init__(self, run_id: str) -> None:
-        self.metrics: dict[str, float] = {}
-        self.artifacts: list[str] = []
-        self._logger = tracking.MetricLogger(run_id)
-
-    def figure(self, name: str, fig: Any) -> None:
-        mlflow.log_figure(fig, name)
-        ap.close(fig)
-        self.artifacts.append(name)
-
-    def text(self, name: str, text: str) -> None:
-        mlflow.log_text(text, name)
-        self.artifacts.append(name)
-
-    def table(self, name: str, rows: list[dict[str, Any]]) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-        self.text(name, buf.getvalue())
-
-    def log(self, metrics: dict[str, float]) -> None:
-        self.metrics.update(metrics)
-        self._logger.log(metrics, step=0)
-        self._logger.flush()
-
-
-# --------------------------------------------------------------------------------------------------
 # Sections
 
 
-def section_embeddings(model: Transformer, cfg: AnalysisConfig, sink: _Sink, label: str) -> list[str]:
+def section_embeddings(model: Transformer, cfg: AnalysisConfig, run: RunLog, label: str) -> list[str]:
     trained = an.analyse_embeddings(an.number_embeddings(model), an.number_tokens(model))
     torch.manual_seed(cfg.seed)
     baseline = Transformer(model.cfg).to(model.device)  # same config, random weights: what "no structure" looks like
     random = an.analyse_embeddings(an.number_embeddings(baseline), an.number_tokens(baseline))
-    sink.log({f"embeddings/{k}": v for k, v in trained.metrics.items()})
-    sink.log({f"embeddings/random/{k}": v for k, v in random.metrics.items()})
-    sink.figure("embeddings/embeddings.png", ap.embeddings_figure(trained, random, label))
+    run.log_metrics({f"embeddings/{k}": v for k, v in trained.metrics.items()})
+    run.log_metrics({f"embeddings/random/{k}": v for k, v in random.metrics.items()})
+    run.log_figure(ap.embeddings_figure(trained, random, label), "embeddings/embeddings.png")
     k = min(3, trained.coords.shape[1])
-    sink.table(
-        "embeddings/pca.csv",
-        [
-            {
-                "value": int(v),
-                **{f"pc{j + 1}": float(trained.coords[i, j]) for j in range(k)},
-                **{f"random_pc{j + 1}": float(random.coords[i, j]) for j in range(k)},
-            }
-            for i, v in enumerate(trained.values)
-        ],
-    )
+    pca = [
+        {
+            "value": int(v),
+            **{f"pc{j + 1}": float(trained.coords[i, j]) for j in range(k)},
+            **{f"random_pc{j + 1}": float(random.coords[i, j]) for j in range(k)},
+        }
+        for i, v in enumerate(trained.values)
+    ]
+    run.log_csv(pca, "embeddings/pca.csv")
     t, r = trained.metrics, random.metrics
     return [
         f"embeddings: |corr(PC, n)| best of PC1-3 {t['max_pc_value_corr']:.2f} (PC{t['max_pc_value_corr_index']:.0f}; "
@@ -228,9 +127,9 @@ def section_embeddings(model: Transformer, cfg: AnalysisConfig, sink: _Sink, lab
     ]
 
 
-def section_attention(model: Transformer, batch: Batch, cfg: AnalysisConfig, sink: _Sink) -> list[str]:
+def section_attention(model: Transformer, batch: Batch, cfg: AnalysisConfig, run: RunLog) -> list[str]:
     n_layers = model.cfg.n_layers
-    names = [f"blocks.{i}.attn.hook_pattern" for i in range(n_layers)]
+    names = [act_name("pattern", i) for i in range(n_layers)]
     cache = an.run_cached(model, batch.tokens, names, cfg.batch_size)
     patterns = torch.stack([cache[n] for n in names], 1)  # (B, L, H, N, N)
     ks = range(1, cfg.max_k_back + 1)
@@ -250,15 +149,15 @@ def section_attention(model: Transformer, batch: Batch, cfg: AnalysisConfig, sin
                     }
                 )
     overall = [r for r in rows if r["family"] == "all"]
-    sink.log({f"attention/{r['head']}/{c}": r[c] for r in overall for c in columns})
-    sink.log(
+    run.log_metrics({f"attention/{r['head']}/{c}": r[c] for r in overall for c in columns})
+    run.log_metrics(
         {
             "attention/mean_entropy": sum(r["entropy"] for r in overall) / len(overall),
             "attention/max_prev_token": max(r["prev_token"] for r in overall),
         }
     )
-    sink.table("attention/head_scores.csv", rows)
-    sink.figure("attention/head_scores.png", ap.head_scores_figure(overall, columns, model.cfg.attention))
+    run.log_csv(rows, "attention/head_scores.csv")
+    run.log_figure(ap.head_scores_figure(overall, columns, model.cfg.attention), "attention/head_scores.png")
 
     p = cfg.attention_positions
     for i, family in enumerate(batch.families):
@@ -271,18 +170,18 @@ def section_attention(model: Transformer, batch: Batch, cfg: AnalysisConfig, sin
         mean = torch.stack([an.mean_pattern(patterns[idx, layer], lengths, p) for layer in range(n_layers)])
         tokens = batch.tokens[ex, :pe].tolist()
         fig = ap.attention_figure(family, example, tokens, mean, len(idx), model.cfg.attention)
-        sink.figure(f"attention/{family}.png", fig)
+        run.log_figure(fig, f"attention/{family}.png")
 
     prev = sorted((r for r in overall if r["prev_token"] >= 0.5), key=lambda r: -r["prev_token"])
     prev_txt = ", ".join(f"{r['head']} ({r['prev_token']:.2f})" for r in prev) or "none above 0.5"
     return [
-        f"attention: mean normalised entropy {sink.metrics['attention/mean_entropy']:.2f}; "
+        f"attention: mean normalised entropy {run.metrics['attention/mean_entropy']:.2f}; "
         f"previous-token heads: {prev_txt}"
     ]
 
 
-def section_activations(model: Transformer, batch: Batch, cfg: AnalysisConfig, sink: _Sink) -> list[str]:
-    names = [f"blocks.{i}.mlp.hook_post" for i in range(model.cfg.n_layers)]
+def section_activations(model: Transformer, batch: Batch, cfg: AnalysisConfig, run: RunLog) -> list[str]:
+    names = [act_name("post", i) for i in range(model.cfg.n_layers)]
     cache = an.run_cached(model, batch.tokens, names, cfg.batch_size)
     real = an.query_mask(batch.lengths, batch.tokens.shape[1])
     fam_pos = batch.family_ids[:, None].expand_as(real)[real]  # family of every real position
@@ -294,7 +193,7 @@ def section_activations(model: Transformer, batch: Batch, cfg: AnalysisConfig, s
         st = an.neuron_stats(cache[name][real], fam_pos, n_fam, cfg.activation_shift, cfg.dead_threshold)
         alive = ~st.dead
         all_dead, total = all_dead + int(st.dead.sum()), total + len(st.dead)
-        sink.log(
+        run.log_metrics(
             {
                 f"activations/L{layer}/dead_fraction": float(st.dead.float().mean()),
                 f"activations/L{layer}/si_mean": float(st.si[alive].mean()) if alive.any() else 0.0,
@@ -321,32 +220,34 @@ def section_activations(model: Transformer, batch: Batch, cfg: AnalysisConfig, s
                 label = f"L{layer} N{n}  SI {float(st.si[n]):.2f}  η² {float(st.eta2[n]):.2f}  → {pref}"
                 candidates.append((float(st.si[n]), label, st.means[:, n]))
         shift = st.shift
-    sink.log({"activations/dead_fraction": all_dead / max(total, 1)})
-    sink.table("activations/neurons.csv", table)
+    run.log_metrics({"activations/dead_fraction": all_dead / max(total, 1)})
+    run.log_csv(table, "activations/neurons.csv")
     top = sorted(candidates, key=lambda c: -c[0])[: cfg.top_neurons]
     if top:
         means = torch.stack([c[2] for c in top])
         fig = ap.neuron_heatmap([c[1] for c in top], means, batch.families, shift)
-        sink.figure("activations/selective_neurons.png", fig)
+        run.log_figure(fig, "activations/selective_neurons.png")
     layers = ", ".join(
-        f"L{i} SI {sink.metrics[f'activations/L{i}/si_mean']:.2f} η² {sink.metrics[f'activations/L{i}/eta2_mean']:.2f}"
+        f"L{i} SI {run.metrics[f'activations/L{i}/si_mean']:.2f} η² {run.metrics[f'activations/L{i}/eta2_mean']:.2f}"
         for i in range(len(names))
     )
-    return [f"activations: dead {sink.metrics['activations/dead_fraction']:.1%}; mean over alive neurons {layers}"]
+    return [f"activations: dead {run.metrics['activations/dead_fraction']:.1%}; mean over alive neurons {layers}"]
 
 
-def section_ablation(model: Transformer, batch: Batch, cfg: AnalysisConfig, sink: _Sink) -> list[str]:
+def section_ablation(model: Transformer, batch: Batch, cfg: AnalysisConfig, run: RunLog) -> list[str]:
     res = an.mean_ablation(model, batch.tokens, batch.family_ids, len(batch.families), cfg.batch_size)
     columns = [*batch.families, "all"]
     keys = [c.replace(" ", "_") for c in res.components]
-    sink.log({f"ablation/clean_loss/{c}": float(res.clean[j]) for j, c in enumerate(columns)})
-    sink.log({f"ablation/{k}/{c}": float(res.delta[i, j]) for i, k in enumerate(keys) for j, c in enumerate(columns)})
-    sink.table(
-        "ablation/delta_loss.csv",
-        [{"component": k, **{c: float(res.delta[i, j]) for j, c in enumerate(columns)}} for i, k in enumerate(keys)]
-        + [{"component": "clean_loss", **{c: float(res.clean[j]) for j, c in enumerate(columns)}}],
+    run.log_metrics({f"ablation/clean_loss/{c}": float(res.clean[j]) for j, c in enumerate(columns)})
+    run.log_metrics(
+        {f"ablation/{k}/{c}": float(res.delta[i, j]) for i, k in enumerate(keys) for j, c in enumerate(columns)}
     )
-    sink.figure("ablation/delta_loss.png", ap.ablation_figure(res.components, columns, res.delta, model.cfg.attention))
+    rows = [{"component": k, **{c: float(res.delta[i, j]) for j, c in enumerate(columns)}} for i, k in enumerate(keys)]
+    rows.append({"component": "clean_loss", **{c: float(res.clean[j]) for j, c in enumerate(columns)}})
+    run.log_csv(rows, "ablation/delta_loss.csv")
+    run.log_figure(
+        ap.ablation_figure(res.components, columns, res.delta, model.cfg.attention), "ablation/delta_loss.png"
+    )
     i, j = divmod(int(res.delta[:, :-1].argmax()), len(batch.families))
     return [
         f"ablation: clean loss {float(res.clean[-1]):.3f}; largest increase {res.components[i]} on "
@@ -361,7 +262,7 @@ def section_ablation(model: Transformer, batch: Batch, cfg: AnalysisConfig, sink
 @dataclass
 class AnalysisOutcome:
     run_id: str
-    source: ModelSource
+    source: registry.ResolvedModel
     data_source: str
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
@@ -370,54 +271,56 @@ class AnalysisOutcome:
 
 
 def run(cfg: AnalysisConfig) -> AnalysisOutcome:
-    distributed.refuse_under_torchrun("analyze")
     start = time.perf_counter()
     if not cfg.model:
         raise PicollmError("no model to analyse: give a model reference (e.g. picollm-linear@champion)")
-    tracking.init_tracking(cfg.tracking.uri)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    # Everything that can fail on the user's input happens before the run starts: no run left behind.
-    source = resolve_source(cfg.model)
-    model = load_source_model(source).to(resolve_device(cfg.device)).eval()
-    assert model.cfg.vocab_size is not None
-    data_cfg, data_source = source_data_config(source.run_id, model.cfg.vocab_size)
-    # Embeddings need no data; every other section reads the same batch.
-    batch = analysis_batch(data_cfg, cfg.split, cfg.n_per_family, model.pad_id) if cfg.what != ["embeddings"] else None
-    log.info("analysing %s (%s attention), data from %s", source.label, model.cfg.attention, data_source)
+    with runs.session("analyze", cfg.tracking, device=cfg.device, num_threads=cfg.num_threads) as s:
+        # Everything that can fail on the user's input happens before the run starts: no run left behind.
+        source = registry.resolve(cfg.model)
+        model = source.load().to(s.device).eval()
+        assert model.cfg.vocab_size is not None
+        data_cfg, data_source = source_data_config(source, model.cfg.vocab_size)
+        # Embeddings need no data; every other section reads the same batch.
+        needs_data = cfg.what != ["embeddings"]
+        batch = analysis_batch(data_cfg, cfg.split, cfg.n_per_family, model.pad_id) if needs_data else None
+        log.info("analysing %s (%s attention), data from %s", source.label, model.cfg.attention, data_source)
 
-    run_name = cfg.tracking.run_name or f"analyze-{source.label.replace(' ', '-')}"
-    tags = {
-        "picollm.flow": "analyze",
-        "model.attention": model.cfg.attention,
-        "data.source": data_source,
-        **source.tags(),
+        run_name = cfg.tracking.run_name or f"analyze-{source.label.replace(' ', '-')}"
+        tags = {"model.attention": model.cfg.attention, "data.source": data_source, **source.tags()}
+        with s.run(
+            run_name,
+            config=cfg,
+            config_path="analysis_config.yaml",
+            param_prefix="analysis.",
+            param_exclude={"tracking"},
+            tags=tags,
+        ) as tracked:
+            tracked.log_params(flatten(model.cfg.model_dump(mode="json"), prefix="model_config."))
+            tracked.log_text(to_yaml(data_cfg), "data_config.yaml")
+            summary = _sections(model, batch, cfg, tracked, f"{source.label} ({model.cfg.attention})")
+            seconds = time.perf_counter() - start
+            tracked.log_metrics({"analysis/seconds": seconds})
+            tracked.log_text("\n".join([f"model: {source.label} ({source.uri})", *summary]) + "\n", "summary.txt")
+    return AnalysisOutcome(tracked.run_id, source, data_source, tracked.metrics, tracked.artifacts, summary, seconds)
+
+
+def _sections(model: Transformer, batch: Batch | None, cfg: AnalysisConfig, run: RunLog, label: str) -> list[str]:
+    """The configured sections in a fixed order (whatever order `what` lists), each timed."""
+
+    def data() -> Batch:
+        assert batch is not None
+        return batch
+
+    sections: dict[str, Callable[[], list[str]]] = {
+        "embeddings": lambda: section_embeddings(model, cfg, run, label),
+        "attention": lambda: section_attention(model, data(), cfg, run),
+        "activations": lambda: section_activations(model, data(), cfg, run),
+        "ablation": lambda: section_ablation(model, data(), cfg, run),
     }
-    with tracking.tracked_run(cfg.tracking.experiment, run_name, tags=tags) as active:
-        sink = _Sink(active.info.run_id)
-        tracking.log_params(flatten(cfg.model_dump(mode="json", exclude={"tracking"}), prefix="analysis."))
-        tracking.log_params(flatten(model.cfg.model_dump(mode="json"), prefix="model_config."))
-        sink.text("analysis_config.yaml", to_yaml(cfg))
-        sink.text("data_config.yaml", to_yaml(data_cfg))
-        label = f"{source.label} ({model.cfg.attention})"
-
-        def data() -> Batch:
-            assert batch is not None
-            return batch
-
-        sections: dict[str, Callable[[], list[str]]] = {
-            "embeddings": lambda: section_embeddings(model, cfg, sink, label),
-            "attention": lambda: section_attention(model, data(), cfg, sink),
-            "activations": lambda: section_activations(model, data(), cfg, sink),
-            "ablation": lambda: section_ablation(model, data(), cfg, sink),
-        }
-        summary: list[str] = []
-        for name in (n for n in sections if n in cfg.what):  # fixed order, whatever order `what` lists
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                summary += sections[name]()
-            sink.log({f"analysis/seconds/{name}": time.perf_counter() - t0})
-        seconds = time.perf_counter() - start
-        sink.log({"analysis/seconds": seconds})
-        sink.text("summary.txt", "\n".join([f"model: {source.label} ({source.uri})", *summary]) + "\n")
-    return AnalysisOutcome(active.info.run_id, source, data_source, sink.metrics, sink.artifacts, summary, seconds)
+    summary: list[str] = []
+    for name in (n for n in sections if n in cfg.what):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            summary += sections[name]()
+        run.log_metrics({f"analysis/seconds/{name}": time.perf_counter() - t0})
+    return summary

@@ -18,18 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
 from picollm import linear_attention as la
-from picollm import tracking
-from picollm.config import BenchConfig, BenchRunsConfig, ServerConfig, TrainConfig, TrainRunConfig, flatten, load_config
+from picollm import runs, server, tracking, train_run
+from picollm.compare.efficiency import time_train_steps
+from picollm.config import BenchConfig, BenchRunsConfig, ServerConfig, TrainRunConfig, load_config
 from picollm.errors import PicollmError
-from picollm.hardware import median_ms
+from picollm.hardware import median_ms, torch_threads
 from picollm.model import Transformer, alibi_slopes
-from picollm.training import lm_loss, make_optimizer
-from pipelines import server
 
 log = logging.getLogger(__name__)
 
@@ -52,41 +50,36 @@ class BenchOutcome:
 def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) -> BenchOutcome:
     """Measure the configured sections, then log everything as one run in the bench experiment (the
     whole-run sections train in their own temporary stores, so nothing of theirs enters yours)."""
-    uri = tracking.init_tracking(cfg.tracking.uri)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    threads = torch.get_num_threads()
-    results: dict[str, float] = {}
-    report: list[str] = []
-    by_length: dict[int, dict[str, float]] = {}
-    if "steps" in cfg.sections:
-        progress("steps: softmax vs linear training steps at each length")
-        by_length = time_steps(cfg)
-        for n, row in by_length.items():
-            results.update({f"{k}@{n}": v for k, v in row.items()})
-        report += steps_table(cfg, results)
-    train_cfg = load_config(TrainRunConfig, cfg.runs.config, cfg.runs.overrides) if _needs_runs(cfg) else None
-    if "ddp" in cfg.sections:
-        progress(f"ddp: {cfg.runs.config} on 1 process vs {cfg.runs.nproc} torchrun processes")
-        ddp = time_ddp(cfg.runs, train_cfg)
-        results.update(ddp)
-        report += ddp_table(cfg.runs, ddp)
-    if "tracking" in cfg.sections:
-        progress(f"tracking: {cfg.runs.config} with no tracking, SQLite and an HTTP server")
-        overhead = time_tracking(cfg.runs, train_cfg, progress)
-        results.update(overhead)
-        report += tracking_table(overhead)
-        torch.set_num_threads(threads)
+    with runs.session("bench", cfg.tracking, num_threads=cfg.num_threads) as s:
+        threads = torch.get_num_threads()
+        results: dict[str, float] = {}
+        report: list[str] = []
+        by_length: dict[int, dict[str, float]] = {}
+        if "steps" in cfg.sections:
+            progress("steps: softmax vs linear training steps at each length")
+            by_length = time_steps(cfg)
+            for n, row in by_length.items():
+                results.update({f"{k}@{n}": v for k, v in row.items()})
+            report += steps_table(cfg, results)
+        train_cfg = load_config(TrainRunConfig, cfg.runs.config, cfg.runs.overrides) if _needs_runs(cfg) else None
+        if "ddp" in cfg.sections:
+            progress(f"ddp: {cfg.runs.config} on 1 process vs {cfg.runs.nproc} torchrun processes")
+            ddp = time_ddp(cfg.runs, train_cfg)
+            results.update(ddp)
+            report += ddp_table(cfg.runs, ddp)
+        if "tracking" in cfg.sections:
+            progress(f"tracking: {cfg.runs.config} with no tracking, SQLite and an HTTP server")
+            with torch_threads(None):  # the timed runs apply their own train.num_threads
+                overhead = time_tracking(cfg.runs, train_cfg, progress)
+            results.update(overhead)
+            report += tracking_table(overhead)
 
-    tracking.init_tracking(uri)  # the whole-run sections pointed MLflow at their own stores
-    run_name = cfg.tracking.run_name or "bench"
-    with tracking.tracked_run(cfg.tracking.experiment, run_name, tags={"picollm.flow": "bench"}) as active:
-        tracking.log_params(flatten(cfg.model_dump(mode="json")) | {"torch_threads": threads})
-        for n, row in by_length.items():
-            mlflow.log_metrics(row, step=n)
-        mlflow.log_metrics({k: v for k, v in results.items() if "@" not in k})
-        mlflow.log_text("\n".join(report) + "\n", "bench.md")
-    return BenchOutcome(active.info.run_id, results, report)
+        with s.run(cfg.tracking.run_name or "bench", config=cfg, params={"torch_threads": threads}) as tracked:
+            for n, row in by_length.items():
+                tracked.log_metrics(row, step=n)
+            tracked.log_metrics({k: v for k, v in results.items() if "@" not in k})
+            tracked.log_text("\n".join(report) + "\n", "bench.md")
+    return BenchOutcome(tracked.run_id, results, report)
 
 
 def _needs_runs(cfg: BenchConfig) -> bool:
@@ -94,46 +87,44 @@ def _needs_runs(cfg: BenchConfig) -> bool:
 
 
 def time_steps(cfg: BenchConfig) -> dict[int, dict[str, float]]:
-    """Per length: median training-step time of both attentions, same process, same inputs."""
-    out: dict[int, dict[str, float]] = {}
+    """Per length: median training-step time of both attentions (same process, same inputs, interleaved:
+    the comparison's own timer) and, with `kernels`, of the linear-attention forms alone."""
     models = {}
     for att in ("softmax", "linear"):
         torch.manual_seed(0)
-        m = Transformer(cfg.model.model_copy(update={"attention": att, "max_seq_len": max(cfg.lengths) + 1}))
-        models[att] = (m, make_optimizer(m, TrainConfig()))
+        models[att] = Transformer(cfg.model.model_copy(update={"attention": att, "max_seq_len": max(cfg.lengths) + 1}))
+    step_ms = time_train_steps(models, cfg.lengths, cfg.tokens_per_step, cfg.warmup_steps, cfg.timed_steps)
+    out: dict[int, dict[str, float]] = {}
     for n in cfg.lengths:
         batch = max(1, cfg.tokens_per_step // n)
-        tokens = torch.randint(0, cfg.model.vocab_size - 1, (batch, n + 1))
-        row: dict[str, float] = {}
-        for att, (m, opt) in models.items():  # same process, same inputs, back to back
-
-            def step(m=m, opt=opt, tokens=tokens) -> None:
-                loss, _ = lm_loss(m, tokens, m.pad_id)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            ms = median_ms(step, cfg.warmup_steps, cfg.timed_steps)
-            row[f"step_ms.{att}"] = ms
-            row[f"tokens_per_s.{att}"] = batch * n / ms * 1000
+        row = {f"step_ms.{att}": step_ms[att][n] for att in models}
+        row |= {f"tokens_per_s.{att}": batch * n / step_ms[att][n] * 1000 for att in models}
         row["ratio.linear_over_softmax"] = row["step_ms.linear"] / row["step_ms.softmax"]
         if cfg.kernels:
-            h, dh = cfg.model.n_heads, cfg.model.d_head
-            ld = -alibi_slopes(h, cfg.model.alibi_exponent)
-            for form, fn in {
-                "quadratic": lambda q, k, v, ld=ld: la.quadratic(q, k, v, ld, 1e-6),
-                "chunkwise": lambda q, k, v, ld=ld: la.chunkwise(q, k, v, ld, 1e-6, cfg.model.linear_chunk_size),
-                "naive_cumulative": lambda q, k, v, ld=ld: naive_cumulative(q, k, v, ld, 1e-6),
-            }.items():
-                q, k, v = (torch.randn(batch, h, n, dh, requires_grad=True) for _ in range(3))
-
-                def kernel(fn=fn, q=q, k=k, v=v) -> None:
-                    fn(la.feature_map(q), la.feature_map(k), v).sum().backward()
-
-                row[f"kernel_ms.{form}"] = median_ms(kernel, 1, cfg.timed_steps)
+            row |= _time_kernels(cfg, n, batch)
         out[n] = row
         log.info("N=%d %s", n, row)
     return out
+
+
+def _time_kernels(cfg: BenchConfig, n: int, batch: int) -> dict[str, float]:
+    """Forward + backward of each linear-attention form alone at length n."""
+    h, dh = cfg.model.n_heads, cfg.model.d_head
+    ld = -alibi_slopes(h, cfg.model.alibi_exponent)
+    forms = {
+        "quadratic": lambda q, k, v: la.quadratic(q, k, v, ld, 1e-6),
+        "chunkwise": lambda q, k, v: la.chunkwise(q, k, v, ld, 1e-6, cfg.model.linear_chunk_size),
+        "naive_cumulative": lambda q, k, v: naive_cumulative(q, k, v, ld, 1e-6),
+    }
+    row = {}
+    for form, fn in forms.items():
+        q, k, v = (torch.randn(batch, h, n, dh, requires_grad=True) for _ in range(3))
+
+        def kernel(fn=fn, q=q, k=k, v=v) -> None:
+            fn(la.feature_map(q), la.feature_map(k), v).sum().backward()
+
+        row[f"kernel_ms.{form}"] = median_ms(kernel, 1, cfg.timed_steps)
+    return row
 
 
 def steps_table(cfg: BenchConfig, results: dict[str, float]) -> list[str]:
@@ -162,13 +153,24 @@ def _train_cli(runs: BenchRunsConfig, uri: str, nproc: int, *extra: str) -> tupl
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
-        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise PicollmError(f"bench: {' '.join(cmd[-6:])} exited {res.returncode}: {tail}")
+        log.debug("bench: stderr of the failed run:\n%s", res.stderr)
+        raise PicollmError(f"bench: {' '.join(cmd[-6:])} exited {res.returncode}: {_why(res.stderr)}")
     client = MlflowClient(uri)
     [r] = client.search_runs(
         [e.experiment_id for e in client.search_experiments()], order_by=["attributes.start_time DESC"], max_results=1
     )
     return wall, r.data.metrics
+
+
+def _why(stderr: str) -> str:
+    """The line of a failed run's stderr that says why: the CLI's `error:` line, else the last exception
+    line (torchrun ends with a banner of '=' that says nothing), else the last line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip().strip("=-*")]
+    for wanted in (lambda ln: ln.startswith("error:"), lambda ln: "Error" in ln or "Exception" in ln):
+        hits = [ln for ln in lines if wanted(ln)]
+        if hits:
+            return hits[-1]
+    return lines[-1] if lines else "(no output)"
 
 
 def time_ddp(runs: BenchRunsConfig, train_cfg: TrainRunConfig | None) -> dict[str, float]:
@@ -218,8 +220,6 @@ def time_tracking(
     """Wall time of one training run in this process (imports excluded): without MLflow, logging to
     SQLite, and logging to a PostgreSQL-backed mlflow server over HTTP. Same seed, so same work; the
     best of `runs.repeats` interleaved repeats of each."""
-    from pipelines import train as train_flow
-
     assert train_cfg is not None
     # A pinned peak skips the per-run matmul probe, which is not tracking work.
     cfg = train_cfg.model_copy(deep=True)
@@ -243,10 +243,10 @@ def time_tracking(
             # and the first run's one-off warm-up is not charged to whichever variant comes first.
             walls: dict[str, list[float]] = {name: [] for name in ("none", *stores)}
             for _ in range(runs.repeats):
-                walls["none"].append(_timed(lambda: train_flow.run_untracked(cfg)))
+                walls["none"].append(_timed(lambda: train_run.train_untracked(cfg)))
                 for name, uri in stores.items():
                     cfg.tracking.uri = uri
-                    walls[name].append(_timed(lambda: train_flow.run(cfg)))
+                    walls[name].append(_timed(lambda: _train_tracked(cfg)))
             out.update({f"tracking.{name}.wall_s": min(w) for name, w in walls.items()})
         finally:
             if server_cfg is not None:
@@ -268,6 +268,12 @@ def tracking_table(r: dict[str, float]) -> list[str]:
                 f"| {name} | {r[f'tracking.{name}.wall_s']:.1f} | {r[f'tracking.{name}.overhead_pct']:.1f} % |"
             )
     return [*lines, ""]
+
+
+def _train_tracked(cfg: TrainRunConfig) -> None:
+    """What `picollm train` runs, in this process."""
+    with runs.session("train", cfg.tracking, device=cfg.train.device, num_threads=cfg.train.num_threads) as s:
+        train_run.train(s, cfg)
 
 
 def _timed(fn: Callable[[], object]) -> float:

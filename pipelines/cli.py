@@ -18,40 +18,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-app = typer.Typer(
-    help="picollm: tiny Transformers on integer sequences, tracked in MLflow.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-models_app = typer.Typer(help="Registered models: list them, move the champion alias.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-server_app = typer.Typer(
-    help="Team tracking server: PostgreSQL + mlflow server in the background (see README).", no_args_is_help=True
-)
-app.add_typer(server_app, name="server")
+from picollm.config import BenchConfig, CompareConfig, DPORunConfig, ServerConfig, TrainRunConfig, load_config
 
 console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")}
-
-ConfigArg = Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/linear.yaml")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
-]
-
-
-@app.callback()
-def main_options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
-) -> None:
-    STATE["debug"] = debug or os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")  # per call, not sticky
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
 
 
 @contextmanager
@@ -69,8 +42,8 @@ def guarded() -> Iterator[None]:
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
-    except typer.Exit:
-        raise
+    except (typer.Exit, typer.TyperException, typer.Abort):
+        raise  # usage errors and explicit exits: click reports them
     except Exception as e:
         if STATE["debug"]:
             raise
@@ -81,6 +54,46 @@ def guarded() -> Iterator[None]:
             soft_wrap=True,
         )
         raise typer.Exit(1) from None
+
+
+class GuardedGroup(TyperGroup):
+    """Runs every command (subgroups' too: they are invoked from here) inside `guarded`, once."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        with guarded():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(
+    cls=GuardedGroup,
+    help="picollm: tiny Transformers on integer sequences, tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Registered models: list them, move the champion alias.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+server_app = typer.Typer(
+    help="Team tracking server: PostgreSQL + mlflow server in the background (see README).", no_args_is_help=True
+)
+app.add_typer(server_app, name="server")
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/linear.yaml")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
+]
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+) -> None:
+    STATE["debug"] = debug or os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")  # per call, not sticky
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 class RichReporter:
@@ -133,6 +146,11 @@ class RichReporter:
             self.running = False
 
 
+def progress_line(msg: str) -> None:
+    """A flow's progress message, dimmed."""
+    console.print(f"[dim]{msg}[/]", highlight=False)
+
+
 def family_table(metrics: dict[str, float], families: list[str], prefix: str = "test") -> Table:
     table = Table(title=f"{prefix} accuracy per family")
     for col in ("family", "accuracy", "ceiling", "acc / ceiling", "acc (predictable pos.)"):
@@ -153,12 +171,6 @@ def family_table(metrics: dict[str, float], families: list[str], prefix: str = "
     return table
 
 
-def _load(schema_name: str, config: Path | None, overrides: list[str] | None) -> Any:
-    from picollm import config as cfgmod
-
-    return cfgmod.load_config(getattr(cfgmod, schema_name), config, overrides or [])
-
-
 @app.command()
 def train(
     config: ConfigArg,
@@ -166,59 +178,53 @@ def train(
     resume: Annotated[str | None, typer.Option(help="Continue this run id from its last checkpoint.")] = None,
 ) -> None:
     """Train a model, log it to MLflow and register it."""
-    with guarded():
-        cfg = _load("TrainRunConfig", config, overrides)
-        from pipelines import train as flow
+    cfg = load_config(TrainRunConfig, config, overrides)
+    from pipelines import train as flow
 
-        reporter = RichReporter()
-        try:
-            out = flow.run(cfg, resume=resume, ui=reporter)
-        finally:
-            reporter.stop()
-        if not out.run_id:  # a DDP rank other than 0: rank 0 reports
-            return
-        console.print(family_table(out.test_metrics, out.families))
-        reg = (
-            f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
-        )
-        console.print(f"run {out.run_id}{reg}", highlight=False)
+    reporter = RichReporter()
+    try:
+        out = flow.run(cfg, resume=resume, ui=reporter)
+    finally:
+        reporter.stop()
+    if not out.run_id:  # a DDP rank other than 0: rank 0 reports
+        return
+    console.print(family_table(out.test_metrics, out.families))
+    reg = f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
+    console.print(f"run {out.run_id}{reg}", highlight=False)
 
 
 @app.command()
 def dpo(config: ConfigArg, overrides: SetOpt = None) -> None:
     """SFT a reference on stories, then DPO it on corrupted continuations; register both."""
-    with guarded():
-        cfg = _load("DPORunConfig", config, overrides)
-        from pipelines import dpo as flow
+    cfg = load_config(DPORunConfig, config, overrides)
+    from pipelines import dpo as flow
 
-        reporter = RichReporter()
+    reporter = RichReporter()
 
-        def echo(line: str) -> None:  # DPO progress, after the SFT progress bar is gone
-            reporter.stop()
-            console.print(line, highlight=False)
+    def echo(line: str) -> None:  # DPO progress, after the SFT progress bar is gone
+        reporter.stop()
+        console.print(line, highlight=False)
 
-        try:
-            out = flow.run(cfg, ui=reporter, echo=echo)
-        finally:
-            reporter.stop()
-        m = out.metrics
-        table = Table(title=f"test pairs (step-0 loss {m['dpo.step0_loss']:.4f}, {m['time/total_s']:.0f} s)")
-        for col in ("scheme", "reference accuracy", "DPO accuracy", "rewards/accuracies", "rewards/margins"):
-            table.add_column(col, justify="left" if col == "scheme" else "right")
-        for scheme in [*out.schemes, ""]:
-            sfx = f"/{scheme}" if scheme else ""
-            table.add_row(
-                scheme or "[bold]all",
-                *(
-                    f"{m[f'test/{k}{sfx}']:.3f}"
-                    for k in ("reference_accuracy", "accuracy", "rewards/accuracies", "rewards/margins")
-                ),
-            )
-        console.print(table)
-        reg = (
-            f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
+    try:
+        out = flow.run(cfg, ui=reporter, echo=echo)
+    finally:
+        reporter.stop()
+    m = out.metrics
+    table = Table(title=f"test pairs (step-0 loss {m['dpo.step0_loss']:.4f}, {m['time/total_s']:.0f} s)")
+    for col in ("scheme", "reference accuracy", "DPO accuracy", "rewards/accuracies", "rewards/margins"):
+        table.add_column(col, justify="left" if col == "scheme" else "right")
+    for scheme in [*out.schemes, ""]:
+        sfx = f"/{scheme}" if scheme else ""
+        table.add_row(
+            scheme or "[bold]all",
+            *(
+                f"{m[f'test/{k}{sfx}']:.3f}"
+                for k in ("reference_accuracy", "accuracy", "rewards/accuracies", "rewards/margins")
+            ),
         )
-        console.print(f"run {out.run_id}  reference {out.reference}{reg}", highlight=False)
+    console.print(table)
+    reg = f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
+    console.print(f"run {out.run_id}  reference {out.reference}{reg}", highlight=False)
 
 
 @app.command()
@@ -227,23 +233,22 @@ def compare(
     overrides: SetOpt = None,
 ) -> None:
     """Softmax vs linear attention: train (or load) both over seeds, evaluate, report with CIs (MLflow)."""
-    with guarded():
-        cfg = _load("CompareConfig", config, overrides)
-        from pipelines import compare as flow
+    cfg = load_config(CompareConfig, config, overrides)
+    from pipelines import compare as flow
 
-        out = flow.run(cfg, progress=lambda msg: console.print(f"[dim]{msg}[/]", highlight=False))
-        n = {att: sum(m.attention == att for m in out.members) for att in ("softmax", "linear")}
-        table = Table(title=f"softmax (n={n['softmax']}) vs linear (n={n['linear']}): mean ± CI")
-        for col in ("metric", "softmax", "linear", "linear − softmax", "Welch p", "verdict"):
-            table.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
-        for r in out.rows:
-            table.add_row(r["metric"], r["softmax"], r["linear"], r["diff"], r["welch_p"], r["verdict"])
-        console.print(table)
-        console.print(
-            f"parent run {out.parent_run_id} ({out.mode}, {len(out.members)} child runs), report.md and "
-            f"{len(out.artifacts) - 3} figures logged, {out.seconds:.0f} s",
-            highlight=False,
-        )
+    out = flow.run(cfg, progress=progress_line)
+    n = {att: sum(m.attention == att for m in out.members) for att in ("softmax", "linear")}
+    table = Table(title=f"softmax (n={n['softmax']}) vs linear (n={n['linear']}): mean ± CI")
+    for col in ("metric", "softmax", "linear", "linear − softmax", "Welch p", "verdict"):
+        table.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
+    for r in out.rows:
+        table.add_row(r["metric"], r["softmax"], r["linear"], r["diff"], r["welch_p"], r["verdict"])
+    console.print(table)
+    console.print(
+        f"parent run {out.parent_run_id} ({out.mode}, {len(out.members)} child runs), report.md and "
+        f"{len(out.artifacts) - 3} figures logged, {out.seconds:.0f} s",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -261,18 +266,17 @@ def analyze(
     overrides: SetOpt = None,
 ) -> None:
     """Interpretability report of a model (embeddings, attention, MLP neurons, ablations), logged to MLflow."""
-    with guarded():
-        from pipelines import analyze as flow
+    from pipelines import analyze as flow
 
-        cfg = flow.load_config(model_ref, config, overrides, what)
-        out = flow.run(cfg)
-        for line in out.summary:
-            console.print(line, highlight=False, soft_wrap=True)
-        console.print(
-            f"run {out.run_id}  analysed {out.source.label}  {len(out.artifacts)} artifacts, "
-            f"{len(out.metrics)} metrics, {out.seconds:.0f} s",
-            highlight=False,
-        )
+    cfg = flow.load_config(model_ref, config, overrides, what)
+    out = flow.run(cfg)
+    for line in out.summary:
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(
+        f"run {out.run_id}  analysed {out.source.label}  {len(out.artifacts)} artifacts, "
+        f"{len(out.metrics)} metrics, {out.seconds:.0f} s",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -288,12 +292,11 @@ def generate(
     seed: int = 0,
 ) -> None:
     """Continue a prompt with a registered (or logged) model."""
-    with guarded():
-        from picollm.registry import continue_prompts, load_model
+    from picollm.registry import continue_prompts, load_model
 
-        model = load_model(model_ref)
-        [out] = continue_prompts(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed)
-        console.print(f"{' '.join(prompt.split())} [bold green]{out}[/]", highlight=False)
+    model = load_model(model_ref)
+    [out] = continue_prompts(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed)
+    console.print(f"{' '.join(prompt.split())} [bold green]{out}[/]", highlight=False)
 
 
 @app.command()
@@ -302,31 +305,29 @@ def bench(
     overrides: SetOpt = None,
 ) -> None:
     """Benchmarks logged to MLflow: step time of both attentions vs length, DDP speedup, MLflow overhead."""
-    with guarded():
-        cfg = _load("BenchConfig", config, overrides)
-        from pipelines import bench as flow
+    cfg = load_config(BenchConfig, config, overrides)
+    from pipelines import bench as flow
 
-        out = flow.run(cfg, progress=lambda msg: console.print(f"[dim]{msg}[/]", highlight=False))
-        for line in out.report:
-            console.print(line, highlight=False, soft_wrap=True)
-        console.print(f"run {out.run_id} (bench.md and metrics in experiment {cfg.tracking.experiment})")
+    out = flow.run(cfg, progress=progress_line)
+    for line in out.report:
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"run {out.run_id} (bench.md and metrics in experiment {cfg.tracking.experiment})")
 
 
 @models_app.command("list")
 def models_list() -> None:
     """Registered models with their latest version and aliases."""
-    with guarded():
-        from picollm.registry import list_models
-        from picollm.tracking import init_tracking
+    from picollm.registry import list_models
+    from picollm.tracking import init_tracking
 
-        init_tracking()
-        table = Table(title="registered models")
-        for col in ("name", "latest", "versions", "aliases"):
-            table.add_column(col)
-        for m in list_models():
-            aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(m["aliases"].items()))
-            table.add_row(m["name"], str(m["latest"]), str(m["versions"]), aliases)
-        console.print(table)
+    init_tracking()
+    table = Table(title="registered models")
+    for col in ("name", "latest", "versions", "aliases"):
+        table.add_column(col)
+    for m in list_models():
+        aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(m["aliases"].items()))
+        table.add_row(m["name"], str(m["latest"]), str(m["versions"]), aliases)
+    console.print(table)
 
 
 @models_app.command("promote")
@@ -336,13 +337,12 @@ def models_promote(
     alias: Annotated[str, typer.Option(help="Alias to move onto this version.")] = "champion",
 ) -> None:
     """Point an alias (default: champion) at a version."""
-    with guarded():
-        from picollm.registry import promote
-        from picollm.tracking import init_tracking
+    from picollm.registry import promote
+    from picollm.tracking import init_tracking
 
-        init_tracking()
-        promote(name, version, alias)
-        console.print(f"{name}@{alias} -> version {version}")
+    init_tracking()
+    promote(name, version, alias)
+    console.print(f"{name}@{alias} -> version {version}")
 
 
 ServerConfigArg = Annotated[Path | None, typer.Argument(help="Server config, e.g. configs/server.yaml")]
@@ -351,36 +351,33 @@ ServerConfigArg = Annotated[Path | None, typer.Argument(help="Server config, e.g
 @server_app.command("start")
 def server_start(config: ServerConfigArg = None, overrides: SetOpt = None) -> None:
     """Start PostgreSQL and mlflow server in the background (idempotent); print the tracking URI to export."""
-    with guarded():
-        cfg = _load("ServerConfig", config, overrides)
-        from pipelines import server
+    cfg = load_config(ServerConfig, config, overrides)
+    from picollm import server
 
-        info = server.start(cfg)
-        for line in server.describe_start(info):
-            console.print(line, highlight=False, soft_wrap=True)
-        console.print(f"export MLFLOW_TRACKING_URI={info['url']}", highlight=False, soft_wrap=True)
+    info = server.start(cfg)
+    for line in server.describe_start(info):
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"export MLFLOW_TRACKING_URI={info['url']}", highlight=False, soft_wrap=True)
 
 
 @server_app.command("stop")
 def server_stop(config: ServerConfigArg = None, overrides: SetOpt = None) -> None:
     """Stop the mlflow server and PostgreSQL that `picollm server start` started (idempotent)."""
-    with guarded():
-        cfg = _load("ServerConfig", config, overrides)
-        from pipelines import server
+    cfg = load_config(ServerConfig, config, overrides)
+    from picollm import server
 
-        for line in server.describe_stop(server.stop(cfg)):
-            console.print(line, highlight=False, soft_wrap=True)
+    for line in server.describe_stop(server.stop(cfg)):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @server_app.command("status")
 def server_status(config: ServerConfigArg = None, overrides: SetOpt = None) -> None:
     """Whether the mlflow server and its PostgreSQL are running, with their PIDs."""
-    with guarded():
-        cfg = _load("ServerConfig", config, overrides)
-        from pipelines import server
+    cfg = load_config(ServerConfig, config, overrides)
+    from picollm import server
 
-        for line in server.describe_status(server.status(cfg)):
-            console.print(line, highlight=False, soft_wrap=True)
+    for line in server.describe_status(server.status(cfg)):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:

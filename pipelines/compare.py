@@ -1,8 +1,8 @@
 """Flow: softmax vs linear attention, side by side, as one parent MLflow run with a child per model run.
 
-Train mode (compare.baseline/linear null): for every seed, both models are trained by the training
-flow as nested child runs, on the same data, with the same seed and the same architecture apart from
-the attention (so equal parameter counts and the same positional prior). Registry mode: the models
+Train mode (compare.baseline/linear null): for every seed, both models are trained (picollm.train_run)
+as nested child runs, on the same data, with the same seed and the same architecture apart from the
+attention (so equal parameter counts and the same positional prior). Registry mode: the models
 named by compare.baseline / compare.linear are loaded and only evaluated, each in its own child run,
 on the data of their training runs.
 
@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlflow
 import numpy as np
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from picollm import compare as cmp
-from picollm import distributed, registry, tracking
+from picollm import registry, runs, train_run
 from picollm.config import (
     CompareConfig,
     DataConfig,
@@ -36,18 +33,17 @@ from picollm.config import (
     TrackingConfig,
     TrainRunConfig,
     flatten,
-    read_yaml,
     to_yaml,
     validate,
 )
-from picollm.data import PaddedSplit, SyntheticData, build_data, to_padded
+from picollm.data import PaddedSplit, build_data, to_padded
 from picollm.errors import PicollmError
+from picollm.hardware import torch_threads
 from picollm.model import Transformer
-from pipelines import train as train_flow
+from picollm.runs import RunLog, Session
 
 log = logging.getLogger(__name__)
 
-SOURCE_CONFIG = "config.yaml"  # what the training flow logs with its run
 Say = Callable[[str], None]
 
 
@@ -77,6 +73,26 @@ class CompareOutcome:
     artifacts: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Inputs:
+    """Everything the comparison needs, built and checked before the parent run exists."""
+
+    mode: str
+    members: list[Member]  # registry mode: loaded; train mode: filled as children finish
+    child_cfgs: dict[tuple[str, int], TrainRunConfig]
+    data_cfg: DataConfig
+    data_source: str
+    families: list[str]
+    splits: dict[str, PaddedSplit]
+    long: dict[int, PaddedSplit]  # length factor -> sequences of factor x data.max_len
+    coverage: dict[str, dict[str, float]]
+    cov_long: dict[int, dict[str, float]]
+
+    @property
+    def train_len(self) -> int:
+        return self.data_cfg.max_len
+
+
 class _EpochLines:
     """Training callbacks that report one line per epoch through `say`."""
 
@@ -100,49 +116,7 @@ class _EpochLines:
 
 
 # --------------------------------------------------------------------------------------------------
-# Registry mode: resolving references and the data they were trained on
-
-
-def _source_run(ref: str) -> tuple[str, str, str | None]:
-    """(pinned URI, label, source run id) of a reference; ModelNotFoundError if it names nothing."""
-    uri = registry.resolve_model_uri(ref)
-    info = registry.model_version_of(ref)
-    if info is not None:  # pin the version: an alias could move while we work
-        return f"models:/{info['name']}/{info['version']}", f"{info['name']}-v{info['version']}", info["run_id"] or None
-    if uri.startswith("runs:/"):
-        run_id = uri.removeprefix("runs:/").split("/")[0]
-        return uri, f"run-{run_id[:8]}", run_id
-    try:  # models:/m-<id>: a logged model knows its run
-        return uri, uri.removeprefix("models:/"), mlflow.get_logged_model(uri.removeprefix("models:/")).source_run_id
-    except (MlflowException, AttributeError):
-        return uri, uri.removeprefix("models:/"), None
-
-
-def _source_config(run_id: str | None) -> TrainRunConfig | None:
-    if not run_id:
-        return None
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SOURCE_CONFIG, dst_path=tmp)
-            return validate(TrainRunConfig, read_yaml(path), source=f"{SOURCE_CONFIG} of run {run_id}")
-    except (MlflowException, OSError, PicollmError) as e:
-        log.warning("run %s has no usable %s: %s", run_id, SOURCE_CONFIG, str(e).splitlines()[0][:200])
-        return None
-
-
-def _source_history(run_id: str | None) -> list[dict[str, float]]:
-    """Per-epoch train/val loss of a training run, as the training flow's history records it."""
-    if not run_id:
-        return []
-    client = MlflowClient()
-    try:
-        series = {
-            k: sorted(client.get_metric_history(run_id, k), key=lambda m: m.step) for k in ("train/loss", "val/loss")
-        }
-    except MlflowException:
-        return []
-    n = min(len(v) for v in series.values())
-    return [{"epoch": float(i + 1), **{k: v[i].value for k, v in series.items()}} for i in range(n)]
+# Inputs: the models (registry mode) or the child configs (train mode), and the data
 
 
 def _load_members(cfg: CompareConfig) -> tuple[list[Member], DataConfig, str]:
@@ -151,18 +125,16 @@ def _load_members(cfg: CompareConfig) -> tuple[list[Member], DataConfig, str]:
     for att, refs in (("softmax", cfg.compare.baseline), ("linear", cfg.compare.linear)):
         key = "baseline" if att == "softmax" else "linear"
         for ref in refs or []:
-            uri, label, run_id = _source_run(ref)
-            # not registry.load_model: it re-points MLflow at the default store, ignoring tracking.uri
-            _, files = registry.download_model(uri)
-            model = registry.load_from_files(files / registry.WEIGHTS_FILE, files / registry.CONFIG_FILE)
+            source = registry.resolve(ref)
+            label = source.label.replace(" ", "-")
+            model = source.load()  # not registry.load_model: that resolves the store anew, ignoring tracking.uri
             if model.cfg.attention != att:
                 raise PicollmError(f"compare.{key}: {ref} is a {model.cfg.attention}-attention model, expected {att}")
-            members.append(Member(att, label, model, source_run_id=run_id, history=_source_history(run_id)))
-            source = _source_config(run_id)
-            if source is not None:
-                data_cfgs[label] = source.data
-    distinct = {d.model_dump_json() for d in data_cfgs.values()}
-    if len(distinct) > 1:
+            members.append(Member(att, label, model, source_run_id=source.run_id, history=source.training_history()))
+            trained = source.training_config()
+            if trained is not None:
+                data_cfgs[label] = trained.data
+    if len({d.model_dump_json() for d in data_cfgs.values()}) > 1:
         raise PicollmError(
             "compare: the referenced models were trained on different data ("
             + ", ".join(data_cfgs)
@@ -173,6 +145,11 @@ def _load_members(cfg: CompareConfig) -> tuple[list[Member], DataConfig, str]:
     else:
         log.warning("no training config found for the referenced models: using the data section of the config")
         data_cfg, data_source = cfg.data, "the compare config (no training config found)"
+    _check_members(cfg, members, data_cfg)
+    return members, data_cfg, data_source
+
+
+def _check_members(cfg: CompareConfig, members: list[Member], data_cfg: DataConfig) -> None:
     longest = max(cfg.compare.length_factors) * data_cfg.max_len
     for m in members:
         if m.model.cfg.vocab_size != data_cfg.vocab_size:
@@ -184,28 +161,6 @@ def _load_members(cfg: CompareConfig) -> tuple[list[Member], DataConfig, str]:
                 f"compare: {m.label} has learned positions up to {m.model.cfg.max_seq_len}, "
                 f"length generalisation needs {longest}"
             )
-    return members, data_cfg, data_source
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluating one member inside its child run
-
-
-def _evaluate(
-    member: Member, cfg: CompareConfig, splits: dict[str, PaddedSplit], long: dict[int, PaddedSplit], train_len: int
-) -> None:
-    bs = cfg.train.eval_batch_size
-    metrics, curves = cmp.evaluate_model(member.model, splits, bs, cfg.compare.calibration_bins)
-    lg_metrics, lg_curves = cmp.length_generalisation(member.model, long, train_len, bs)
-    member.metrics = {**metrics, **lg_metrics, "model/num_params": float(member.model.num_params())}
-    member.curves = {**curves, **lg_curves}
-    logger = tracking.MetricLogger(member.run_id)
-    logger.log(member.metrics, step=0)
-    for name, curve in member.curves.items():  # step = position of the predicted token
-        for i, v in enumerate(curve):
-            if math.isfinite(v):
-                logger.log({name: float(v)}, step=i + 1)
-    logger.flush()
 
 
 def _child_train_config(cfg: CompareConfig, att: str, seed: int) -> TrainRunConfig:
@@ -224,20 +179,8 @@ def _child_train_config(cfg: CompareConfig, att: str, seed: int) -> TrainRunConf
     return validate(TrainRunConfig, raw, source=f"child config {att}-seed{seed}")
 
 
-# --------------------------------------------------------------------------------------------------
-# The flow
-
-
-def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
-    distributed.refuse_under_torchrun("compare")
-    start = time.perf_counter()
-    say: Say = progress or (lambda msg: log.info("%s", msg))
-    tracking.init_tracking(cfg.tracking.uri)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+def _inputs(cfg: CompareConfig, say: Say) -> Inputs:
     cc = cfg.compare
-
-    # -- everything that can fail on the user's input, before the parent run exists
     mode = "registry" if cc.baseline else "train"
     child_cfgs: dict[tuple[str, int], TrainRunConfig] = {}
     if mode == "registry":
@@ -245,137 +188,175 @@ def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
     else:
         members, data_cfg, data_source = [], cfg.data, "the compare config"
         child_cfgs = {(att, s): _child_train_config(cfg, att, s) for s in cc.seeds for att in cmp.MODELS}
-    data: SyntheticData = build_data(data_cfg)
-    families, train_len = data.families, data_cfg.max_len
-    pad = data_cfg.pad_id
+    data = build_data(data_cfg)
+    families, train_len, pad = data.families, data_cfg.max_len, data_cfg.pad_id
     splits = {name: to_padded(s, pad, families) for name, s in data.splits().items()}
     say(f"drawing length-generalisation sequences ({', '.join(f'{f}x' for f in cc.length_factors)})")
     used = {s.tobytes() for split in data.splits().values() for s in split.sequences}
     long_raw = {f: cmp.long_sequences(data_cfg, f * train_len, cc.n_long, used) for f in sorted(cc.length_factors)}
-    long = {f: to_padded(s, pad, families) for f, s in long_raw.items()}
     cov_long = {f: cmp.coverage(data.train, s, data_cfg.modulus) for f, s in long_raw.items()}
     coverage = {"test split": cmp.coverage(data.train, data.test, data_cfg.modulus)}
     coverage |= {f"{f}× ({f * train_len})": c for f, c in cov_long.items()}
     for name, c in coverage.items():
         if c["value_coverage"] < 1:  # e.g. a narrow data.start_range: long sequences reach unseen values
             log.warning("%s: only %.1f%% of the values occur in training", name, 100 * c["value_coverage"])
+    long = {f: to_padded(s, pad, families) for f, s in long_raw.items()}
+    return Inputs(mode, members, child_cfgs, data_cfg, data_source, families, splits, long, coverage, cov_long)
 
-    run_name = cfg.tracking.run_name or f"compare-{mode}"
-    tags = {"picollm.flow": "compare", "compare.mode": mode, "data.source": data_source}
-    with tracking.tracked_run(cfg.tracking.experiment, run_name, tags=tags) as parent:
-        parent_id = parent.info.run_id
-        tracking.log_params(flatten(cfg.model_dump(mode="json")))
-        mlflow.log_text(to_yaml(cfg), "config.yaml")
-        mlflow.log_text(to_yaml(data_cfg), "data_config.yaml")
 
-        if mode == "train":
-            for seed in cc.seeds:  # both models of a seed back to back: machine load hits them alike
-                for att in cmp.MODELS:
-                    label = f"seed{seed}"
-                    say(f"training {att} {label} ({len(members) + 1}/{len(child_cfgs)})")
-                    out = _train_child(child_cfgs[(att, seed)], _EpochLines(say, f"{att} {label}"))
-                    assert out.model is not None
-                    member = Member(att, label, out.model.cpu(), run_id=out.run_id, history=out.history)
-                    with tracking.tracked_run(cfg.tracking.experiment, run_id=out.run_id, nested=True):
-                        mlflow.set_tags({"compare.model": att, "compare.run": label, "compare.parent": parent_id})
-                        _evaluate(member, cfg, splits, long, train_len)
-                    members.append(member)
-        else:
-            client = MlflowClient()
-            for member in members:
-                say(f"evaluating {member.attention} {member.label}")
-                ctags = {
-                    "compare.model": member.attention,
-                    "compare.run": member.label,
-                    "model.attention": member.attention,
-                }
-                if member.source_run_id:
-                    ctags["compare.source_run"] = member.source_run_id
-                with tracking.tracked_run(
-                    cfg.tracking.experiment, f"{member.attention}-{member.label}", tags=ctags, nested=True
-                ) as child:
-                    member.run_id = child.info.run_id
-                    tracking.log_params(flatten(member.model.cfg.model_dump(mode="json"), prefix="model."))
-                    _evaluate(member, cfg, splits, long, train_len)
-                    if member.source_run_id:  # what the training run logged, beside what we measured
-                        logged = client.get_run(member.source_run_id).data.metrics
-                        same = {f"source/{k}": logged[k] for k in ("test/loss", "test/accuracy") if k in logged}
-                        mlflow.log_metrics(same)
+# --------------------------------------------------------------------------------------------------
+# The child runs: trained (train mode) or loaded (registry mode), each evaluated the same way
 
-        by_model = {att: [m for m in members if m.attention == att] for att in cmp.MODELS}
-        runs = {att: [m.metrics for m in ms] for att, ms in by_model.items()}
-        agg = cmp.aggregate(runs, cc.confidence, cc.ci, cc.bootstrap_samples)
-        pvals = cmp.p_values(runs)
-        keys = cmp.headline_keys(cc.length_factors)
-        rows = cmp.summary_rows(agg, pvals, keys, cc.alpha)
-        metrics = cmp.aggregate_metrics(agg, pvals)
-        for f, c in cov_long.items():
-            metrics |= {f"lengen/x{f}/{k}": v for k, v in c.items()}
-        params = {att: int(ms[0].model.num_params()) for att, ms in by_model.items()}
-        metrics |= {f"{att}/num_params": float(n) for att, n in params.items()}
-        logger = tracking.MetricLogger(parent_id)
-        logger.log(metrics, step=0)
-        for att, ms in by_model.items():  # position curves: mean over runs, step = position
-            for name in ms[0].curves:
-                mean, low, high = cmp.band([m.curves[name] for m in ms], cc.confidence)
-                names = (f"{att}/{name}/mean", f"{att}/{name}/ci_low", f"{att}/{name}/ci_high")
-                for i, values in enumerate(zip(mean, low, high, strict=True)):
-                    point = {k: float(v) for k, v in zip(names, values, strict=True) if math.isfinite(v)}
-                    logger.log(point, i + 1)
-        logger.flush()
 
-        efficiency = None
-        if cfg.efficiency.enabled:
-            efficiency = _efficiency(cfg, {att: ms[0].model.cfg for att, ms in by_model.items()}, say)
-            eff_logger = tracking.MetricLogger(parent_id)
-            for (name, step), value in efficiency.metrics().items():
-                if math.isfinite(value):
-                    eff_logger.log({name: value}, step)
-            eff_logger.flush()
+def _evaluate(member: Member, run: RunLog, cfg: CompareConfig, inp: Inputs) -> None:
+    bs = cfg.train.eval_batch_size
+    metrics, curves = cmp.evaluate_model(member.model, inp.splits, bs, cfg.compare.calibration_bins)
+    lg_metrics, lg_curves = cmp.length_generalisation(member.model, inp.long, inp.train_len, bs)
+    member.metrics = {**metrics, **lg_metrics, "model/num_params": float(member.model.num_params())}
+    member.curves = {**curves, **lg_curves}
+    run.log_metrics(member.metrics)
+    for name, curve in member.curves.items():  # step = position of the predicted token
+        for i, v in enumerate(curve):
+            if math.isfinite(v):
+                run.log_metrics({name: float(v)}, step=i + 1)
 
-        say("drawing figures")
-        figures = _figures(cfg, by_model, agg, splits, families, train_len, efficiency)
-        setup = _setup_lines(cfg, mode, data_cfg, data_source, by_model, params)
-        extra = _reproduction_section(members) if mode == "registry" else []
-        seconds = time.perf_counter() - start
-        report = cmp.render_report(
-            cmp.ReportInput(
-                title="picollm: softmax vs linear attention",
-                mode=mode,
-                parent_run_id=parent_id,
-                seconds=seconds,
-                setup=setup,
-                runs={att: [m.label for m in ms] for att, ms in by_model.items()},
-                families=families,
-                factors=cc.length_factors,
-                train_len=train_len,
-                agg=agg,
-                pvals=pvals,
-                rows=rows,
-                alpha=cc.alpha,
-                ci_text=_ci_text(cfg),
-                coverage=coverage,
-                efficiency=efficiency,
-                figures=figures,
-                extra=extra,
-            )
-        )
-        mlflow.log_text(report, "report.md")
-        mlflow.log_metric("compare/seconds", seconds)
+
+def _train_children(s: Session, cfg: CompareConfig, inp: Inputs, parent_id: str, say: Say) -> None:
+    for seed in cfg.compare.seeds:  # both models of a seed back to back: machine load hits them alike
+        for att in cmp.MODELS:
+            label = f"seed{seed}"
+            say(f"training {att} {label} ({len(inp.members) + 1}/{len(inp.child_cfgs)})")
+            out = train_run.train(s, inp.child_cfgs[(att, seed)], ui=_EpochLines(say, f"{att} {label}"), nested=True)
+            assert out.model is not None
+            member = Member(att, label, out.model.cpu(), run_id=out.run_id, history=out.history)
+            tags = {"compare.model": att, "compare.run": label, "compare.parent": parent_id}
+            with s.run(run_id=out.run_id, nested=True, tags=tags) as child:
+                _evaluate(member, child, cfg, inp)
+            inp.members.append(member)
+
+
+def _evaluate_loaded(s: Session, cfg: CompareConfig, inp: Inputs, say: Say) -> None:
+    client = MlflowClient()
+    for member in inp.members:
+        say(f"evaluating {member.attention} {member.label}")
+        tags = {"compare.model": member.attention, "compare.run": member.label, "model.attention": member.attention}
+        if member.source_run_id:
+            tags["compare.source_run"] = member.source_run_id
+        with s.run(f"{member.attention}-{member.label}", tags=tags, nested=True) as child:
+            member.run_id = child.run_id
+            child.log_params(flatten(member.model.cfg.model_dump(mode="json"), prefix="model."))
+            _evaluate(member, child, cfg, inp)
+            if member.source_run_id:  # what the training run logged, beside what we measured
+                logged = client.get_run(member.source_run_id).data.metrics
+                child.log_metrics({f"source/{k}": logged[k] for k in ("test/loss", "test/accuracy") if k in logged})
+
+
+# --------------------------------------------------------------------------------------------------
+# The flow
+
+
+def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
+    start = time.perf_counter()
+    say: Say = progress or (lambda msg: log.info("%s", msg))
+    with runs.session("compare", cfg.tracking, device=cfg.train.device, num_threads=cfg.train.num_threads) as s:
+        inp = _inputs(cfg, say)
+        run_name = cfg.tracking.run_name or f"compare-{inp.mode}"
+        tags = {"compare.mode": inp.mode, "data.source": inp.data_source}
+        with s.run(run_name, config=cfg, tags=tags) as parent:
+            parent.log_text(to_yaml(inp.data_cfg), "data_config.yaml")
+            if inp.mode == "train":
+                _train_children(s, cfg, inp, parent.run_id, say)
+            else:
+                _evaluate_loaded(s, cfg, inp, say)
+            by_model = {att: [m for m in inp.members if m.attention == att] for att in cmp.MODELS}
+            summary = _log_summary(parent, cfg, inp, by_model)
+            efficiency = _efficiency(parent, cfg, {att: ms[0].model.cfg for att, ms in by_model.items()}, say)
+            say("drawing figures")
+            figures = _figures(parent, cfg, by_model, summary.agg, inp, efficiency)
+            seconds = time.perf_counter() - start
+            report = _report(cfg, inp, by_model, summary, efficiency, figures, parent.run_id, seconds)
+            parent.log_text(report, "report.md")
+            parent.log_metrics({"compare/seconds": seconds})
     artifacts = ["config.yaml", "data_config.yaml", "report.md", *(path for _, path in figures)]
-    return CompareOutcome(parent_id, mode, members, rows, report, metrics, seconds, artifacts)
+    return CompareOutcome(
+        parent.run_id, inp.mode, inp.members, summary.rows, report, summary.metrics, seconds, artifacts
+    )
 
 
-def _train_child(child_cfg: TrainRunConfig, ui: _EpochLines) -> train_flow.TrainOutcome:
-    return train_flow.run(child_cfg, ui=ui, nested=True)
+@dataclass
+class Summary:
+    agg: Any  # cmp.Aggregate
+    pvals: dict[str, float]
+    rows: list[dict[str, str]]
+    metrics: dict[str, float]
+    params: dict[str, int]
 
 
-def _efficiency(cfg: CompareConfig, archs: dict[str, ModelConfig], say: Say) -> cmp.Efficiency:
+def _log_summary(parent: RunLog, cfg: CompareConfig, inp: Inputs, by_model: dict[str, list[Member]]) -> Summary:
+    """Mean, CI and Welch p of every metric over the runs, and the mean position curves with bands."""
+    cc = cfg.compare
+    runs_by_model = {att: [m.metrics for m in ms] for att, ms in by_model.items()}
+    agg = cmp.aggregate(runs_by_model, cc.confidence, cc.ci, cc.bootstrap_samples)
+    pvals = cmp.p_values(runs_by_model)
+    rows = cmp.summary_rows(agg, pvals, cmp.headline_keys(cc.length_factors), cc.alpha)
+    metrics = cmp.aggregate_metrics(agg, pvals)
+    for f, c in inp.cov_long.items():
+        metrics |= {f"lengen/x{f}/{k}": v for k, v in c.items()}
+    params = {att: int(ms[0].model.num_params()) for att, ms in by_model.items()}
+    metrics |= {f"{att}/num_params": float(n) for att, n in params.items()}
+    parent.log_metrics(metrics)
+    for att, ms in by_model.items():  # position curves: mean over runs, step = position
+        for name in ms[0].curves:
+            mean, low, high = cmp.band([m.curves[name] for m in ms], cc.confidence)
+            names = (f"{att}/{name}/mean", f"{att}/{name}/ci_low", f"{att}/{name}/ci_high")
+            for i, values in enumerate(zip(mean, low, high, strict=True)):
+                point = {k: float(v) for k, v in zip(names, values, strict=True) if math.isfinite(v)}
+                parent.log_metrics(point, i + 1)
+    parent.flush()
+    return Summary(agg, pvals, rows, metrics, params)
+
+
+def _report(
+    cfg: CompareConfig,
+    inp: Inputs,
+    by_model: dict[str, list[Member]],
+    summary: Summary,
+    efficiency: cmp.Efficiency | None,
+    figures: list[tuple[str, str]],
+    parent_id: str,
+    seconds: float,
+) -> str:
+    cc = cfg.compare
+    return cmp.render_report(
+        cmp.ReportInput(
+            title="picollm: softmax vs linear attention",
+            mode=inp.mode,
+            parent_run_id=parent_id,
+            seconds=seconds,
+            setup=_setup_lines(cfg, inp.mode, inp.data_cfg, inp.data_source, by_model, summary.params),
+            runs={att: [m.label for m in ms] for att, ms in by_model.items()},
+            families=inp.families,
+            factors=cc.length_factors,
+            train_len=inp.train_len,
+            agg=summary.agg,
+            pvals=summary.pvals,
+            rows=summary.rows,
+            alpha=cc.alpha,
+            ci_text=_ci_text(cfg),
+            coverage=inp.coverage,
+            efficiency=efficiency,
+            figures=figures,
+            extra=_reproduction_section(inp.members) if inp.mode == "registry" else [],
+        )
+    )
+
+
+def _efficiency(parent: RunLog, cfg: CompareConfig, archs: dict[str, ModelConfig], say: Say) -> cmp.Efficiency | None:
+    """Both attentions timed side by side (training steps, generation, peak memory), logged by length."""
     e = cfg.efficiency
-    threads = torch.get_num_threads()
-    if e.num_threads:
-        torch.set_num_threads(e.num_threads)
-    try:
+    if not e.enabled:
+        return None
+    with torch_threads(e.num_threads):
         longest = max(e.lengths + e.gen_contexts) + e.gen_tokens + 8
         models = cmp.efficiency_models(archs, longest)
         batches = {n: max(1, e.tokens_per_step // n) for n in e.lengths}
@@ -389,26 +370,28 @@ def _efficiency(cfg: CompareConfig, archs: dict[str, ModelConfig], say: Say) -> 
             eff.memory = {
                 att: {n: cmp.measure_step_memory(m.cfg, n, batches[n]) for n in e.lengths} for att, m in models.items()
             }
-        return eff
-    finally:
-        torch.set_num_threads(threads)
+    for (name, step), value in eff.metrics().items():
+        if math.isfinite(value):
+            parent.log_metrics({name: value}, step)
+    parent.flush()
+    return eff
 
 
 def _figures(
+    parent: RunLog,
     cfg: CompareConfig,
     by_model: dict[str, list[Member]],
-    agg: cmp.Aggregate,
-    splits: dict[str, PaddedSplit],
-    families: list[str],
-    train_len: int,
+    agg: Any,
+    inp: Inputs,
     efficiency: cmp.Efficiency | None,
 ) -> list[tuple[str, str]]:
+    """The comparison's figures, logged to the parent run: [(caption, artifact path)]."""
     cc = cfg.compare
+    families, train_len = inp.families, inp.train_len
     out: list[tuple[str, str]] = []
 
     def put(fig, path: str, caption: str) -> None:
-        mlflow.log_figure(fig, path)
-        cmp.close(fig)
+        parent.log_figure(fig, path)
         out.append((caption, path))
 
     histories = {att: [m.history for m in ms if m.history] for att, ms in by_model.items()}
@@ -436,7 +419,7 @@ def _figures(
     first = {att: ms[0].model for att, ms in by_model.items()}
     family = families[0]
     for att, fig in cmp.attention_figures(
-        first, splits["test"], family, cc.attention_positions, cfg.train.eval_batch_size
+        first, inp.splits["test"], family, cc.attention_positions, cfg.train.eval_batch_size
     ).items():
         put(
             fig,
@@ -445,7 +428,7 @@ def _figures(
             "(same sequences for both models, colour scale fixed to [0, 1])",
         )
     figs, emb = cmp.embedding_figures(first)
-    mlflow.log_metrics({f"{att}/embeddings/{k}": v for att, m in emb.items() for k, v in m.items() if math.isfinite(v)})
+    parent.log_metrics({f"{att}/embeddings/{k}": v for att, m in emb.items() for k, v in m.items() if math.isfinite(v)})
     for att, fig in figs.items():
         put(
             fig,

@@ -16,11 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import mlflow
 import torch
 
-from picollm import distributed, tracking
-from picollm.config import DPORunConfig, flatten, to_yaml
+from picollm import registry, runs
+from picollm.config import DPORunConfig, flatten
 from picollm.data import PaddedSplit, pad_sequences
 from picollm.dpo import (
     DPOTrainer,
@@ -34,12 +33,11 @@ from picollm.dpo import (
     sequence_logps,
 )
 from picollm.errors import PicollmError
-from picollm.hardware import measure_matmul_peak, resolve_device
+from picollm.hardware import measure_matmul_peak, resolve_device, torch_threads
 from picollm.model import Transformer
-from picollm.registry import load_model, log_model
+from picollm.runs import MlflowCallbacks, RunLog, Session
 from picollm.text_data import PreferenceData, PreferencePair, build_preference_data
 from picollm.training import NullCallbacks, TrainCallbacks, Trainer, resolve_precision
-from pipelines.train import MlflowCallbacks
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +62,7 @@ def _padded(seqs: list[list[int]], pad_id: int) -> PaddedSplit:
 
 def _load_reference(cfg: DPORunConfig, data: PreferenceData) -> Transformer:
     assert cfg.dpo.reference is not None
-    model = load_model(cfg.dpo.reference)
+    model = registry.resolve(cfg.dpo.reference).load()
     if model.cfg.vocab_size != data.vocab_size or model.pad_id != data.pad_id:
         raise PicollmError(
             f"dpo.reference {cfg.dpo.reference!r} has vocabulary {model.cfg.vocab_size} (pad {model.pad_id}), "
@@ -76,7 +74,7 @@ def _load_reference(cfg: DPORunConfig, data: PreferenceData) -> Transformer:
 
 
 def _train_sft(
-    cfg: DPORunConfig, data: PreferenceData, device: torch.device, run_name: str, ui: TrainCallbacks
+    s: Session, cfg: DPORunConfig, data: PreferenceData, run_name: str, ui: TrainCallbacks
 ) -> tuple[Transformer, str, str | None, str | None]:
     """SFT of the reference on the training prompts + chosen continuations, in a nested run.
     Returns (model, run id, model uri, registered version)."""
@@ -84,29 +82,24 @@ def _train_sft(
     val_split = _padded(data.sft_sequences("val"), data.pad_id)
     torch.manual_seed(cfg.sft.seed)
     model = Transformer(cfg.model)
-    peak = cfg.sft.peak_flops or measure_matmul_peak(device)
-    trainer = Trainer(model, cfg.sft, device, flops_per_token=6 * model.matmul_params(), peak_flops=peak)
-    with tracking.tracked_run(
-        cfg.tracking.experiment, f"{run_name}-sft", tags={"picollm.flow": "sft"}, nested=True
-    ) as active:
-        run_id = active.info.run_id
-        tracking.log_params(
-            {
-                **flatten({"model": cfg.model.model_dump(mode="json")}),
-                **flatten({"train": cfg.sft.model_dump(mode="json")}),
-                "model.num_params": model.num_params(),
-                "data.source": cfg.data.source,
-            }
-        )
+    peak = cfg.sft.peak_flops or measure_matmul_peak(s.device)
+    trainer = Trainer(model, cfg.sft, s.device, flops_per_token=6 * model.matmul_params(), peak_flops=peak)
+    params = {
+        **flatten({"model": cfg.model.model_dump(mode="json")}),
+        **flatten({"train": cfg.sft.model_dump(mode="json")}),
+        "model.num_params": model.num_params(),
+        "data.source": cfg.data.source,
+    }
+    with s.run(f"{run_name}-sft", params=params, tags={"picollm.flow": "sft"}, nested=True) as run:
         evaluate = lambda m: lm_metrics(m, val_split, "val", cfg.sft.eval_batch_size)  # noqa: E731
-        result = trainer.fit(train_split, evaluate, MlflowCallbacks(run_id, ui, checkpoints=False))
+        result = trainer.fit(train_split, evaluate, MlflowCallbacks(run, ui, checkpoints=False))
         test_split = _padded(data.sft_sequences("test"), data.pad_id)
         test = lm_metrics(trainer.model, test_split, "test", cfg.sft.eval_batch_size)
-        mlflow.log_metrics({**test, "train.epochs_run": float(result.epochs_run)}, step=result.steps)
+        run.log_metrics({**test, "train.epochs_run": float(result.epochs_run)}, step=result.steps)
         uri = version = None
         if cfg.tracking.log_model:
-            uri, version = log_model(trainer.model.cpu(), cfg.tracking.sft_registered_model)
-    return trainer.model, run_id, uri, version
+            uri, version = run.log_model(trainer.model.cpu(), cfg.tracking.sft_registered_model)
+    return trainer.model, run.run_id, uri, version
 
 
 @torch.no_grad()
@@ -143,90 +136,82 @@ def run(
     echo: Callable[[str], None] | None = None,
 ) -> DPOOutcome:
     """The whole flow. `ui` receives the SFT trainer's callbacks; `echo` one line per DPO evaluation."""
-    distributed.refuse_under_torchrun("dpo")
-    echo = echo or log.info
     t_start = time.perf_counter()
-    tracking.init_tracking(cfg.tracking.uri)
-    device = resolve_device(cfg.sft.device)
-    if cfg.sft.num_threads:
-        torch.set_num_threads(cfg.sft.num_threads)
+    with runs.session("dpo", cfg.tracking, device=cfg.sft.device, num_threads=cfg.sft.num_threads) as s:
+        # Everything that can fail on the user's input happens before the run starts.
+        data = build_preference_data(cfg.data, cfg.dpo)
+        reference = _load_reference(cfg, data) if cfg.dpo.reference else None
+        schemes = list(cfg.dpo.corruptions)
+        run_name = cfg.tracking.run_name or f"dpo-{cfg.data.source}-{'+'.join(schemes)}-{cfg.dpo.loss_type}"
+        with s.run(run_name, config=cfg) as run:
+            run.log_metrics(data.stats())
+            t0 = time.perf_counter()
+            sft_run_id = sft_version = None
+            if reference is None:
+                reference, sft_run_id, sft_uri, sft_version = _train_sft(s, cfg, data, run_name, ui or NullCallbacks())
+                sft = cfg.tracking.sft_registered_model
+                ref_name = f"{sft}/{sft_version}" if sft_version else sft_uri or f"runs:/{sft_run_id}"
+                run.set_tags({"sft_run_id": sft_run_id})
+            else:
+                ref_name = cfg.dpo.reference or ""
+            run.set_tags({"reference": ref_name})
+            timings = {"time/sft_s": time.perf_counter() - t0}
+            policy, summary, steps = _optimise(s, run, cfg, data, reference, timings, echo or log.info)
+            summary["time/total_s"] = time.perf_counter() - t_start
+            run.log_metrics(summary, steps, flush=True)
 
-    # Everything that can fail on the user's input happens before the run starts.
-    data = build_preference_data(cfg.data, cfg.dpo)
-    reference = _load_reference(cfg, data) if cfg.dpo.reference else None
-    schemes = list(cfg.dpo.corruptions)
-    run_name = cfg.tracking.run_name or f"dpo-{cfg.data.source}-{'+'.join(schemes)}-{cfg.dpo.loss_type}"
-
-    with tracking.tracked_run(cfg.tracking.experiment, run_name, tags={"picollm.flow": "dpo"}) as active:
-        run_id = active.info.run_id
-        tracking.log_params(flatten(cfg.model_dump(mode="json")))
-        tracking.log_params({"hardware.device": str(device), "hardware.torch_threads": torch.get_num_threads()})
-        mlflow.log_text(to_yaml(cfg), "config.yaml")
-        mlflow.log_metrics(data.stats(), step=0)
-
-        sft_run_id = sft_uri = sft_version = None
-        t0 = time.perf_counter()
-        if reference is None:
-            reference, sft_run_id, sft_uri, sft_version = _train_sft(cfg, data, device, run_name, ui or NullCallbacks())
-            ref_name = (
-                f"{cfg.tracking.sft_registered_model}/{sft_version}"
-                if sft_version
-                else sft_uri or f"runs:/{sft_run_id}"
-            )
-            mlflow.set_tag("sft_run_id", sft_run_id)
-        else:
-            ref_name = cfg.dpo.reference or ""
-        mlflow.set_tag("reference", ref_name)
-        timings = {"time/sft_s": time.perf_counter() - t0}
-
-        reference = reference.to(device).eval().requires_grad_(False)
-        sets = {name: PairSet(pairs, data.pad_id) for name, pairs in data.pairs.items()}
-        t0 = time.perf_counter()
-        precision = resolve_precision(cfg.dpo.precision, device)  # reference and policy alike: step-0 loss ln 2
-        for pairs in sets.values():  # once: the reference is frozen
-            compute_reference_logps(reference, pairs, cfg.dpo.eval_batch_size, device, precision)
-        timings["time/reference_logps_s"] = time.perf_counter() - t0
-
-        torch.manual_seed(cfg.dpo.seed)
-        policy = copy.deepcopy(reference).requires_grad_(True).train()
-        trainer = DPOTrainer(policy, cfg.dpo, device)
-        metrics = tracking.MetricLogger(run_id)
-
-        def on_eval(step: int, m: dict[str, float]) -> None:
-            metrics.log(m, step)
-            metrics.flush()
-            echo(
-                f"dpo step {step:>4}  val/loss {m['val/loss']:.4f}  val/accuracy {m['val/accuracy']:.3f}  "
-                f"(reference {m['val/reference_accuracy']:.3f})  val/rewards/margins {m['val/rewards/margins']:.3f}"
-            )
-
-        result = trainer.fit(sets["train"], sets["val"], on_log=lambda s, m: metrics.log(m, s), on_eval=on_eval)
-        test = trainer.evaluate(sets["test"], "test")
-        timings |= {"time/dpo_s": result.seconds, "time/total_s": time.perf_counter() - t_start}
-        summary = {
-            **test,
-            **timings,
-            "dpo.steps": float(result.steps),
-            "dpo.step0_loss": result.step0_loss,
-            "dpo.best_step": float(result.best_step or 0),
-            "dpo.stopped_early": float(result.stopped_early),
-        }
-        metrics.log(summary, result.steps)
-        metrics.flush()
-
-        samples = generate_samples(reference, policy, data, cfg.dpo.num_samples, cfg.dpo.sample_tokens)
-        if samples:
-            mlflow.log_table(samples, "samples/generations.json")
-            mlflow.log_text(_samples_markdown(samples), "samples/generations.md")
-
-        model_uri = version = None
-        if cfg.tracking.log_model:
-            model_uri, version = log_model(policy.cpu(), cfg.tracking.registered_model)
-            if version:
-                mlflow.set_tag("registered_model", f"{cfg.tracking.registered_model}/{version}")
+            samples = generate_samples(reference, policy, data, cfg.dpo.num_samples, cfg.dpo.sample_tokens)
+            if samples:
+                run.log_table(samples, "samples/generations.json")
+                run.log_text(_samples_markdown(samples), "samples/generations.md")
+            model_uri = version = None
+            if cfg.tracking.log_model:
+                model_uri, version = run.log_model(policy.cpu(), cfg.tracking.registered_model)
     return DPOOutcome(
-        run_id, sft_run_id, ref_name, model_uri, version, sft_version, summary, schemes, result.steps, samples
+        run.run_id, sft_run_id, ref_name, model_uri, version, sft_version, summary, schemes, steps, samples
     )
+
+
+def _optimise(
+    s: Session,
+    run: RunLog,
+    cfg: DPORunConfig,
+    data: PreferenceData,
+    reference: Transformer,
+    timings: dict[str, float],
+    echo: Callable[[str], None],
+) -> tuple[Transformer, dict[str, float], int]:
+    """Reference log-probs once, then DPO of a copy of the reference: (policy, summary metrics, steps)."""
+    reference = reference.to(s.device).eval().requires_grad_(False)
+    sets = {name: PairSet(pairs, data.pad_id) for name, pairs in data.pairs.items()}
+    t0 = time.perf_counter()
+    precision = resolve_precision(cfg.dpo.precision, s.device)  # reference and policy alike: step-0 loss ln 2
+    for pairs in sets.values():  # once: the reference is frozen
+        compute_reference_logps(reference, pairs, cfg.dpo.eval_batch_size, s.device, precision)
+    timings["time/reference_logps_s"] = time.perf_counter() - t0
+
+    torch.manual_seed(cfg.dpo.seed)
+    policy = copy.deepcopy(reference).requires_grad_(True).train()
+    trainer = DPOTrainer(policy, cfg.dpo, s.device)
+
+    def on_eval(step: int, m: dict[str, float]) -> None:
+        run.log_metrics(m, step, flush=True)
+        echo(
+            f"dpo step {step:>4}  val/loss {m['val/loss']:.4f}  val/accuracy {m['val/accuracy']:.3f}  "
+            f"(reference {m['val/reference_accuracy']:.3f})  val/rewards/margins {m['val/rewards/margins']:.3f}"
+        )
+
+    result = trainer.fit(sets["train"], sets["val"], on_log=lambda st, m: run.log_metrics(m, st), on_eval=on_eval)
+    summary = {
+        **trainer.evaluate(sets["test"], "test"),
+        **timings,
+        "time/dpo_s": result.seconds,
+        "dpo.steps": float(result.steps),
+        "dpo.step0_loss": result.step0_loss,
+        "dpo.best_step": float(result.best_step or 0),
+        "dpo.stopped_early": float(result.stopped_early),
+    }
+    return policy, summary, result.steps
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,9 +227,12 @@ def bench_step(cfg: DPORunConfig, warmup_steps: int = 2, timed_steps: int = 5) -
     Uses random tokens shaped like the config's data (batch dpo.batch_size pairs, prompt seq_max_len/4,
     responses seq_max_len/2), so it needs no data set. Variants are interleaved to share CPU noise.
     """
-    device = resolve_device(cfg.sft.device)
-    if cfg.sft.num_threads:
-        torch.set_num_threads(cfg.sft.num_threads)
+    with torch_threads(cfg.sft.num_threads):
+        return _bench_step(cfg, resolve_device(cfg.sft.device), warmup_steps, timed_steps)
+
+
+def _bench_step(cfg: DPORunConfig, device: torch.device, warmup_steps: int, timed_steps: int) -> dict[str, float]:
+    # Long, but reads better whole: the four step variants are meant to be compared side by side.
     torch.manual_seed(cfg.dpo.seed)
     vocab = cfg.data.vocab_size
     pad = vocab - 1

@@ -16,34 +16,17 @@ from picollm.data import PaddedSplit, pad_sequences
 from picollm.evaluation import evaluate
 from picollm.model import Transformer
 
+from .conftest import point_mlflow
+
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 32
-
-
-def _point(mp: pytest.MonkeyPatch, directory: Path) -> str:
-    """Env, cwd and MLflow's globals all on a store in `directory`; offline."""
-    import mlflow
-
-    from picollm import tracking
-
-    uri = f"sqlite:///{directory}/mlflow.db"
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.delenv("PICOLLM_DEBUG", raising=False)
-    mp.chdir(directory)
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    tracking._initialised.clear()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return uri
 
 
 @pytest.fixture(autouse=True)
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     from picollm import tracking
 
-    yield _point(monkeypatch, tmp_path)
+    yield point_mlflow(monkeypatch, tmp_path)
     tracking._initialised.clear()
 
 
@@ -56,7 +39,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
     directory = tmp_path_factory.mktemp("analysis_store")
     with pytest.MonkeyPatch.context() as mp:
-        _point(mp, directory)
+        point_mlflow(mp, directory)
         out = run(load_config(TrainRunConfig, REPO / "configs" / "tiny.yaml", ["train.epochs=1"]))
         tracking._initialised.clear()
     return directory, out.run_id
@@ -236,7 +219,7 @@ def test_analysis_run_is_tagged_with_the_model_version(tiny, monkeypatch):
     from pipelines import analyze
 
     directory, train_run = tiny
-    _point(monkeypatch, directory)
+    point_mlflow(monkeypatch, directory)
     cfg = analyze.load_config("picollm-tiny@champion", REPO / "configs" / "analysis.yaml", FAST)
     out = analyze.run(cfg)
 
@@ -296,7 +279,7 @@ def test_cli_analyze_by_run_id_and_section_list(tiny, monkeypatch):
     from pipelines.cli import app
 
     directory, train_run = tiny
-    _point(monkeypatch, directory)
+    point_mlflow(monkeypatch, directory)
     res = CliRunner().invoke(
         app, ["analyze", train_run, "--what", "ablation", *[a for s in FAST for a in ("--set", s)]]
     )
@@ -320,7 +303,7 @@ def test_cli_unknown_model_exits_2_and_leaves_no_run(ref, tiny, monkeypatch):
 
     from pipelines.cli import app
 
-    _point(monkeypatch, tiny[0])  # an existing (already migrated) store: quicker, and it has runs to count
+    point_mlflow(monkeypatch, tiny[0])  # an existing (already migrated) store: quicker, and it has runs to count
 
     def n_runs() -> int:
         client = MlflowClient()

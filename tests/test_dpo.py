@@ -39,8 +39,9 @@ from picollm.text_data import (
     split_stories,
 )
 
+from .conftest import TIKTOKEN_CACHE, point_mlflow
+
 STORIES = Path(__file__).resolve().parent / "fixtures" / "stories.jsonl"
-TIKTOKEN_CACHE = Path(__file__).resolve().parents[1].parent / "shared/data/tiktoken_cache"
 LN2 = math.log(2.0)
 
 
@@ -58,17 +59,7 @@ def dpo_store(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
 
     from picollm import tracking
 
-    uri = f"sqlite:///{store_dir}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if TIKTOKEN_CACHE.is_dir():
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
-    monkeypatch.chdir(store_dir)
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    tracking._initialised.clear()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    uri = point_mlflow(monkeypatch, store_dir)
     yield uri
     while mlflow.active_run() is not None:
         mlflow.end_run()

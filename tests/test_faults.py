@@ -311,6 +311,29 @@ def test_crash_in_dpo_fails_the_parent_and_keeps_the_sft(migrated_store: str, mo
     assert "test/loss" in runs["dpo"].data.metrics  # logged before the crash: kept
 
 
+def test_dpo_nonfinite_step_keeps_the_weights_and_fails_the_run(migrated_store: str, monkeypatch: pytest.MonkeyPatch):
+    from picollm.dpo import DPOTrainer
+
+    real, seen = DPOTrainer._terms, {}
+
+    def terms(self, batch, ref_c, ref_r):  # the first training step's loss is NaN
+        out = real(self, batch, ref_c, ref_r)
+        if not torch.is_grad_enabled() or seen:  # step-0 metrics and evaluations run without grad
+            return out
+        seen["policy"] = self.policy
+        seen["before"] = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+        return (out[0] * float("nan"), *out[1:])
+
+    monkeypatch.setattr(DPOTrainer, "_terms", terms)
+    one_line(invoke("dpo", DPO_YAML, *sets(DPO_TINY)), 1, "DPO train/loss is not finite at step 1")
+    for k, v in seen["policy"].state_dict().items():
+        assert torch.equal(v, seen["before"][k]), k  # the bad step never reached the weights
+    runs = {r.data.tags["picollm.flow"]: r for r in all_runs()}
+    assert runs["dpo"].info.status == "FAILED" and "TrainingError" in runs["dpo"].data.tags["error"]
+    assert runs["sft"].info.status == "FINISHED"
+    assert_none_running()
+
+
 # --------------------------------------------------------------------------------------------------
 # Tracking store unreachable or unusable: one line, before any work
 

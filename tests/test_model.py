@@ -260,3 +260,18 @@ def test_linear_cache_is_constant_size():
         model(rand_tokens(1, 20), caches=caches)
     assert caches[0].state.shape == (1, 2, 8, 8) and caches[0].z.shape == (1, 2, 8)
     assert caches[0].k is None and caches[0].v is None
+
+
+def test_act_name_builds_every_hook_point_name_and_nothing_else():
+    from picollm.hooks import act_name
+
+    model = make_model("linear")
+    per_layer = ("q", "k", "v", "pattern", "z", "pre", "post", "resid_pre", "resid_mid", "resid_post")
+    built = {act_name(n) for n in ("embed", "pos_embed", "normalized")}
+    built |= {act_name(n, layer) for n in (*per_layer, "attn_out", "mlp_out") for layer in range(model.cfg.n_layers)}
+    assert built == set(model.hook_points())  # one owner of the names: it names all of them, and only those
+    assert act_name("pattern", 0) == "blocks.0.attn.hook_pattern" and act_name("post", 1) == "blocks.1.mlp.hook_post"
+    assert act_name("blocks.1.attn.hook_z") == "blocks.1.attn.hook_z"  # a full name passes through
+    for bad in (("nope", 0), ("z", None), ("embed", 0)):
+        with pytest.raises(ValueError):
+            act_name(*bad)

@@ -17,8 +17,9 @@ import picollm
 from picollm.config import TrainRunConfig, load_config
 from picollm.errors import ModelNotFoundError, PicollmError
 from picollm.registry import continue_prompts, load_state_dict, promote, resolve_model_uri
+from picollm.runs import CHECKPOINT_PATH
 from picollm.training import NullCallbacks
-from pipelines.train import CHECKPOINT_PATH, run
+from pipelines.train import run
 
 from .conftest import TINY, copy_store, load_tiny, mlflow_store, point_mlflow
 

@@ -1,4 +1,4 @@
-"""Integration: the team tracking server (PostgreSQL + `mlflow server`, started by pipelines.server) and a
+"""Integration: the team tracking server (PostgreSQL + `mlflow server`, started by picollm.server) and a
 2-process CPU DDP training run (`torchrun`) logging to it over HTTP; the registered model is then loaded by
 name in a fresh process.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from picollm import server
 from picollm.config import ServerConfig
-from pipelines import server
 
 from ..conftest import TINY
 

@@ -1,0 +1,218 @@
+"""Efficiency of the compared architectures: training-step time, per-step peak memory and generation
+time, measured on freshly initialised models (timing does not depend on the weights).
+
+Step time. `time_train_steps` is the one training-step timer of picollm (`picollm compare` and the
+bench flow): the median of `timed` steps after `warmup`, the models interleaved per length on the same
+inputs so machine noise hits them alike.
+
+Peak memory. Each (model, length) configuration runs one training step in a fresh Python process
+(`memory_worker`). Its peak resident set size is the kernel's per-process high-water mark: VmHWM in
+/proc/self/status (getrusage's ru_maxrss where there is no /proc; not on Linux, because a child
+started by fork + exec inherits the parent's peak in ru_maxrss). On Linux the high-water mark is
+first reset to the current RSS (/proc/self/clear_refs), so `step_mb` is the memory the step itself
+added on top of the model, optimizer and inputs (first step: includes AdamW's state).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from picollm.config import ModelConfig, TrainConfig
+from picollm.hardware import median_ms
+from picollm.model import LayerCache, Transformer
+from picollm.training import lm_loss, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass
+class Efficiency:
+    """The efficiency sweep: per model, {sequence length: value} for training, {context: value} for generation."""
+
+    lengths: list[int]
+    batches: dict[int, int]
+    contexts: list[int]
+    threads: int
+    step_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    memory: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    gen_ms_per_token: dict[str, dict[int, float]] = field(default_factory=dict)
+    prefill_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def metrics(self) -> dict[tuple[str, int], float]:
+        """{(metric name, step = length): value} for MLflow."""
+        out: dict[tuple[str, int], float] = {}
+        for att in self.step_ms:
+            for n, ms in self.step_ms[att].items():
+                out[(f"efficiency/{att}/step_ms", n)] = ms
+                out[(f"efficiency/{att}/tokens_per_s", n)] = self.batches[n] * n / ms * 1000
+            for n, mem in self.memory.get(att, {}).items():
+                out[(f"efficiency/{att}/step_mb", n)] = mem["step_mb"]
+                out[(f"efficiency/{att}/peak_rss_mb", n)] = mem["peak_rss_mb"]
+            for n, ms in self.gen_ms_per_token.get(att, {}).items():
+                out[(f"efficiency/{att}/gen_ms_per_token", n)] = ms
+                out[(f"efficiency/{att}/prefill_ms", n)] = self.prefill_ms[att][n]
+        return out
+
+
+def efficiency_models(configs: dict[str, ModelConfig], longest: int) -> dict[str, Transformer]:
+    """Freshly initialised copies of the compared architectures (timing does not depend on the
+    weights); a learned positional table is widened to the longest measured sequence."""
+    out = {}
+    for att, mc in configs.items():
+        torch.manual_seed(0)
+        out[att] = Transformer(mc.model_copy(update={"max_seq_len": max(mc.max_seq_len, longest + 1)}))
+    return out
+
+
+def time_train_steps(
+    models: dict[str, Transformer], lengths: list[int], tokens_per_step: int, warmup: int, timed: int
+) -> dict[str, dict[int, float]]:
+    """{att: {n: median ms}} of one training step (lm_loss, zero_grad, backward, AdamW step) on random
+    tokens of shape (max(1, tokens_per_step // n), n + 1), after `warmup` untimed steps. The models are
+    interleaved per length on the same inputs so machine noise hits both alike; each keeps one optimizer
+    (TrainConfig's defaults) across the lengths."""
+    out: dict[str, dict[int, float]] = {att: {} for att in models}
+    opts = {att: make_optimizer(m, TrainConfig()) for att, m in models.items()}
+    for n in lengths:
+        vocab = next(iter(models.values())).cfg.vocab_size or 2
+        tokens = torch.randint(0, vocab - 1, (max(1, tokens_per_step // n), n + 1))
+        for att, m in models.items():
+            m.train()
+
+            def step(m: Transformer = m, opt: torch.optim.Optimizer = opts[att], tokens: torch.Tensor = tokens) -> None:
+                loss, _ = lm_loss(m, tokens, m.pad_id)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            out[att][n] = median_ms(step, warmup, timed)
+            log.info("train step %s N=%d: %.1f ms", att, n, out[att][n])
+    return out
+
+
+@torch.no_grad()
+def decode_timing(model: Transformer, prompt: torch.Tensor, new_tokens: int, warmup: int = 2) -> tuple[float, float]:
+    """(prefill ms, median ms per generated token) of greedy decoding after `prompt` (1, C).
+
+    The loop of Transformer.generate, timed step by step: the KV cache (softmax) grows with the
+    context, the recurrent state (linear) does not."""
+    model.eval()
+    caches = [LayerCache() for _ in model.blocks]
+    key_mask = torch.ones_like(prompt, dtype=torch.bool)
+    t0 = time.perf_counter()
+    logits = model(prompt, key_mask=key_mask, caches=caches)[:, -1]
+    prefill = (time.perf_counter() - t0) * 1000
+    times = []
+    for i in range(warmup + new_tokens):
+        nxt = logits.argmax(-1)
+        key_mask = torch.cat([key_mask, torch.ones_like(nxt[:, None], dtype=torch.bool)], dim=1)
+        t0 = time.perf_counter()
+        logits = model(nxt[:, None], key_mask=key_mask, caches=caches)[:, -1]
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return prefill, statistics.median(times) * 1000
+
+
+def time_generation(
+    models: dict[str, Transformer], contexts: list[int], new_tokens: int
+) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """({att: {context: prefill ms}}, {att: {context: ms per token}}), interleaved per context."""
+    prefill: dict[str, dict[int, float]] = {att: {} for att in models}
+    per_token: dict[str, dict[int, float]] = {att: {} for att in models}
+    for c in contexts:
+        vocab = next(iter(models.values())).cfg.vocab_size or 2
+        prompt = torch.randint(0, vocab - 1, (1, c))
+        for att, m in models.items():
+            prefill[att][c], per_token[att][c] = decode_timing(m, prompt, new_tokens)
+            log.info("generation %s context %d: %.2f ms/token", att, c, per_token[att][c])
+    return prefill, per_token
+
+
+# --------------------------------------------------------------------------------------------------
+# Peak memory, one training step in a fresh process
+
+
+def _proc_status_mb(name: str) -> float | None:
+    """VmRSS (current) or VmHWM (peak) of this process in MiB, from /proc/self/status (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(f"{name}:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM rather than ru_maxrss where there is one: a child started by fork/vfork + exec inherits the
+    # parent's peak in ru_maxrss (the kernel keeps it in signal->maxrss), which hides the child's own peak.
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def memory_worker(payload: str) -> None:
+    """Entry point of the measuring subprocess: one training step, peak RSS as JSON on stdout."""
+    p = json.loads(payload)
+    torch.set_num_threads(int(p["threads"]))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.model_validate(p["model"]))
+    opt = make_optimizer(model, TrainConfig())
+    tokens = torch.randint(0, model.cfg.vocab_size - 1, (p["batch"], p["length"] + 1))
+    gc.collect()
+    reset = False
+    try:  # "5" resets the peak RSS to the current RSS (Linux >= 4.0): the import's peak drops out
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        pass
+    before = _proc_status_mb("VmRSS")
+    loss, _ = lm_loss(model, tokens, model.pad_id)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    peak = _peak_rss_mb()
+    step = peak - before if before is not None and reset else math.nan
+    # The parent process reads this JSON line from the worker's stdout (an IPC channel, not UI output).
+    sys.stdout.write(json.dumps({"peak_rss_mb": peak, "before_mb": before, "step_mb": step, "reset": reset}) + "\n")
+
+
+def measure_step_memory(model_cfg: ModelConfig, length: int, batch: int, timeout: float = 900) -> dict[str, float]:
+    """Peak memory of one training step in a fresh process (see the module docstring); NaN on failure."""
+    payload = json.dumps(
+        {
+            "model": model_cfg.model_dump(mode="json"),
+            "length": length,
+            "batch": batch,
+            "threads": torch.get_num_threads(),
+        }
+    )
+    code = "import sys; from picollm.compare.efficiency import memory_worker; memory_worker(sys.argv[1])"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    except (subprocess.TimeoutExpired, OSError, ValueError, IndexError) as e:
+        why = f"{type(e).__name__}: {e}"
+    log.warning("memory measurement of %s attention at length %d failed: %s", model_cfg.attention, length, why[:200])
+    return {"peak_rss_mb": math.nan, "before_mb": math.nan, "step_mb": math.nan, "reset": False}

@@ -1,0 +1,239 @@
+"""Figures of the comparison: loss curves, accuracy per family and by position with intervals over seeds,
+length generalisation, efficiency, and each model's attention patterns and embeddings. Every function
+returns a matplotlib Figure (headless Agg backend); the caller logs it and `close`s it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
+
+from picollm.compare.efficiency import Efficiency  # noqa: E402
+from picollm.compare.stats import MODELS, Aggregate, band, quiet_nan  # noqa: E402
+from picollm.data import PaddedSplit  # noqa: E402
+from picollm.model import Transformer  # noqa: E402
+
+COLORS = {"softmax": "tab:blue", "linear": "tab:orange"}
+
+
+def close(fig: Figure) -> None:
+    plt.close(fig)
+
+
+def loss_curves(histories: dict[str, list[list[dict[str, float]]]]) -> Figure:
+    """Train and validation loss per epoch: mean over seeds, shaded from the min to the max seed."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("train/loss", "val/loss"), strict=True):
+        for att, runs in histories.items():
+            runs = [[h[key] for h in hist if key in h] for hist in runs]
+            runs = [r for r in runs if r]
+            if not runs:
+                continue
+            width = max(len(r) for r in runs)
+            x = np.full((len(runs), width), np.nan)
+            for i, r in enumerate(runs):
+                x[i, : len(r)] = r
+            epochs = np.arange(1, width + 1)
+            with quiet_nan():
+                ax.plot(epochs, np.nanmean(x, 0), marker="o", color=COLORS[att], label=f"{att} (n={len(runs)})")
+                ax.fill_between(epochs, np.nanmin(x, 0), np.nanmax(x, 0), color=COLORS[att], alpha=0.25)
+        ax.set(xlabel="epoch", ylabel="cross-entropy", title=f"{key} (mean, shaded min-max over seeds)", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def family_accuracy_ci(agg: Aggregate, families: list[str], prefix: str = "eval/test") -> Figure:
+    """Accuracy per family (and overall) of both models with CI error bars; the Bayes ceiling as a tick."""
+    groups = [*families, "all"]
+    fig, ax = plt.subplots(figsize=(1.5 * len(groups) + 3, 4.2))
+    xs = np.arange(len(groups))
+    for j, att in enumerate(MODELS):
+        ivs = [agg[att].get(f"{prefix}/accuracy" + ("" if g == "all" else f"/{g}")) for g in groups]
+        mean = np.array([iv.mean if iv else np.nan for iv in ivs])
+        err = np.array(
+            [[iv.mean - iv.low, iv.high - iv.mean] if iv and math.isfinite(iv.low) else [0, 0] for iv in ivs]
+        ).T
+        ax.bar(xs + (j - 0.5) * 0.38, mean, width=0.38, yerr=err, capsize=4, color=COLORS[att], label=att)
+    ceil = [agg["softmax"].get(f"{prefix}/ceiling" + ("" if g == "all" else f"/{g}")) for g in groups]
+    ax.scatter(
+        xs, [c.mean if c else np.nan for c in ceil], marker="_", s=900, color="black", zorder=3, label="Bayes ceiling"
+    )
+    ax.set_xticks(xs, groups, rotation=15)
+    split = prefix.split("/")[-1]
+    ax.set(ylabel="accuracy", ylim=(0, 1.05), title=f"{split} accuracy per family (mean, CI over seeds)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def position_accuracy(
+    curves: dict[str, list[np.ndarray]],
+    confidence: float,
+    train_len: int | None = None,
+    title: str = "test accuracy by position",
+) -> Figure:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    _plot_positions(ax, curves, confidence, train_len)
+    ax.set(title=title)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_positions(ax, curves: dict[str, list[np.ndarray]], confidence: float, train_len: int | None) -> None:
+    for att, runs in curves.items():
+        mean, low, high = band(runs, confidence)
+        pos = np.arange(1, len(mean) + 1)
+        ax.plot(pos, mean, color=COLORS[att], label=att)
+        ax.fill_between(pos, np.clip(low, 0, 1), np.clip(high, 0, 1), color=COLORS[att], alpha=0.25)
+    if train_len is not None:
+        ax.axvline(train_len - 0.5, ls="--", color="grey", label=f"training length ({train_len})")
+    ax.set(xlabel="position of the predicted token", ylabel="accuracy", ylim=(-0.02, 1.02))
+    ax.legend(loc="lower left")
+
+
+def length_curves(
+    agg: Aggregate,
+    factors: list[int],
+    train_len: int,
+    families: list[str],
+    position_curves: dict[str, list[np.ndarray]],
+    confidence: float,
+) -> Figure:
+    """Accuracy vs evaluated length (all targets solid, targets beyond the training length dashed),
+    overall and per family, the training length marked; last panel: accuracy by position at the
+    longest length."""
+    groups = ["all", *families]
+    ncols = 4
+    nrows = math.ceil((len(groups) + 1) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
+    flat = axes.flatten()
+    for ax, g in zip(flat, groups, strict=False):
+        _length_panel(ax, agg, factors, train_len, g)
+    flat[0].legend(fontsize=7, loc="lower left")
+    big = max(factors)
+    _plot_positions(flat[len(groups)], position_curves, confidence, train_len)
+    flat[len(groups)].set_title(f"accuracy by position at {big}x ({big * train_len} tokens)")
+    for ax in flat[len(groups) + 1 :]:
+        ax.set_visible(False)
+    fig.suptitle("length generalisation (mean, CI over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def _length_panel(ax, agg: Aggregate, factors: list[int], train_len: int, group: str) -> None:
+    """One panel of `length_curves`: accuracy vs length of one family (or "all") for both models."""
+    lengths = [f * train_len for f in sorted(factors)]
+    sfx = "" if group == "all" else f"/{group}"
+    for att in MODELS:
+        for kind, ls in (("", "-"), ("/beyond", "--")):
+            ivs = [agg[att].get(f"lengen/x{f}{kind}/accuracy{sfx}") for f in sorted(factors)]
+            pts = [(n, iv) for n, iv in zip(lengths, ivs, strict=True) if iv is not None]
+            if not pts:
+                continue
+            xs = [n for n, _ in pts]
+            mean = np.array([iv.mean for _, iv in pts])
+            err = np.array(
+                [[iv.mean - iv.low, iv.high - iv.mean] if math.isfinite(iv.low) else [0, 0] for _, iv in pts]
+            ).T  # (2, points): below and above the mean, as errorbar wants
+            ax.errorbar(
+                xs,
+                mean,
+                yerr=err,
+                ls=ls,
+                marker="o",
+                capsize=3,
+                color=COLORS[att],
+                label=f"{att}{' beyond' if kind else ''}",
+            )
+    ceil = [agg["softmax"].get(f"lengen/x{f}/beyond/ceiling{sfx}") for f in sorted(factors)]
+    pts = [(n, c.mean) for n, c in zip(lengths, ceil, strict=True) if c is not None]
+    if pts:
+        ax.plot(*zip(*pts, strict=True), ls=":", color="black", label="ceiling beyond")
+    ax.axvline(train_len, ls="--", color="grey", label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.xaxis.set_minor_locator(NullLocator())  # only the measured lengths
+    ax.set(xlabel="sequence length", ylabel="accuracy", ylim=(-0.02, 1.05), title=group)
+
+
+def efficiency_figure(eff: Efficiency) -> Figure:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for att in eff.step_ms:
+        kw = {"marker": "o", "color": COLORS[att], "label": att}
+        axes[0].plot(eff.lengths, [eff.step_ms[att][n] for n in eff.lengths], **kw)
+        if eff.memory.get(att):
+            axes[1].plot(eff.lengths, [eff.memory[att][n]["step_mb"] for n in eff.lengths], **kw)
+        if eff.gen_ms_per_token.get(att):
+            axes[2].plot(eff.contexts, [eff.gen_ms_per_token[att][c] for c in eff.contexts], **kw)
+    axes[0].set(title="training step time (median)", xlabel="sequence length", ylabel="ms / step")
+    axes[1].set(
+        title="training step peak memory (fresh process, RSS)",
+        xlabel="sequence length",
+        ylabel="MB above model + inputs",
+    )
+    axes[2].set(title="generation time per token (batch 1)", xlabel="context length", ylabel="ms / token")
+    for ax, xs in zip(axes, (eff.lengths, eff.lengths, eff.contexts), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.xaxis.set_minor_locator(NullLocator())  # only the measured lengths
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        else:  # e.g. efficiency.memory: false
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", color="grey")
+    fig.text(0.01, 0.01, f"batch = tokens_per_step // length: {eff.batches}; torch threads {eff.threads}", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def attention_figures(
+    models: dict[str, Transformer], split: PaddedSplit, family: str, positions: int, batch_size: int = 256
+) -> dict[str, Figure]:
+    """One figure per model on the same sequences of `family` (the same example sequence on top),
+    drawn by picollm.analysis_plots.attention_figure, whose colour scale is fixed to [0, 1] for every
+    panel, so the two models' heatmaps share one scale."""
+    from picollm import analysis as an
+    from picollm import analysis_plots as ap
+
+    assert split.family_ids is not None
+    idx = torch.nonzero(split.family_ids == split.family_names.index(family)).flatten()
+    lengths = split.lengths[idx]
+    long_enough = torch.nonzero(lengths >= positions).flatten()
+    ex = int(long_enough[0]) if len(long_enough) else int(lengths.argmax())
+    pe = min(positions, int(lengths[ex]))
+    tokens = split.tokens[idx]
+    out = {}
+    for att, model in models.items():
+        names = [f"blocks.{i}.attn.hook_pattern" for i in range(model.cfg.n_layers)]
+        cache = an.run_cached(model, tokens, names, batch_size)
+        pat = torch.stack([cache[n] for n in names], 1)  # (B, L, H, N, N)
+        mean = torch.stack([an.mean_pattern(pat[:, layer], lengths, positions) for layer in range(len(names))])
+        out[att] = ap.attention_figure(
+            family, pat[ex, :, :, :pe, :pe], tokens[ex, :pe].tolist(), mean, len(idx), model.cfg.attention
+        )
+    return out
+
+
+def embedding_figures(models: dict[str, Transformer], seed: int = 0) -> tuple[dict[str, Figure], dict[str, dict]]:
+    """Embedding PCA of each model beside a random init of its config (picollm.analysis_plots)."""
+    from picollm import analysis as an
+    from picollm import analysis_plots as ap
+
+    figs, metrics = {}, {}
+    for att, model in models.items():
+        trained = an.analyse_embeddings(an.number_embeddings(model), an.number_tokens(model))
+        torch.manual_seed(seed)
+        random = Transformer(model.cfg)
+        rnd = an.analyse_embeddings(an.number_embeddings(random), an.number_tokens(random))
+        figs[att] = ap.embeddings_figure(trained, rnd, f"{att} attention")
+        metrics[att] = trained.metrics
+    return figs, metrics

@@ -1,0 +1,231 @@
+"""The run scaffold every flow enters once, and the MLflow training callbacks.
+
+A flow's lifecycle is always the same (as in torchtune's recipes):
+
+    with runs.session("compare", cfg.tracking, device=..., num_threads=...) as s:  # setup
+        ...                              # everything that can fail on the user's input: no run yet
+        with s.run(run_name, config=cfg, tags=...) as r:                        # the tracked part
+            r.log_metrics(...); r.log_figure(...); r.log_model(...)
+                                                                                # cleanup on exit
+
+`session` refuses torchrun where a flow can't use it, joins the process group where it can,
+initialises the store (rank 0), applies the thread count and picks the device, all in one place.
+`Session.run` opens a run (nested or not, new or resumed) that always closes with the right status
+(`tracking.tracked_run`), logs the flattened params, the hardware and the resolved config, and hands
+back a `RunLog` through which metrics (batched), figures (logged, then closed), texts, tables and
+models go.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from pydantic import BaseModel
+
+from picollm import distributed, tracking
+from picollm.config import TrackingConfig, flatten, to_yaml
+from picollm.distributed import DistContext
+from picollm.training import TrainCallbacks
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATH = "checkpoints/checkpoint.pt"  # the resumable checkpoint's artifact path in a training run
+
+
+class RunLog:
+    """What a flow logs to its open run. Metrics are buffered (one `log_batch` per flush) and the
+    latest value of each is kept in `metrics`; every artifact path logged is kept in `artifacts`."""
+
+    def __init__(self, active: mlflow.ActiveRun) -> None:
+        self.active = active
+        self.run_id: str = active.info.run_id
+        self.metrics: dict[str, float] = {}
+        self.artifacts: list[str] = []
+        self._logger = tracking.MetricLogger(self.run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        tracking.log_params(params)
+
+    def log_config(self, cfg: BaseModel, path: str = "config.yaml", prefix: str = "", exclude: set[str] | None = None):
+        """Flattened params of `cfg` (less `exclude`, keys under `prefix`) and its resolved YAML."""
+        self.log_params(flatten(cfg.model_dump(mode="json", exclude=exclude), prefix=prefix))
+        self.log_text(to_yaml(cfg), path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        mlflow.set_tags(tags)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, flush: bool = False) -> None:
+        if metrics:
+            self.metrics.update(metrics)
+            self._logger.log(metrics, step)
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        self._logger.flush()
+
+    def log_figure(self, fig: Any, path: str) -> None:
+        """Log a matplotlib figure and close it (open figures pile up in long flows)."""
+        from picollm.plots import close
+
+        try:
+            mlflow.log_figure(fig, path)
+        finally:
+            close(fig)
+        self.artifacts.append(path)
+
+    def log_text(self, text: str, path: str) -> None:
+        mlflow.log_text(text, path)
+        self.artifacts.append(path)
+
+    def log_table(self, columns: dict[str, list[Any]], path: str) -> None:
+        """Columns as an MLflow table (a `.json` artifact the UI shows as a table)."""
+        mlflow.log_table(columns, path)
+        self.artifacts.append(path)
+
+    def log_csv(self, rows: list[dict[str, Any]], path: str) -> None:
+        """Rows as CSV, floats to 6 significant digits."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+        self.log_text(buf.getvalue(), path)
+
+    def log_model(self, model: torch.nn.Module, registered_name: str | None) -> tuple[str, str | None]:
+        """Log the model (and register it under `registered_name` unless None): (model URI, version)."""
+        from picollm.registry import log_model
+
+        uri, version = log_model(model, registered_name)
+        if version:
+            mlflow.set_tag("registered_model", f"{registered_name}/{version}")
+        return uri, version
+
+
+@dataclass
+class Session:
+    """What `session` set up: the flow, its store, device and (under torchrun) process group."""
+
+    flow: str
+    tracking: TrackingConfig
+    device: torch.device
+    dist: DistContext = field(default_factory=DistContext)
+    uri: str | None = None  # None on DDP ranks other than 0: they never talk to MLflow
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def hardware_params(self) -> dict[str, Any]:
+        return {"hardware.device": str(self.device), "hardware.torch_threads": torch.get_num_threads()}
+
+    @contextmanager
+    def run(
+        self,
+        run_name: str | None = None,
+        *,
+        config: BaseModel | None = None,
+        config_path: str = "config.yaml",
+        param_prefix: str = "",
+        param_exclude: set[str] | None = None,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        nested: bool = False,
+        run_id: str | None = None,
+    ) -> Iterator[RunLog]:
+        """Open (or, with `run_id`, resume) a run in the session's experiment, tagged with the flow.
+        Given a `config`, its flattened params, the hardware and the resolved YAML are logged first.
+        Buffered metrics are flushed on every way out, so what was measured before a failure is kept."""
+        assert self.uri is not None, "only rank 0 opens runs"
+        tracking.init_tracking(self.uri)  # again: a flow may have pointed MLflow at another store meanwhile
+        # A resumed run keeps its flow tag (compare re-enters the child runs that training opened).
+        all_tags = dict(tags or {}) if run_id else {"picollm.flow": self.flow, **(tags or {})}
+        with tracking.tracked_run(self.tracking.experiment, run_name, run_id, all_tags, nested) as active:
+            out = RunLog(active)
+            try:
+                if config is not None:
+                    out.log_config(config, config_path, param_prefix, param_exclude)
+                    out.log_params(self.hardware_params())
+                if params:
+                    out.log_params(params)
+                yield out
+            finally:
+                _flush_quietly(out)
+
+
+def _flush_quietly(out: RunLog) -> None:
+    try:
+        out.flush()
+    except Exception as e:  # a broken store: the run's own error (if any) is the one to report
+        log.warning("could not flush the run's metrics: %s", tracking.first_line(e))
+
+
+@contextmanager
+def session(
+    flow: str,
+    tracking_cfg: TrackingConfig,
+    *,
+    device: str = "cpu",
+    num_threads: int | None = None,
+    distributed_ok: bool = False,
+) -> Iterator[Session]:
+    """Set a flow up: refuse torchrun unless `distributed_ok`, join the process group (if any), apply
+    `num_threads`, pick the device and initialise the store on rank 0. A store that does not answer is
+    one clear error before any work starts (on every rank: rank 0 shares its failure)."""
+    if not distributed_ok:
+        distributed.refuse_under_torchrun(flow)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    ctx, dev = distributed.setup(device)
+    try:
+        uri, failure = None, None
+        if ctx.is_main:
+            try:
+                uri = tracking.init_tracking(tracking_cfg.uri)
+            except Exception as e:
+                failure = e
+        distributed.share_failure(ctx, failure)
+        yield Session(flow, tracking_cfg, dev, ctx, uri)
+    finally:
+        distributed.teardown(ctx)
+
+
+class MlflowCallbacks:
+    """Trainer callbacks that log to a run (batched, flushed every epoch) and forward to a UI
+    reporter; `checkpoints=False` skips the checkpoint artifact (runs that are not resumable)."""
+
+    def __init__(self, run: RunLog, ui: TrainCallbacks, checkpoints: bool = True) -> None:
+        self.run = run
+        self.ui = ui
+        self.checkpoints = checkpoints
+
+    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
+        self.ui.on_train_start(total_steps, steps_per_epoch, start_epoch)
+
+    def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
+        if metrics:
+            self.run.log_metrics(metrics, step)
+        self.ui.on_step(step, metrics)
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        self.run.log_metrics(metrics, step, flush=True)
+        self.ui.on_epoch_end(epoch, step, metrics)
+
+    def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
+        if not self.checkpoints:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(CHECKPOINT_PATH).name
+            torch.save(checkpoint, path)
+            mlflow.log_artifact(str(path), artifact_path=str(Path(CHECKPOINT_PATH).parent))
+        self.ui.on_checkpoint(checkpoint, epoch)

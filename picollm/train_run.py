@@ -1,0 +1,200 @@
+"""One tracked training run: data, model and trainer; train, evaluate, log and register.
+
+The training flow (`picollm train`) is this inside a run scaffold session; `compare` runs it once per
+(attention, seed) as nested child runs, and `bench` times it against `train_untracked`. Under torchrun
+every rank calls `train`: all of them train (DDP), only rank 0 talks to MLflow, and the other ranks
+return an outcome with an empty run id.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NamedTuple
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+from picollm import distributed, plots
+from picollm.config import TrainRunConfig, flatten, validate
+from picollm.data import PaddedSplit, SyntheticData, build_data, to_padded
+from picollm.errors import PicollmError
+from picollm.evaluation import evaluate
+from picollm.hardware import measure_matmul_peak, resolve_device, torch_threads
+from picollm.model import Transformer
+from picollm.registry import SOURCE_CONFIG, load_checkpoint
+from picollm.runs import CHECKPOINT_PATH, MlflowCallbacks, RunLog, Session
+from picollm.training import NullCallbacks, TrainCallbacks, Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+
+RESUMABLE_KEYS = {"train.epochs", "train.early_stopping_patience", "tracking.run_name", "tracking.uri"}
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    model_uri: str | None
+    registered_version: str | None
+    test_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    families: list[str] = field(default_factory=list)
+    model: Transformer | None = field(default=None, repr=False)  # the trained model (on the CPU)
+
+
+class Prepared(NamedTuple):
+    data: SyntheticData
+    splits: dict[str, PaddedSplit]
+    model: Transformer
+    trainer: Trainer
+    peak: float
+    fit: Callable[[TrainCallbacks], TrainResult]
+
+
+def load_resume(run_id: str, cfg: TrainRunConfig) -> dict[str, Any]:
+    """The checkpoint of `run_id`, after checking that `cfg` differs from its config only in resumable keys."""
+    try:
+        MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise PicollmError(f"--resume: no run with id {run_id!r} in {mlflow.get_tracking_uri()}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_PATH, dst_path=tmp)
+        except (mlflow.exceptions.MlflowException, OSError):
+            raise PicollmError(f"--resume: run {run_id} has no checkpoint to resume from") from None
+        ckpt = load_checkpoint(path)
+    saved = validate(TrainRunConfig, ckpt["config"], source=f"checkpoint of run {run_id}")
+    old, new = flatten(saved.model_dump(mode="json")), flatten(cfg.model_dump(mode="json"))
+    for key in sorted(old.keys() | new.keys()):
+        if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):
+            raise PicollmError(
+                f"--resume: {key} is {new.get(key)!r} but run {run_id} was trained with {old.get(key)!r}"
+            )
+    if int(ckpt["epoch"]) >= cfg.train.epochs:
+        raise PicollmError(f"--resume: run {run_id} already completed {ckpt['epoch']} epochs")
+    return ckpt
+
+
+def prepare(
+    cfg: TrainRunConfig, ctx: distributed.DistContext, device: torch.device, ckpt: dict[str, Any] | None
+) -> Prepared:
+    """Data, model and trainer: everything of a run but its tracking."""
+    data = build_data(cfg.data)  # before the run starts: bad data settings leave no run behind
+    splits = {name: to_padded(s, cfg.data.pad_id, data.families) for name, s in data.splits().items()}
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    # Every rank measures at once, so the peak reflects the shared hardware; MFU is against all ranks.
+    peak = cfg.train.peak_flops or measure_matmul_peak(device)
+    trainer = Trainer(
+        model,
+        cfg.train,
+        device,
+        flops_per_token=6 * model.matmul_params(),
+        peak_flops=peak * ctx.world_size,
+        dist=ctx,
+    )
+    fit = partial(
+        trainer.fit,
+        splits["train"],
+        lambda m: evaluate(m, splits["val"], "val", cfg.train.eval_batch_size),
+        resume=ckpt,
+        checkpoint_extra={"config": cfg.model_dump(mode="json")},
+    )
+    return Prepared(data, splits, model, trainer, peak, fit)
+
+
+def train(
+    session: Session,
+    cfg: TrainRunConfig,
+    resume: str | None = None,
+    ui: TrainCallbacks | None = None,
+    nested: bool = False,
+) -> TrainOutcome:
+    """Train, evaluate, log and register as a run of `session` (`nested`: a child of the active run)."""
+    ctx = session.dist
+    ckpt, failure = None, None
+    if resume and ctx.is_main:  # a resume must make sense before any work starts
+        try:
+            ckpt = load_resume(resume, cfg)
+        except Exception as e:
+            failure = e
+    if resume:
+        distributed.share_failure(ctx, failure)
+        ckpt = distributed.broadcast_checkpoint(ctx, ckpt)
+    prep = prepare(cfg, ctx, session.device, ckpt)
+    if not ctx.is_main:
+        result = prep.fit(NullCallbacks())
+        return TrainOutcome("", None, None, {}, result.history, prep.data.families)
+
+    run_name = cfg.tracking.run_name or f"{cfg.model.attention}-{cfg.model.pos_encoding}-seed{cfg.train.seed}"
+    tags = {"picollm.flow": "train", "model.attention": cfg.model.attention}
+    with session.run(
+        run_name,
+        config=cfg if ckpt is None else None,  # a resumed run has its params already
+        config_path=SOURCE_CONFIG,
+        params=_run_params(cfg, session, prep) if ckpt is None else None,
+        tags=tags,
+        nested=nested,
+        run_id=resume,
+    ) as run:
+        if ckpt is None:
+            run.log_metrics(prep.data.stats())
+        elif ctx.enabled:
+            run.set_tags({"distributed.resumed_world_size": str(ctx.world_size)})
+        result = prep.fit(MlflowCallbacks(run, ui or NullCallbacks()))
+        final = _log_results(run, cfg, prep, result)
+        model_uri = version = None
+        if cfg.tracking.log_model:
+            model_uri, version = run.log_model(prep.trainer.model.cpu(), cfg.tracking.registered_model)
+    model = prep.trainer.model.cpu()
+    return TrainOutcome(run.run_id, model_uri, version, final, result.history, prep.data.families, model)
+
+
+def _run_params(cfg: TrainRunConfig, session: Session, prep: Prepared) -> dict[str, Any]:
+    ctx = session.dist
+    return {
+        "model.num_params": prep.model.num_params(),
+        "model.matmul_params": prep.model.matmul_params(),
+        "hardware.peak_flops": f"{prep.peak:.3e}",
+        "train.precision_resolved": prep.trainer.precision,
+        "distributed.world_size": ctx.world_size,
+        "distributed.backend": ctx.backend or "none",
+        "distributed.rows_per_rank": math.ceil(cfg.train.batch_size / ctx.world_size),
+    }
+
+
+def _log_results(run: RunLog, cfg: TrainRunConfig, prep: Prepared, result: TrainResult) -> dict[str, float]:
+    """Test metrics, run summaries and figures; returns the test metrics with the last val metrics."""
+    test_metrics = evaluate(prep.trainer.model, prep.splits["test"], "test", cfg.train.eval_batch_size)
+    summary = {
+        **test_metrics,
+        "throughput/tokens_per_s_mean": _mean(result.history, "throughput/tokens_per_s"),
+        "throughput/mfu_mean": _mean(result.history, "throughput/mfu"),
+        "train.epochs_run": float(result.epochs_run),
+    }
+    if result.best_epoch is not None:
+        summary["train.best_epoch"] = float(result.best_epoch)
+    run.log_metrics(summary, step=result.steps, flush=True)
+    run.log_figure(plots.training_curves(result.history), "figures/training_curves.png")
+    run.log_figure(plots.family_accuracy(test_metrics, prep.data.families), "figures/test_accuracy_per_family.png")
+    return {**test_metrics, **{k: v for k, v in result.history[-1].items() if k.startswith("val/")}}
+
+
+def train_untracked(cfg: TrainRunConfig) -> dict[str, float]:
+    """The same training and test evaluation as `train`, with no MLflow at all: the baseline that
+    `make bench` measures tracking overhead against."""
+    device = resolve_device(cfg.train.device)
+    with torch_threads(cfg.train.num_threads):  # as a session would apply them
+        prep = prepare(cfg, distributed.DistContext(device=device), device, None)
+        prep.fit(NullCallbacks())
+        return evaluate(prep.trainer.model, prep.splits["test"], "test", cfg.train.eval_batch_size)
+
+
+def _mean(history: list[dict[str, float]], key: str) -> float:
+    vals = [h[key] for h in history if key in h]
+    return sum(vals) / len(vals) if vals else math.nan
