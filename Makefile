@@ -22,7 +22,7 @@ PG_INSTALL = command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl
 	  else echo "PostgreSQL is missing: run 'sudo apt-get install postgresql'" >&2; exit 1; fi; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train-baseline train-linear train-ddp dpo compare analyze generate models ui test test-all lint bench lock clean server server-stop test-integration
+.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve analyze generate models ui test test-all lint bench lock clean server server-stop test-integration
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ dpo: setup ## SFT a reference on TinyStories, then DPO it (configs/dpo.yaml); re
 
 compare: setup ## Softmax vs linear over 3 seeds each (configs/compare.yaml): metrics with CIs, report, one MLflow parent run
 	$(BIN)/picollm compare configs/compare.yaml $(ARGS)
+
+learning-curve: setup ## Test accuracy vs training-set size for both attentions (configs/learning_curve.yaml)
+	$(BIN)/picollm compare configs/learning_curve.yaml $(ARGS)
 
 analyze: setup ## Interpretability report of MODEL (embeddings, attention, neurons, ablation) as an MLflow run
 	$(BIN)/picollm analyze "$(MODEL)" $(ARGS)

@@ -31,15 +31,25 @@ class DataConfig(StrictModel):
     vocab_size: int = Field(128, ge=8, le=65536)
     min_len: int = Field(8, ge=3)
     max_len: int = Field(32, ge=3)
-    n_train: int = Field(400, ge=1, description="training sequences per family")
+    n_train: int = Field(2000, ge=1, description="training sequences per family")
     n_val: int = Field(80, ge=1, description="validation sequences per family")
     n_test: int = Field(80, ge=1, description="test sequences per family")
+    held_out_share: float = Field(
+        0.15,
+        gt=0,
+        lt=0.5,
+        description="share of each family's generators that val, and test, each hold (never in train)",
+    )
     seed: int = 0
     start_range: tuple[int, int] | None = Field(
         None, description="inclusive range of first values; null = every value 0..M-1"
     )
-    arithmetic_steps: list[int] = Field(default_factory=lambda: [2, 3, 4, 5], min_length=1)
-    geometric_ratios: list[int] = Field(default_factory=lambda: [2, 3], min_length=1)
+    arithmetic_steps: list[int] = Field(
+        default_factory=lambda: [2, 3, 4, 5], min_length=1, description="common differences d (not 0 or 1 mod M)"
+    )
+    geometric_ratios: list[int] = Field(
+        default_factory=lambda: [2, 3], min_length=1, description="ratios r (not 0 or 1 mod M)"
+    )
     walk_steps: list[int] = Field(default_factory=lambda: [-1, 1], min_length=1)
 
     @property
@@ -61,10 +71,16 @@ class DataConfig(StrictModel):
             lo, hi = self.start_range
             if not 0 <= lo <= hi < m:
                 raise ValueError(f"start_range must satisfy 0 <= lo <= hi <= {m - 1}, got {[lo, hi]}")
+        small = " (the defaults need vocab_size >= 14)" if m < 13 else ""
         if any(s % m == 0 for s in self.arithmetic_steps):
-            raise ValueError(f"arithmetic_steps must be non-zero modulo {m}")
+            raise ValueError(f"arithmetic_steps must be non-zero modulo {m}{small}")
+        if "counting" in self.seq_types and any(s % m == 1 for s in self.arithmetic_steps):
+            raise ValueError(f"arithmetic_steps must not be 1 modulo {m}: step 1 is the counting family{small}")
         if any(r % m in (0, 1) for r in self.geometric_ratios):
-            raise ValueError(f"geometric_ratios must not be 0 or 1 modulo {m} (the sequence would stick)")
+            raise ValueError(f"geometric_ratios must not be 0 or 1 modulo {m} (the sequence would stick){small}")
+        for key in ("arithmetic_steps", "geometric_ratios"):  # one value is one generator
+            if len({v % m for v in getattr(self, key)}) != len(getattr(self, key)):
+                raise ValueError(f"{key} lists a value twice modulo {m}")
         return self
 
 
@@ -351,6 +367,11 @@ class CompareSettings(StrictModel):
     )
     linear: list[str] | None = Field(None, description="linear-attention model reference(s); null = train")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="train.seed per pair")
+    resample_data: bool = Field(
+        True,
+        description="each seed also draws its own data and long sequences (data.seed + seed), so the intervals "
+        "include data sampling; false = every seed on data.seed",
+    )
     length_factors: list[int] = Field(
         default_factory=lambda: [1, 2, 4, 8], min_length=1, description="evaluate at these multiples of data.max_len"
     )
@@ -358,7 +379,23 @@ class CompareSettings(StrictModel):
     ci: Literal["t", "bootstrap"] = Field("t", description="confidence interval of the mean over seeds")
     confidence: float = Field(0.95, gt=0, lt=1)
     bootstrap_samples: int = Field(10000, ge=100)
-    alpha: float = Field(0.05, gt=0, lt=1, description="Welch t-test level below which a difference is called real")
+    test: Literal["paired", "welch"] = Field(
+        "paired",
+        description="difference test over runs: paired t on the per-seed differences (train mode), or Welch's; "
+        "paired falls back to Welch (noted in the report) when the runs are not paired",
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="level of the difference and equivalence tests (p Holm-adjusted per table)"
+    )
+    equivalence_margin: float = Field(
+        0.01,
+        gt=0,
+        description="TOST margin: |linear - softmax| < margin is equivalent; absolute, in the metric's units "
+        "(sized for accuracy-like metrics in [0, 1])",
+    )
+    equivalence_margins: dict[str, float] = Field(
+        default_factory=dict, description="per-metric margin overrides keyed by metric name, e.g. eval/test/loss"
+    )
     calibration_bins: int = Field(10, ge=2, description="equal-width confidence bins of the ECE")
     attention_positions: int = Field(16, ge=2, description="positions shown in the attention heatmaps")
 
@@ -379,6 +416,8 @@ class CompareSettings(StrictModel):
             raise ValueError("compare.seeds lists a seed twice")
         if any(f < 1 for f in self.length_factors) or len(set(self.length_factors)) != len(self.length_factors):
             raise ValueError("compare.length_factors must be distinct integers >= 1")
+        if any(not m > 0 for m in self.equivalence_margins.values()):
+            raise ValueError("compare.equivalence_margins must all be > 0")
         return self
 
 
@@ -402,6 +441,21 @@ class EfficiencyConfig(StrictModel):
         return self
 
 
+class LearningCurveConfig(StrictModel):
+    """`learning_curve` section of `picollm compare`: test accuracy vs training-set size, per family and model."""
+
+    n_train: list[int] = Field(
+        default_factory=list, description="data.n_train values (per family) to train both models at; empty = off"
+    )
+    seeds: list[int] | None = Field(None, description="seeds per size; null = compare.seeds")
+
+    @model_validator(mode="after")
+    def _check(self) -> LearningCurveConfig:
+        if any(n < 1 for n in self.n_train) or len(set(self.n_train)) != len(self.n_train):
+            raise ValueError("learning_curve.n_train must be distinct sizes >= 1")
+        return self
+
+
 class CompareConfig(StrictModel):
     """`picollm compare`: softmax vs linear attention, same data and seeds, one parent MLflow run."""
 
@@ -410,6 +464,7 @@ class CompareConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     compare: CompareSettings = Field(default_factory=CompareSettings)
     efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig)
+    learning_curve: LearningCurveConfig = Field(default_factory=LearningCurveConfig)
     tracking: TrackingConfig = Field(
         default_factory=lambda: TrackingConfig(experiment="picollm-compare", registered_model="picollm-compare"),
         description="registered_model is a prefix: children register as <prefix>-softmax / <prefix>-linear",
@@ -418,6 +473,8 @@ class CompareConfig(StrictModel):
     @model_validator(mode="after")
     def _link(self) -> CompareConfig:
         link_vocab(self.model, self.data)
+        if self.learning_curve.n_train and self.compare.baseline is not None:
+            raise ValueError("learning_curve trains models: it needs train mode (compare.baseline/linear null)")
         longest = max(self.compare.length_factors) * self.data.max_len
         if self.compare.baseline is None and self.model.pos_encoding == "learned" and longest > self.model.max_seq_len:
             raise ValueError(

@@ -1,191 +1,78 @@
-"""Synthetic integer-sequence families, content-disjoint splits, Bayes ceilings and batching.
+"""Splits of the synthetic families that share no generator, seen/novel contexts, split logging,
+padding and batching.
 
-Values are residues modulo M = vocab_size - 1 (token M is the pad):
-  counting      x_{t+1} = x_t + 1
-  arithmetic    x_{t+1} = x_t + d,        d from data.arithmetic_steps
-  geometric     x_{t+1} = r * x_t,        r from data.geometric_ratios, x_0 != 0
-  alternating   a, b, a, b, ...           a != b
-  random_walk   x_{t+1} = x_t + s,        s drawn uniformly from data.walk_steps at every step
-Modular values (rather than clamping or shortening) keep every family well defined at every length:
-nothing sticks at a bound, geometric sequences reach the 8-32 default lengths, and sequences longer
-than training never contain values the model has not seen.
+The families, their generators and Bayes ceilings live in `picollm.generators` (re-exported here).
+`build_data` cuts each family's generator space into one pool per split, in proportion to the split
+sizes and seeded by data.seed, and draws every split's sequences from its own pool only: no generator
+is in two splits (`data.generator_overlap`, 0) and no sequence content either (`data.split_overlap`, 0).
+
+Seen vs novel contexts. A val/test target x_{t+1} has a *seen context* when the tuple
+(x_{t-k+1}, ..., x_t, x_{t+1}) occurs at some position of some training sequence of any family, with
+k = CONTEXT_K[family]: 1 for the first-order rules (counting, arithmetic, geometric, random walk), 2
+for alternating (x_{t+1} = x_{t-1}). A target with fewer than k tokens before it uses those it has
+(an alternating sequence's first target: (x_0, x_1)). A lookup table of training n-grams can answer
+a seen target; a novel one needs the rule.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from picollm.config import DataConfig
 from picollm.errors import PicollmError
+from picollm.generators import (  # noqa: F401 (re-exported: the data API callers already use)
+    Generator,
+    ceiling_per_position,
+    draw_from_generators,
+    family_capacity,
+    generate_sequence,
+    generator_at,
+    generator_count,
+    is_deterministic,
+    sequence_from_generator,
+    sequences_per_generator,
+)
+
+if TYPE_CHECKING:
+    from picollm.runs import RunLog
 
 IGNORE_INDEX = -100
 
-
-# --------------------------------------------------------------------------------------------------
-# Generators
-
-
-def _starts(cfg: DataConfig) -> np.ndarray:
-    lo, hi = cfg.start_range if cfg.start_range is not None else (0, cfg.modulus - 1)
-    return np.arange(lo, hi + 1)
-
-
-def generate_sequence(family: str, length: int, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
-    m = cfg.modulus
-    starts = _starts(cfg)
-    t = np.arange(length)
-    if family == "counting":
-        return (rng.choice(starts) + t) % m
-    if family == "arithmetic":
-        return (rng.choice(starts) + rng.choice(cfg.arithmetic_steps) * t) % m
-    if family == "geometric":
-        nonzero = starts[starts != 0]
-        x0, r = int(rng.choice(nonzero)), int(rng.choice(cfg.geometric_ratios)) % m
-        return np.array([x0 * pow(r, int(i), m) % m for i in t])
-    if family == "alternating":
-        a = int(rng.choice(starts))
-        b = int(rng.choice([v for v in range(m) if v != a]))
-        return np.where(t % 2 == 0, a, b)
-    if family == "random_walk":
-        x0 = rng.choice(starts)
-        steps = rng.choice(cfg.walk_steps, size=length - 1)
-        return (x0 + np.concatenate([[0], np.cumsum(steps)])) % m
-    raise PicollmError(f"unknown sequence family {family!r}")
-
-
-def family_capacity(family: str, cfg: DataConfig) -> float:
-    """Number of distinct sequences a family can produce (upper bound; inf for random walks)."""
-    n_len = cfg.max_len - cfg.min_len + 1
-    n_start = len(_starts(cfg))
-    m = cfg.modulus
-    if family == "counting":
-        return n_start * n_len
-    if family == "arithmetic":
-        return n_start * len({d % m for d in cfg.arithmetic_steps}) * n_len
-    if family == "geometric":
-        return (n_start - (0 in _starts(cfg))) * len({r % m for r in cfg.geometric_ratios}) * n_len
-    if family == "alternating":
-        return n_start * (m - 1) * n_len
-    if len({s % m for s in cfg.walk_steps}) == 1:
-        return n_start * n_len
-    return math.inf
+CONTEXT_K = {"counting": 1, "arithmetic": 1, "geometric": 1, "alternating": 2, "random_walk": 1}
 
 
 # --------------------------------------------------------------------------------------------------
-# Bayes ceiling
+# Seen vs novel contexts
 
 
-@dataclass
-class _Hypotheses:
-    """Running consistency of a prefix with each family's parameters (one pass over the sequence)."""
-
-    x0: int
-    counting: bool = True
-    arith_step: int | None = None  # set once x1 is seen
-    arithmetic: bool = True
-    geo_ratios: list[int] = field(default_factory=list)
-    alternating: bool = True
-    walk: bool = True
-
-
-def ceiling_per_position(seq: np.ndarray, family: str, cfg: DataConfig) -> np.ndarray:
-    """Expected accuracy of the Bayes-optimal predictor for each target x_1..x_{L-1}.
-
-    The ideal predictor knows the generator (families equally likely among data.seq_types,
-    parameters uniform over the config's sets) but not which family or parameters produced this
-    sequence. At each prefix it predicts the most probable next value (ties split evenly); its
-    expected accuracy is the probability, under the true family's parameters, that this prediction
-    is right: 1 or 0 for deterministic families, 1/|walk_steps| per hit for random walks.
-    """
-    m = cfg.modulus
-    starts = set(_starts(cfg).tolist())
-    fams = set(cfg.seq_types)
-    n_start = len(starts)
-    n_start_geo = len(starts - {0})
-    steps = [d % m for d in cfg.arithmetic_steps]
-    ratios = [r % m for r in cfg.geometric_ratios]
-    walk = [s % m for s in cfg.walk_steps]
-    walk_counts = {s: walk.count(s) for s in set(walk)}
-
-    x = [int(v) for v in seq]
-    h = _Hypotheses(x0=x[0], geo_ratios=list(dict.fromkeys(ratios)) if x[0] != 0 else [])
-    in_starts = x[0] in starts
-    out = np.zeros(len(x) - 1)
-    for t in range(len(x) - 1):
-        if t >= 1:  # update consistency with the newest transition x_{t-1} -> x_t
-            prev, cur = x[t - 1], x[t]
-            h.counting &= (cur - prev) % m == 1
-            if t == 1:
-                h.arith_step = (cur - prev) % m
-                h.arithmetic = h.arith_step in steps
-                h.alternating = cur != prev
-            else:
-                h.arithmetic &= (cur - prev) % m == h.arith_step
-                h.alternating &= cur == x[t - 2]
-            h.geo_ratios = [r for r in h.geo_ratios if cur == (r * prev) % m]
-            h.walk &= ((cur - prev) % m) in walk_counts
-        cur = x[t]
-        weights: dict[int, float] = {}
-        floor = 0.0
-        add = partial(_add_weight, weights, m)
-        # Log prior weights, leaving out the common family prior 1/|families|.
-        if in_starts:
-            if "counting" in fams and h.counting:
-                add(cur + 1, -math.log(n_start))
-            if "arithmetic" in fams:
-                if t == 0:
-                    for d in steps:
-                        add(cur + d, -math.log(n_start * len(steps)))
-                elif h.arithmetic:
-                    n_same = steps.count(h.arith_step)
-                    add(cur + h.arith_step, math.log(n_same) - math.log(n_start * len(steps)))
-            if "alternating" in fams:
-                if t == 0:  # b is any value but a: a uniform floor, added below without a loop
-                    floor = 1.0 / (n_start * (m - 1))
-                elif h.alternating:
-                    add(x[t - 1], -math.log(n_start * (m - 1)))
-            if "random_walk" in fams and h.walk:
-                base = -math.log(n_start) - t * math.log(len(walk))
-                for s, c in walk_counts.items():
-                    add(cur + s, base + math.log(c / len(walk)))
-        if "geometric" in fams and x[0] != 0 and x[0] in starts:
-            for r in h.geo_ratios:
-                n_r = ratios.count(r)
-                add(cur * r, math.log(n_r) - math.log(n_start_geo * len(ratios)))
-        # Values not in `weights` (other than cur) carry only the floor; they tie for the argmax
-        # only when nothing else is consistent.
-        for v in weights:
-            if v != cur:
-                weights[v] += floor
-        n_floor_only = (m - 1 - sum(v != cur for v in weights)) if floor > 0 else 0
-        best = max([*weights.values(), floor if n_floor_only else 0.0])
-        if best == 0.0:
-            out[t] = 0.0
-            continue
-        argmax = {v for v, w in weights.items() if w >= best * (1 - 1e-9)}
-        floor_wins = n_floor_only > 0 and floor >= best * (1 - 1e-9)
-        n_argmax = len(argmax) + (n_floor_only if floor_wins else 0)
-
-        def in_argmax(v: int, argmax=argmax, floor_wins=floor_wins, weights=weights, cur=cur) -> bool:
-            return v in argmax or (floor_wins and v not in weights and v != cur)
-
-        if family == "random_walk":
-            true_p = {(cur + s) % m: c / len(walk) for s, c in walk_counts.items()}
-            out[t] = sum(p for v, p in true_p.items() if in_argmax(v)) / n_argmax
-        else:
-            out[t] = float(in_argmax(x[t + 1])) / n_argmax
+def training_ngrams(sequences: list[np.ndarray], sizes: set[int]) -> set[tuple[int, ...]]:
+    """Every window of each length in `sizes` of every sequence."""
+    out: set[tuple[int, ...]] = set()
+    for seq in sequences:
+        x = [int(v) for v in seq]
+        for n in sizes:
+            out.update(tuple(x[i : i + n]) for i in range(len(x) - n + 1))
     return out
 
 
-def _add_weight(weights: dict[int, float], m: int, value: int, logw: float) -> None:
-    weights[value % m] = weights.get(value % m, 0.0) + math.exp(logw)
+def seen_context_flags(
+    sequences: list[np.ndarray], families: list[str], train_sequences: list[np.ndarray]
+) -> list[np.ndarray]:
+    """Per sequence, a bool per target x_1..x_{L-1}: does (last CONTEXT_K tokens, target) occur
+    anywhere in `train_sequences` (any family)? See the module docstring."""
+    grams = training_ngrams(train_sequences, set(range(2, max(CONTEXT_K[f] for f in {*families, "counting"}) + 2)))
+    out = []
+    for seq, fam in zip(sequences, families, strict=True):
+        k, x = CONTEXT_K[fam], [int(v) for v in seq]
+        out.append(np.array([tuple(x[max(0, t - k + 1) : t + 2]) in grams for t in range(len(x) - 1)], dtype=bool))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,15 +81,30 @@ def _add_weight(weights: dict[int, float], m: int, value: int, logw: float) -> N
 
 @dataclass
 class SequenceSplit:
-    """One split: variable-length sequences with their family and per-target ceilings."""
+    """One split: variable-length sequences with their family, generator and per-target ceilings, and
+    (val/test) per-target seen-context flags."""
 
     name: str
     sequences: list[np.ndarray]
     families: list[str]
     ceilings: list[np.ndarray]
+    generators: list[Generator] = field(default_factory=list)  # e.g. {"start": 5, "step": 3}
+    seen: list[np.ndarray] = field(default_factory=list)  # empty for train
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One `{"family", "tokens", <generator parameters>}` per sequence (the logged jsonl lines)."""
+        gens = self.generators or [{}] * len(self)
+        return [
+            {"family": f, "tokens": [int(v) for v in s], **g}
+            for s, f, g in zip(self.sequences, self.families, gens, strict=True)
+        ]
+
+
+def _generator_key(family: str, gen: Generator) -> tuple[Any, ...]:
+    return (family, *sorted(gen.items()))
 
 
 @dataclass
@@ -211,66 +113,185 @@ class SyntheticData:
     val: SequenceSplit
     test: SequenceSplit
     families: list[str]
+    pools: dict[str, dict[str, list[Generator]]] = field(default_factory=dict)  # split -> family -> pool
 
     def splits(self) -> dict[str, SequenceSplit]:
         return {"train": self.train, "val": self.val, "test": self.test}
+
+    def generator_pool(self, split: str, family: str) -> list[Generator]:
+        """The generators of `family` cut for `split` (used or spare), in no other split's pool: draw
+        held-out sequences (e.g. longer ones) from `generator_pool("test", family)`."""
+        return list(self.pools.get(split, {}).get(family, []))
 
     def split_overlap(self) -> int:
         """Number of val/test sequences whose content also appears in train (must be 0)."""
         seen = {s.tobytes() for s in self.train.sequences}
         return sum(s.tobytes() in seen for s in self.val.sequences + self.test.sequences)
 
+    def generator_overlap(self) -> int:
+        """Number of (family, generator) pairs that sequences of two or more splits use (must be 0)."""
+        used = [
+            {_generator_key(f, g) for f, g in zip(s.families, s.generators, strict=False)}
+            for s in self.splits().values()
+        ]
+        return sum(sum(key in other for other in used) > 1 for key in set().union(*used))
+
     def stats(self) -> dict[str, float]:
-        out: dict[str, float] = {"data.split_overlap": float(self.split_overlap())}
+        out: dict[str, float] = {
+            "data.split_overlap": float(self.split_overlap()),
+            "data.generator_overlap": float(self.generator_overlap()),
+        }
         for name, split in self.splits().items():
             out[f"data.{name}.sequences"] = float(len(split))
             out[f"data.{name}.tokens"] = float(sum(len(s) for s in split.sequences))
+            out[f"data.{name}.generators"] = float(
+                len({_generator_key(f, g) for f, g in zip(split.families, split.generators, strict=False)})
+            )
             for fam in self.families:
                 out[f"data.{name}.{fam}"] = float(sum(f == fam for f in split.families))
         return out
 
 
-def build_data(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: int | None = None) -> SyntheticData:
-    """Generate the splits with no sequence content shared between or within them.
+def cut_generators(
+    family: str, cfg: DataConfig, sizes: dict[str, int], rng: np.random.Generator, min_len: int, max_len: int
+) -> dict[str, list[Generator]]:
+    """Disjoint pools of `family`'s generators, one per split: a random partition of the space into
+    shares (`data.held_out_share` each for val and test; at least one generator each, and enough for the
+    split's sequences at min_len..max_len). Only the generators a split could use are listed: min(share, 2n + 8) for n
+    sequences (the spares replace draws whose content another family already made)."""
+    total = generator_count(family, cfg)
+    if total < len(sizes):
+        raise PicollmError(
+            f"data: family {family!r} has {total} generator(s), too few for {len(sizes)} splits that share "
+            f"none; widen its parameters (start_range, arithmetic_steps, geometric_ratios)"
+        )
+    per_gen = sequences_per_generator(family, cfg, min_len, max_len)
+    need = {n: max(1, -(-k // per_gen)) for n, k in sizes.items()}
+    if sum(need.values()) > total:
+        raise PicollmError(
+            f"data: family {family!r} has {total} generators of {per_gen} sequences each, too few for "
+            f"{sum(sizes.values())} sequences in splits that share no generator; widen its parameters "
+            f"(start_range, steps, ratios, lengths) or lower n_train/n_val/n_test"
+        )
+    # Shares of the space by split: held_out_share each for val and test, whatever their sizes (a test set
+    # of a few generators would measure little); other split layouts in proportion to their sizes.
+    weights = (
+        {n: cfg.held_out_share if n != "train" else 1 - cfg.held_out_share * (len(sizes) - 1) for n in sizes}
+        if "train" in sizes
+        else dict(sizes)
+    )
+    share = _proportional(total, weights, need)
+    take = {n: min(share[n], 2 * k + 8) for n, k in sizes.items()}
+    picked = rng.choice(total, size=sum(take.values()), replace=False).tolist()
+    pools, at = {}, 0
+    for n, k in take.items():
+        pools[n] = [generator_at(family, i, cfg) for i in picked[at : at + k]]
+        at += k
+    return pools
 
-    Sequences are drawn family by family; a draw whose content was already used anywhere is drawn
-    again, so a split is never padded with repeats. A family whose parameter space cannot hold that
-    many distinct sequences is an error naming the family.
+
+def _proportional(total: int, sizes: dict[str, float], need: dict[str, int]) -> dict[str, int]:
+    """Integer shares of `total` proportional to `sizes` (largest remainders), each at least `need`."""
+    exact = {n: total * k / sum(sizes.values()) for n, k in sizes.items()}
+    share = {n: max(need[n], int(exact[n])) for n in sizes}
+    while sum(share.values()) > total:  # the minimums took generators from the others
+        n = max((n for n in share if share[n] > need[n]), key=lambda n: share[n] - exact[n])
+        share[n] -= 1
+    while sum(share.values()) < total:
+        n = max(share, key=lambda n: exact[n] - share[n])
+        share[n] += 1
+    return share
+
+
+def _draw_split(
+    family: str,
+    pool: list[Generator],
+    n: int,
+    name: str,
+    cfg: DataConfig,
+    max_len: int,
+    rng: np.random.Generator,
+    seen: set[bytes],
+) -> list[tuple[np.ndarray, Generator]]:
+    """`n` sequences of new content from `pool`, in passes over it: one per generator while the pool
+    lasts, another length (a walk: another draw) of each generator on every further pass."""
+    lengths = np.arange(cfg.min_len, max_len + 1)
+    deterministic = is_deterministic(family, cfg)
+    left: dict[int, list[int]] = {}  # deterministic: the lengths a generator has not been drawn at yet
+    out: list[tuple[np.ndarray, Generator]] = []
+    while len(out) < n:
+        before = len(out)
+        for i, gen in enumerate(pool):
+            if len(out) == n:
+                break
+            if deterministic:
+                todo = left.setdefault(i, rng.permutation(lengths).tolist())
+                draws = (sequence_from_generator(family, gen, todo.pop(), cfg) for _ in range(len(todo)))
+            else:
+                draws = (
+                    sequence_from_generator(family, gen, int(rng.integers(cfg.min_len, max_len + 1)), cfg, rng)
+                    for _ in range(50)
+                )
+            seq = next((s for s in draws if s.tobytes() not in seen), None)
+            if seq is not None:
+                seen.add(seq.tobytes())
+                out.append((seq, gen))
+        if len(out) == before:
+            raise PicollmError(
+                f"data: could not draw {n} distinct {family!r} sequences for {name} from its {len(pool)} "
+                f"generators; widen the family's parameters (start_range, steps, ratios, lengths)"
+            )
+    return out
+
+
+def build_data(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: int | None = None) -> SyntheticData:
+    """Generate the splits: no generator shared between splits, no content shared between or within them.
+
+    Per family, the generator space is cut into a pool per split (`cut_generators`) and each split
+    draws from its own pool (`_draw_split`), at random lengths in min_len..max_len. A draw whose content
+    was already used anywhere (other families can make it: `5 6 5 6` is alternating and a walk) is
+    drawn again. Too few generators for the splits is an error naming the family. Val/test sequences
+    carry their seen-context flags against train.
     """
     sizes = splits or {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     rng = np.random.default_rng(cfg.seed)
+    hi = max_len or cfg.max_len
     seen: set[bytes] = set()
     out: dict[str, SequenceSplit] = {n: SequenceSplit(n, [], [], []) for n in sizes}
-    hi = max_len or cfg.max_len
-    need = sum(sizes.values())
+    pools: dict[str, dict[str, list[Generator]]] = {n: {} for n in sizes}
     for fam in cfg.seq_types:
-        cap = family_capacity(fam, cfg)
-        if cap < need:
-            raise PicollmError(
-                f"data: family {fam!r} has only {int(cap)} distinct sequences, but the splits need "
-                f"{need}; widen its parameters (start_range, steps, lengths) or lower n_train/n_val/n_test"
-            )
+        cut = cut_generators(fam, cfg, sizes, rng, cfg.min_len, hi)
         for name, n in sizes.items():
-            attempts = 0
-            got = 0
-            while got < n:
-                attempts += 1
-                if attempts > 50 * n + 1000:
-                    raise PicollmError(
-                        f"data: could not draw {n} new distinct {fam!r} sequences for {name}; "
-                        f"widen the family's parameters"
-                    )
-                length = int(rng.integers(cfg.min_len, hi + 1))
-                seq = generate_sequence(fam, length, cfg, rng).astype(np.int64)
-                key = seq.tobytes()
-                if key in seen:
-                    continue
-                seen.add(key)
+            pools[name][fam] = cut[name]
+            for seq, gen in _draw_split(fam, cut[name], n, name, cfg, hi, rng, seen):
                 out[name].sequences.append(seq)
                 out[name].families.append(fam)
+                out[name].generators.append(gen)
                 out[name].ceilings.append(ceiling_per_position(seq, fam, cfg))
-                got += 1
-    return SyntheticData(families=list(cfg.seq_types), **out)
+    for name, split in out.items():
+        if name != "train" and "train" in out:
+            split.seen = seen_context_flags(split.sequences, split.families, out["train"].sequences)
+    return SyntheticData(families=list(cfg.seq_types), pools=pools, **out)
+
+
+def log_splits(run: RunLog, data: SyntheticData) -> None:
+    """Log every split of `data` to the open `run`: as an MLflow dataset input (context = the split's
+    name; its digest covers family, tokens and generator) and as the artifact `data/<split>.jsonl`,
+    one `{"family", "tokens", <generator parameters>}` object per line (`SequenceSplit.records`)."""
+    import mlflow
+    import mlflow.data
+    import pandas as pd
+
+    for name, split in data.splits().items():
+        run.log_text("".join(json.dumps(r) + "\n" for r in split.records()), f"data/{name}.jsonl")
+        frame = pd.DataFrame(
+            {
+                "family": split.families,
+                "tokens": [" ".join(str(int(v)) for v in s) for s in split.sequences],
+                "generator": [json.dumps(g) for g in split.generators] or [""] * len(split),
+            }
+        )
+        mlflow.log_input(mlflow.data.from_pandas(frame, name=f"synthetic-{name}", targets=None), context=name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,6 +308,7 @@ class PaddedSplit:
     family_ids: torch.Tensor | None = None  # (N,)
     ceilings: torch.Tensor | None = None  # (N, Lmax-1) float, 0 on padding
     family_names: list[str] = field(default_factory=list)
+    seen: torch.Tensor | None = None  # (N, Lmax-1) bool: the target's context occurs in train; False on padding
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -304,6 +326,7 @@ class PaddedSplit:
             family_ids=None if self.family_ids is None else self.family_ids[idx],
             ceilings=None if self.ceilings is None else self.ceilings[idx, : max(width - 1, 0)],
             family_names=self.family_names,
+            seen=None if self.seen is None else self.seen[idx, : max(width - 1, 0)],
         )
 
 
@@ -324,6 +347,11 @@ def to_padded(split: SequenceSplit, pad_id: int, families: list[str]) -> PaddedS
     ceilings = torch.zeros(len(split), max(tokens.shape[1] - 1, 0))
     for i, c in enumerate(split.ceilings):
         ceilings[i, : len(c)] = torch.as_tensor(c, dtype=torch.float32)
+    seen = None
+    if split.seen and len(split.seen) == len(split):
+        seen = torch.zeros(ceilings.shape, dtype=torch.bool)
+        for i, f in enumerate(split.seen):
+            seen[i, : len(f)] = torch.as_tensor(f, dtype=torch.bool)
     return PaddedSplit(
         tokens=tokens,
         lengths=torch.tensor([len(s) for s in split.sequences]),
@@ -331,6 +359,7 @@ def to_padded(split: SequenceSplit, pad_id: int, families: list[str]) -> PaddedS
         family_ids=torch.tensor([families.index(f) for f in split.families]),
         ceilings=ceilings,
         family_names=list(families),
+        seen=seen,
     )
 
 

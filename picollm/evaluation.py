@@ -1,4 +1,5 @@
-"""Next-token evaluation: loss, accuracy overall / per family / on predictable positions, ceilings."""
+"""Next-token evaluation: loss, accuracy overall / per family / on predictable positions / on seen and
+novel contexts, ceilings."""
 
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ def accuracy_metrics(split: PaddedSplit, correct: torch.Tensor, nll: torch.Tenso
     """Aggregate per-target results into `{prefix}/loss`, `{prefix}/accuracy`, per family, etc.
 
     `ceiling` is the Bayes-optimal expected accuracy on the same targets; `accuracy_predictable`
-    counts only targets the ideal predictor gets right with certainty (ceiling 1 there).
+    counts only targets the ideal predictor gets right with certainty (ceiling 1 there). Where the
+    split has seen-context flags (val/test, see picollm.data), `accuracy/seen_context[/family]` and
+    `accuracy/novel_context[/family]` split the accuracy by whether the target's context occurs in
+    training, and `novel_context_fraction[/family]` is the share of novel targets.
     """
     _, targets = inputs_and_targets(split.tokens, split.pad_id)
     valid = targets != IGNORE_INDEX
@@ -67,6 +71,12 @@ def accuracy_metrics(split: PaddedSplit, correct: torch.Tensor, nll: torch.Tenso
             out[f"{prefix}/accuracy_vs_ceiling{name}"] = float(correct[v].float().mean()) / max(
                 float(ceil[v].mean()), 1e-12
             )
+        if split.seen is not None:
+            seen = split.seen[:, : v.shape[1]]
+            out[f"{prefix}/novel_context_fraction{name}"] = float((v & ~seen).sum()) / n
+            for kind, mask in (("seen_context", v & seen), ("novel_context", v & ~seen)):
+                if int(mask.sum()):
+                    out[f"{prefix}/accuracy/{kind}{name}"] = float(correct[mask].float().mean())
 
     add("", torch.ones(len(split), dtype=torch.bool))
     if split.family_ids is not None:

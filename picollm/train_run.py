@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from picollm import distributed, plots
 from picollm.config import TrainRunConfig, flatten, validate
-from picollm.data import PaddedSplit, SyntheticData, build_data, to_padded
+from picollm.data import PaddedSplit, SyntheticData, build_data, log_splits, to_padded
 from picollm.errors import PicollmError
 from picollm.evaluation import evaluate
 from picollm.hardware import measure_matmul_peak, resolve_device, torch_threads
@@ -144,6 +144,7 @@ def train(
     ) as run:
         if ckpt is None:
             run.log_metrics(prep.data.stats())
+            log_splits(run, prep.data)
         elif ctx.enabled:
             run.set_tags({"distributed.resumed_world_size": str(ctx.world_size)})
         result = prep.fit(MlflowCallbacks(run, ui or NullCallbacks()))

@@ -238,11 +238,11 @@ def compare(
 
     out = flow.run(cfg, progress=progress_line)
     n = {att: sum(m.attention == att for m in out.members) for att in ("softmax", "linear")}
-    table = Table(title=f"softmax (n={n['softmax']}) vs linear (n={n['linear']}): mean ± CI")
-    for col in ("metric", "softmax", "linear", "linear − softmax", "Welch p", "verdict"):
+    table = Table(title=f"softmax (n={n['softmax']}) vs linear (n={n['linear']}): mean ± CI, p Holm-adjusted")
+    for col in ("metric", "softmax", "linear", "linear − softmax", "p", "p TOST", "verdict"):
         table.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
     for r in out.rows:
-        table.add_row(r["metric"], r["softmax"], r["linear"], r["diff"], r["welch_p"], r["verdict"])
+        table.add_row(r["metric"], r["softmax"], r["linear"], r["diff"], r["p"], r["p_tost"], r["verdict"])
     console.print(table)
     console.print(
         f"parent run {out.parent_run_id} ({out.mode}, {len(out.members)} child runs), report.md and "

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from picollm import compare as cmp
 from picollm import registry, runs, train_run
+from picollm.compare.plots import learning_curve as learning_curve_figure
 from picollm.config import (
     CompareConfig,
     DataConfig,
@@ -55,6 +56,7 @@ class Member:
     label: str  # seed<k> or the model reference
     model: Transformer
     run_id: str = ""
+    data_seed: int = 0  # the data it was trained and is evaluated on
     source_run_id: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -74,19 +76,51 @@ class CompareOutcome:
 
 
 @dataclass
-class Inputs:
-    """Everything the comparison needs, built and checked before the parent run exists."""
+class EvalSet:
+    """One data draw (one data seed): the splits and long sequences its models are evaluated on."""
 
-    mode: str
-    members: list[Member]  # registry mode: loaded; train mode: filled as children finish
-    child_cfgs: dict[tuple[str, int], TrainRunConfig]
     data_cfg: DataConfig
-    data_source: str
     families: list[str]
     splits: dict[str, PaddedSplit]
     long: dict[int, PaddedSplit]  # length factor -> sequences of factor x data.max_len
     coverage: dict[str, dict[str, float]]
     cov_long: dict[int, dict[str, float]]
+
+
+@dataclass
+class Inputs:
+    """Everything the comparison needs, built and checked before the parent run exists. The report's
+    coverage, figures and data description use the first data seed's draw (`first`)."""
+
+    mode: str
+    members: list[Member]  # registry mode: loaded; train mode: filled as children finish
+    child_cfgs: dict[tuple[str, int], TrainRunConfig]
+    data_source: str
+    evalsets: dict[int, EvalSet]  # data seed -> its draw
+
+    @property
+    def first(self) -> EvalSet:
+        return next(iter(self.evalsets.values()))
+
+    @property
+    def data_cfg(self) -> DataConfig:
+        return self.first.data_cfg
+
+    @property
+    def families(self) -> list[str]:
+        return self.first.families
+
+    @property
+    def splits(self) -> dict[str, PaddedSplit]:
+        return self.first.splits
+
+    @property
+    def coverage(self) -> dict[str, dict[str, float]]:
+        return self.first.coverage
+
+    @property
+    def cov_long(self) -> dict[int, dict[str, float]]:
+        return self.first.cov_long
 
     @property
     def train_len(self) -> int:
@@ -119,7 +153,9 @@ class _EpochLines:
 # Inputs: the models (registry mode) or the child configs (train mode), and the data
 
 
-def _load_members(cfg: CompareConfig) -> tuple[list[Member], DataConfig, str]:
+def _load_members(cfg: CompareConfig) -> tuple[list[Member], dict[int, DataConfig], str]:
+    """The referenced models, each with the data config of its training run (they may differ in
+    data.seed only: each model is evaluated on the draw it was trained on)."""
     members: list[Member] = []
     data_cfgs: dict[str, DataConfig] = {}
     for att, refs in (("softmax", cfg.compare.baseline), ("linear", cfg.compare.linear)):
@@ -130,23 +166,26 @@ def _load_members(cfg: CompareConfig) -> tuple[list[Member], DataConfig, str]:
             model = source.load()  # not registry.load_model: that resolves the store anew, ignoring tracking.uri
             if model.cfg.attention != att:
                 raise PicollmError(f"compare.{key}: {ref} is a {model.cfg.attention}-attention model, expected {att}")
-            members.append(Member(att, label, model, source_run_id=source.run_id, history=source.training_history()))
             trained = source.training_config()
+            seed = trained.data.seed if trained is not None else cfg.data.seed
+            history = source.training_history()
+            members.append(Member(att, label, model, data_seed=seed, source_run_id=source.run_id, history=history))
             if trained is not None:
                 data_cfgs[label] = trained.data
-    if len({d.model_dump_json() for d in data_cfgs.values()}) > 1:
+    if len({d.model_copy(update={"seed": 0}).model_dump_json() for d in data_cfgs.values()}) > 1:
         raise PicollmError(
             "compare: the referenced models were trained on different data ("
             + ", ".join(data_cfgs)
             + "); compare models trained on the same data config"
         )
     if data_cfgs:
-        data_cfg, data_source = next(iter(data_cfgs.values())), "the referenced models' training runs"
+        base, data_source = next(iter(data_cfgs.values())), "the referenced models' training runs"
     else:
         log.warning("no training config found for the referenced models: using the data section of the config")
-        data_cfg, data_source = cfg.data, "the compare config (no training config found)"
-    _check_members(cfg, members, data_cfg)
-    return members, data_cfg, data_source
+        base, data_source = cfg.data, "the compare config (no training config found)"
+    by_seed = {m.data_seed: base.model_copy(update={"seed": m.data_seed}) for m in members}
+    _check_members(cfg, members, base)
+    return members, by_seed, data_source
 
 
 def _check_members(cfg: CompareConfig, members: list[Member], data_cfg: DataConfig) -> None:
@@ -163,9 +202,14 @@ def _check_members(cfg: CompareConfig, members: list[Member], data_cfg: DataConf
             )
 
 
+def data_seed(cfg: CompareConfig, seed: int) -> int:
+    """The data draw of a seed's pair: its own (data.seed + seed) unless compare.resample_data is off."""
+    return cfg.data.seed + seed if cfg.compare.resample_data else cfg.data.seed
+
+
 def _child_train_config(cfg: CompareConfig, att: str, seed: int) -> TrainRunConfig:
     raw = {
-        "data": cfg.data.model_dump(mode="json"),
+        "data": {**cfg.data.model_dump(mode="json"), "seed": data_seed(cfg, seed)},
         "model": {**cfg.model.model_dump(mode="json"), "attention": att},
         "train": {**cfg.train.model_dump(mode="json"), "seed": seed},
         "tracking": TrackingConfig(
@@ -184,16 +228,27 @@ def _inputs(cfg: CompareConfig, say: Say) -> Inputs:
     mode = "registry" if cc.baseline else "train"
     child_cfgs: dict[tuple[str, int], TrainRunConfig] = {}
     if mode == "registry":
-        members, data_cfg, data_source = _load_members(cfg)
+        members, data_cfgs, data_source = _load_members(cfg)
     else:
-        members, data_cfg, data_source = [], cfg.data, "the compare config"
+        members, data_source = [], "the compare config"
         child_cfgs = {(att, s): _child_train_config(cfg, att, s) for s in cc.seeds for att in cmp.MODELS}
+        data_cfgs = {data_seed(cfg, s): child_cfgs[("softmax", s)].data for s in cc.seeds}
+    say(f"drawing length-generalisation sequences ({', '.join(f'{f}x' for f in cc.length_factors)})")
+    evalsets = {seed: _evalset(cfg, d) for seed, d in data_cfgs.items()}
+    return Inputs(mode, members, child_cfgs, data_source, evalsets)
+
+
+def _evalset(cfg: CompareConfig, data_cfg: DataConfig) -> EvalSet:
+    """The splits of one data draw, its long sequences (content-disjoint from every split) and coverage."""
+    cc = cfg.compare
     data = build_data(data_cfg)
     families, train_len, pad = data.families, data_cfg.max_len, data_cfg.pad_id
     splits = {name: to_padded(s, pad, families) for name, s in data.splits().items()}
-    say(f"drawing length-generalisation sequences ({', '.join(f'{f}x' for f in cc.length_factors)})")
     used = {s.tobytes() for split in data.splits().values() for s in split.sequences}
-    long_raw = {f: cmp.long_sequences(data_cfg, f * train_len, cc.n_long, used) for f in sorted(cc.length_factors)}
+    held_out = {fam: data.generator_pool("test", fam) for fam in families}  # no training generator
+    long_raw = {
+        f: cmp.long_sequences(data_cfg, f * train_len, cc.n_long, used, held_out) for f in sorted(cc.length_factors)
+    }
     cov_long = {f: cmp.coverage(data.train, s, data_cfg.modulus) for f, s in long_raw.items()}
     coverage = {"test split": cmp.coverage(data.train, data.test, data_cfg.modulus)}
     coverage |= {f"{f}× ({f * train_len})": c for f, c in cov_long.items()}
@@ -201,7 +256,7 @@ def _inputs(cfg: CompareConfig, say: Say) -> Inputs:
         if c["value_coverage"] < 1:  # e.g. a narrow data.start_range: long sequences reach unseen values
             log.warning("%s: only %.1f%% of the values occur in training", name, 100 * c["value_coverage"])
     long = {f: to_padded(s, pad, families) for f, s in long_raw.items()}
-    return Inputs(mode, members, child_cfgs, data_cfg, data_source, families, splits, long, coverage, cov_long)
+    return EvalSet(data_cfg, families, splits, long, coverage, cov_long)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,8 +265,9 @@ def _inputs(cfg: CompareConfig, say: Say) -> Inputs:
 
 def _evaluate(member: Member, run: RunLog, cfg: CompareConfig, inp: Inputs) -> None:
     bs = cfg.train.eval_batch_size
-    metrics, curves = cmp.evaluate_model(member.model, inp.splits, bs, cfg.compare.calibration_bins)
-    lg_metrics, lg_curves = cmp.length_generalisation(member.model, inp.long, inp.train_len, bs)
+    ev = inp.evalsets[member.data_seed]
+    metrics, curves = cmp.evaluate_model(member.model, ev.splits, bs, cfg.compare.calibration_bins)
+    lg_metrics, lg_curves = cmp.length_generalisation(member.model, ev.long, inp.train_len, bs)
     member.metrics = {**metrics, **lg_metrics, "model/num_params": float(member.model.num_params())}
     member.curves = {**curves, **lg_curves}
     run.log_metrics(member.metrics)
@@ -228,8 +284,10 @@ def _train_children(s: Session, cfg: CompareConfig, inp: Inputs, parent_id: str,
             say(f"training {att} {label} ({len(inp.members) + 1}/{len(inp.child_cfgs)})")
             out = train_run.train(s, inp.child_cfgs[(att, seed)], ui=_EpochLines(say, f"{att} {label}"), nested=True)
             assert out.model is not None
-            member = Member(att, label, out.model.cpu(), run_id=out.run_id, history=out.history)
+            seed_data = data_seed(cfg, seed)
+            member = Member(att, label, out.model.cpu(), out.run_id, seed_data, history=out.history)
             tags = {"compare.model": att, "compare.run": label, "compare.parent": parent_id}
+            tags["compare.data_seed"] = str(seed_data)
             with s.run(run_id=out.run_id, nested=True, tags=tags) as child:
                 _evaluate(member, child, cfg, inp)
             inp.members.append(member)
@@ -249,6 +307,45 @@ def _evaluate_loaded(s: Session, cfg: CompareConfig, inp: Inputs, say: Say) -> N
             if member.source_run_id:  # what the training run logged, beside what we measured
                 logged = client.get_run(member.source_run_id).data.metrics
                 child.log_metrics({f"source/{k}": logged[k] for k in ("test/loss", "test/accuracy") if k in logged})
+
+
+def _learning_curve(s: Session, cfg: CompareConfig, parent: RunLog, say: Say) -> list[tuple[str, str]]:
+    """Both models trained at every `learning_curve.n_train` (nested runs, nothing registered); the parent
+    logs `learning_curve/<model>/test/accuracy_vs_ceiling[/<family>]` with step = n_train, the rows as a
+    table and the figure. Returns the figure as (caption, path)."""
+    lc = cfg.learning_curve
+    rows: list[dict[str, Any]] = []
+    for n in lc.n_train:
+        for seed in lc.seeds if lc.seeds is not None else cfg.compare.seeds:
+            for att in cmp.MODELS:
+                child = _child_train_config(cfg, att, seed)
+                child.data.n_train = n
+                child.tracking.run_name = f"{att}-n{n}-seed{seed}"
+                child.tracking.registered_model, child.tracking.log_model = None, False
+                say(f"learning curve: {att} n_train={n} seed{seed}")
+                out = train_run.train(s, child, nested=True)
+                m = out.test_metrics
+                for group in ("all", *out.families):
+                    sfx = "" if group == "all" else f"/{group}"
+                    rows.append(
+                        {
+                            "model": att,
+                            "n_train": n,
+                            "seed": seed,
+                            "family": group,
+                            "accuracy": m[f"test/accuracy{sfx}"],
+                            "vs_ceiling": m[f"test/accuracy_vs_ceiling{sfx}"],
+                        }
+                    )
+    families = sorted({r["family"] for r in rows} - {"all"}, key=cfg.data.seq_types.index)
+    for att, n, group in {(r["model"], r["n_train"], r["family"]) for r in rows}:
+        vals = [r["vs_ceiling"] for r in rows if (r["model"], r["n_train"], r["family"]) == (att, n, group)]
+        sfx = "" if group == "all" else f"/{group}"
+        parent.log_metrics({f"learning_curve/{att}/test/accuracy_vs_ceiling{sfx}": float(np.mean(vals))}, step=n)
+    parent.log_table({k: [r[k] for r in rows] for k in rows[0]}, "learning_curve.json")
+    path = "figures/learning_curve.png"
+    parent.log_figure(learning_curve_figure(rows, families), path)
+    return [("Learning curves: test accuracy / ceiling vs training sequences (held-out generators)", path)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,6 +370,8 @@ def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
             efficiency = _efficiency(parent, cfg, {att: ms[0].model.cfg for att, ms in by_model.items()}, say)
             say("drawing figures")
             figures = _figures(parent, cfg, by_model, summary.agg, inp, efficiency)
+            if cfg.learning_curve.n_train:
+                figures += _learning_curve(s, cfg, parent, say)
             seconds = time.perf_counter() - start
             report = _report(cfg, inp, by_model, summary, efficiency, figures, parent.run_id, seconds)
             parent.log_text(report, "report.md")
@@ -286,20 +385,28 @@ def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
 @dataclass
 class Summary:
     agg: Any  # cmp.Aggregate
-    pvals: dict[str, float]
+    diffs: dict[str, cmp.Difference]
     rows: list[dict[str, str]]
     metrics: dict[str, float]
     params: dict[str, int]
+    paired: bool  # the runs pair up by seed (train mode, the same seeds in the same order)
+    seq_ci: cmp.SeqIntervals = field(default_factory=dict)
 
 
 def _log_summary(parent: RunLog, cfg: CompareConfig, inp: Inputs, by_model: dict[str, list[Member]]) -> Summary:
-    """Mean, CI and Welch p of every metric over the runs, and the mean position curves with bands."""
+    """Mean and CI of every metric over the runs, the difference linear - softmax with its paired (or
+    Welch) test and TOST, sequence-bootstrap intervals for a model with one run, and the mean position
+    curves with bands."""
     cc = cfg.compare
     runs_by_model = {att: [m.metrics for m in ms] for att, ms in by_model.items()}
     agg = cmp.aggregate(runs_by_model, cc.confidence, cc.ci, cc.bootstrap_samples)
-    pvals = cmp.p_values(runs_by_model)
-    rows = cmp.summary_rows(agg, pvals, cmp.headline_keys(cc.length_factors), cc.alpha)
-    metrics = cmp.aggregate_metrics(agg, pvals)
+    labels = {att: [m.label for m in ms] for att, ms in by_model.items()}
+    paired = inp.mode == "train" and labels["softmax"] == labels["linear"]  # registry mode: unpaired
+    margins = cc.equivalence_margins
+    diffs = cmp.differences(runs_by_model, cc.confidence, cc.equivalence_margin, margins, cc.test, paired)
+    seq_ci = _sequence_intervals(cfg, inp, by_model) if any(len(ms) == 1 for ms in by_model.values()) else {}
+    rows = cmp.summary_rows(agg, diffs, cmp.headline_keys(cc.length_factors), cc.alpha, seq_ci)
+    metrics = cmp.aggregate_metrics(agg, diffs, seq_ci)
     for f, c in inp.cov_long.items():
         metrics |= {f"lengen/x{f}/{k}": v for k, v in c.items()}
     params = {att: int(ms[0].model.num_params()) for att, ms in by_model.items()}
@@ -313,7 +420,48 @@ def _log_summary(parent: RunLog, cfg: CompareConfig, inp: Inputs, by_model: dict
                 point = {k: float(v) for k, v in zip(names, values, strict=True) if math.isfinite(v)}
                 parent.log_metrics(point, i + 1)
     parent.flush()
-    return Summary(agg, pvals, rows, metrics, params)
+    return Summary(agg, diffs, rows, metrics, params, paired, seq_ci)
+
+
+def _sequence_intervals(cfg: CompareConfig, inp: Inputs, by_model: dict[str, list[Member]]) -> cmp.SeqIntervals:
+    """For a model with one run: sequence-bootstrap intervals of its test accuracy (all and predictable
+    targets) and accuracy beyond the training length, on its fixed sequences; of the difference as well
+    when both models have one run on the same data (per-sequence correct_linear - correct_softmax)."""
+    cc, bs = cfg.compare, cfg.train.eval_batch_size
+    counts = {
+        att: _accuracy_counts(ms[0].model, inp.evalsets[ms[0].data_seed], inp.train_len, bs)
+        for att, ms in by_model.items()
+        if len(ms) == 1
+    }
+    out: cmp.SeqIntervals = {
+        att: {k: cmp.sequence_bootstrap_ci(c, t, cc.confidence, cc.bootstrap_samples) for k, (c, t) in per.items()}
+        for att, per in counts.items()
+    }
+    if len(counts) == 2 and by_model["softmax"][0].data_seed == by_model["linear"][0].data_seed:
+        a, b = counts["softmax"], counts["linear"]
+        out["diff"] = {
+            k: cmp.sequence_bootstrap_ci(b[k][0] - a[k][0], b[k][1], cc.confidence, cc.bootstrap_samples)
+            for k in sorted(a.keys() & b.keys())
+        }
+    return out
+
+
+def _accuracy_counts(
+    model: Transformer, ev: EvalSet, train_len: int, batch_size: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """metric -> (correct, targets) per sequence, for the accuracies a sequence bootstrap can resample."""
+    test = ev.splits["test"]
+    correct, _, _ = cmp.predict(model, test, batch_size)
+    valid = cmp.valid_targets(test)
+    out = {"eval/test/accuracy": cmp.sequence_counts(correct, valid)}
+    if test.ceilings is not None and bool((sure := valid & (test.ceilings >= 1 - 1e-9)).any()):
+        out["eval/test/accuracy_predictable"] = cmp.sequence_counts(correct, sure)
+    for f, split in ev.long.items():
+        correct, _, _ = cmp.predict(model, split, batch_size)
+        beyond = cmp.valid_targets(split) & (torch.arange(1, split.tokens.shape[1]) >= train_len)[None, :]
+        if bool(beyond.any()):
+            out[f"lengen/x{f}/beyond/accuracy"] = cmp.sequence_counts(correct, beyond)
+    return out
 
 
 def _report(
@@ -339,7 +487,7 @@ def _report(
             factors=cc.length_factors,
             train_len=inp.train_len,
             agg=summary.agg,
-            pvals=summary.pvals,
+            diffs=summary.diffs,
             rows=summary.rows,
             alpha=cc.alpha,
             ci_text=_ci_text(cfg),
@@ -347,6 +495,8 @@ def _report(
             efficiency=efficiency,
             figures=figures,
             extra=_reproduction_section(inp.members) if inp.mode == "registry" else [],
+            test=cc.test,
+            seq_ci=summary.seq_ci,
         )
     )
 
@@ -457,10 +607,12 @@ def _setup_lines(
     archs = {att: ms[0].model.cfg for att, ms in by_model.items()}
     a, b = archs["softmax"], archs["linear"]
     same_prior = a.pos_encoding == b.pos_encoding
+    seeds = sorted({m.data_seed for ms in by_model.values() for m in ms})
+    draws = f"data seed {seeds[0]}" if len(seeds) == 1 else f"data seeds {seeds} (each pair on its own draw)"
     lines = [
         f"Data (from {data_source}): families {', '.join(d.seq_types)}; {d.n_train}/{d.n_val}/{d.n_test} sequences "
-        f"per family (train/val/test), lengths {d.min_len}–{d.max_len}, values mod {d.modulus}, data seed {d.seed}; "
-        "content-disjoint splits.",
+        f"per family (train/val/test), lengths {d.min_len}–{d.max_len}, values mod {d.modulus}, {draws}; "
+        "generator-disjoint splits.",
         f"Architecture: d_model {a.d_model}, {a.n_layers} layer(s), {a.n_heads} heads"
         + (
             ""

@@ -8,6 +8,7 @@ MLFLOW_TRACKING_URI=sqlite:///<tmp>/mlflow.db, chdir to tmp, picollm.tracking._i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -72,15 +74,17 @@ def test_welch_p_on_hand_computed_case():
 
 
 def test_summary_rows_say_within_noise():
+    # unpaired (Welch), as in registry mode; paired, these seeds give p = 0.11 (see the paired test below)
     runs = {
         "softmax": [{"eval/test/accuracy": v} for v in (0.80, 0.82, 0.81)],
         "linear": [{"eval/test/accuracy": v} for v in (0.85, 0.83, 0.86)],
     }
-    agg, pvals = cmp.aggregate(runs), cmp.p_values(runs)
-    [row] = cmp.summary_rows(agg, pvals, [("eval/test/accuracy", "test accuracy", True)], alpha=0.05)
-    assert row["verdict"] == "linear better" and row["welch_p"] == "0.032"
-    [row] = cmp.summary_rows(agg, pvals, [("eval/test/accuracy", "test accuracy", True)], alpha=0.01)
-    assert row["verdict"] == "within noise"
+    agg, diffs = cmp.aggregate(runs), cmp.differences(runs, paired=False)
+    assert cmp.p_values(runs)["eval/test/accuracy"] == diffs["eval/test/accuracy"].p
+    [row] = cmp.summary_rows(agg, diffs, [("eval/test/accuracy", "test accuracy", True)], alpha=0.05)
+    assert row["verdict"] == "linear better" and row["p"] == "0.032" and row["test"] == "welch"
+    [row] = cmp.summary_rows(agg, diffs, [("eval/test/accuracy", "test accuracy", True)], alpha=0.01)
+    assert row["verdict"] == "inconclusive"  # a difference of 0.037 is not within ±0.01 either
     assert row["softmax"] == "0.810 ± 0.025"
 
 
@@ -312,7 +316,17 @@ def test_parent_with_one_child_per_model_and_seed(in_compared: Compared):
         )
     }
     report = mlflow.artifacts.load_text(f"runs:/{out.parent_run_id}/report.md")
-    assert "## Headline" in report and "Within noise" in report and "![" in report
+    assert "## Headline" in report and "How to read the verdicts" in report and "![" in report
+    assert "paired t-test on the 2 per-seed differences" in report
+    assert "Holm-adjusted within this table of" in report
+    assert {r["verdict"] for r in out.rows} <= {
+        "linear better",
+        "softmax better",
+        "equivalent within ±0.01",
+        "inconclusive",
+    }
+    for key in ("mean", "ci_low", "ci_high", "p", "p_tost"):
+        assert f"diff/eval/test/accuracy/{key}" in pm
     assert [r["metric"] for r in out.rows][:2] == ["test loss (NLL)", "test accuracy"]
 
 
@@ -351,3 +365,207 @@ def test_registry_mode_reproduces_the_logged_metrics(in_compared: Compared, monk
         for key in ("eval/val/accuracy", "eval/train/loss", "lengen/x4/beyond/accuracy", "eval/test/ece"):
             assert m[key] == pytest.approx(source[key], abs=1e-6), key
         assert m["source/test/accuracy"] == source["test/accuracy"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Paired differences, TOST, Holm, verdicts, sequence bootstrap (checked against scipy where it has them)
+
+# 3 seeds, each pair sharing init weights and data: the seed moves both models alike, linear is a bit
+# better on every seed. Welch sees the seed spread (p = 0.79); the paired test sees d = (0.01, 0.01, 0.015).
+SOFTMAX, LINEAR = [0.80, 0.85, 0.90], [0.81, 0.86, 0.915]
+
+
+def test_paired_difference_matches_scipy():
+    st = pytest.importorskip("scipy.stats")
+    d = cmp.difference(SOFTMAX, LINEAR, confidence=0.95, margin=0.01)
+    assert d.test == "paired" and d.n == 3 and d.df == 2
+    # by hand: mean 0.011667, s_d = 0.0028868, se = 0.0016667, t = 7.0, p = 0.019804
+    assert d.mean == pytest.approx(0.0116667, abs=1e-7) and d.se == pytest.approx(0.0016667, abs=1e-7)
+    assert d.p == pytest.approx(st.ttest_rel(LINEAR, SOFTMAX).pvalue, abs=1e-10)
+    assert d.p == pytest.approx(0.019804, abs=1e-6) and cmp.paired_p(SOFTMAX, LINEAR) == d.p
+    h = st.t.ppf(0.975, 2) * d.se
+    assert (d.low, d.high) == pytest.approx((d.mean - h, d.mean + h), abs=1e-10)
+    assert d.welch_p == pytest.approx(st.ttest_ind(LINEAR, SOFTMAX, equal_var=False).pvalue, abs=1e-10)
+    assert d.welch_p > 0.7  # unpaired, the same numbers say nothing
+    welch = cmp.difference(SOFTMAX, LINEAR, paired=False)
+    assert welch.test == "welch" and welch.p == d.welch_p and welch.low < 0 < welch.high
+    assert cmp.difference([0.8, 0.9], [0.8, 0.9, 1.0]).test == "welch"  # unequal n: no pairs
+    assert cmp.difference([0.8], [0.9]) is None
+    # no variance of the differences: certain
+    same = cmp.difference([0.5, 0.6], [0.5, 0.6], margin=0.01)
+    assert (same.p, same.p_tost, same.low, same.high) == (1.0, 0.0, 0.0, 0.0)
+    for confidence in (0.9, 0.99):
+        for df in (1, 2, 5, 30):
+            assert cmp.t_ppf(0.5 + confidence / 2, df) == pytest.approx(st.t.ppf(0.5 + confidence / 2, df), abs=1e-8)
+
+
+def test_tost_matches_two_one_sided_scipy_tests():
+    st = pytest.importorskip("scipy.stats")
+    for a, b, margin in ((SOFTMAX, LINEAR, 0.02), ([0.8, 0.82, 0.81], [0.801, 0.819, 0.812], 0.01)):
+        d = np.subtract(b, a)
+        lower = st.ttest_1samp(d, -margin, alternative="greater").pvalue  # H0: difference <= -margin
+        upper = st.ttest_1samp(d, margin, alternative="less").pvalue  # H0: difference >= margin
+        assert cmp.difference(a, b, margin=margin).p_tost == pytest.approx(max(lower, upper), abs=1e-10)
+    # Welch TOST by hand: the same one-sided t tests with the Welch standard error and df
+    a, b, m = [0.80, 0.82, 0.81], [0.80, 0.83, 0.81], 0.03
+    s = cmp.welch_stat(a, b)
+    hand = max(st.t.sf((s.mean + m) / s.se, s.df), st.t.cdf((s.mean - m) / s.se, s.df))
+    assert cmp.difference(a, b, margin=m, paired=False).p_tost == pytest.approx(hand, abs=1e-10)
+    # Welch-Satterthwaite: (1e-4/3 + 2.3333e-4/3)^2 / ((1e-4/3)^2/2 + (2.3333e-4/3)^2/2) = 3.4483
+    assert s.df == pytest.approx(3.448276, abs=1e-6)
+    assert s.df == pytest.approx(float(st.ttest_ind(b, a, equal_var=False).df), abs=1e-9)
+
+
+def test_holm_on_hand_computed_case():
+    # sorted 0.005, 0.01, 0.03, 0.04 (k = 4): 4 * 0.005 = 0.02, 3 * 0.01 = 0.03, 2 * 0.03 = 0.06,
+    # 1 * 0.04 = 0.04 -> 0.06 (monotone); NaN is not a test
+    adj = cmp.holm([0.01, 0.04, 0.03, 0.005, math.nan])
+    assert adj[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and math.isnan(adj[4])
+    assert cmp.holm([0.3, 0.6]) == pytest.approx([0.6, 0.6]) and cmp.holm([0.9, 0.8]) == [1.0, 1.0]
+    assert cmp.holm([0.02]) == [0.02] and cmp.holm([]) == []
+    runs = {  # a table of two: the p of each is adjusted against the other
+        "softmax": [{"x": a, "y": a} for a in SOFTMAX],
+        "linear": [{"x": b, "y": b + 0.1 * i} for i, b in enumerate(LINEAR)],
+    }
+    diffs = cmp.differences(runs)
+    (px, tx), (py, ty) = cmp.holm_table(diffs, ["x", "y"]).values()
+    ps, ts = sorted([diffs["x"].p, diffs["y"].p]), sorted([diffs["x"].p_tost, diffs["y"].p_tost])
+    assert sorted([px, py]) == pytest.approx([2 * ps[0], max(2 * ps[0], ps[1])])
+    assert sorted([tx, ty]) == pytest.approx([min(1.0, 2 * ts[0]), max(min(1.0, 2 * ts[0]), ts[1])])
+
+
+def test_the_four_verdicts():
+    assert cmp.verdict(0.02, 0.01, 0.9, 0.01, 0.05, higher_better=True) == "linear better"
+    assert cmp.verdict(0.02, 0.01, 0.9, 0.01, 0.05, higher_better=False) == "softmax better"  # e.g. a loss
+    assert cmp.verdict(-0.02, 0.01, 0.9, 0.01, 0.05, higher_better=True) == "softmax better"
+    assert cmp.verdict(0.001, 0.6, 0.01, 0.01, 0.05, True) == "equivalent within ±0.01"
+    assert cmp.verdict(0.02, 0.3, 0.4, 0.01, 0.05, True) == "inconclusive"
+    assert cmp.verdict(0.02, 0.05, 0.05, 0.01, 0.05, True) == "inconclusive"  # p < alpha, strictly
+    assert cmp.verdict(0.02, math.nan, math.nan, 0.01, 0.05, True).startswith("n/a")
+    # the same from runs, through the headline table (each row its own metric, Holm over the 4 tested)
+    base = [0.80, 0.85, 0.90]
+    deltas = {
+        "better": (0.010, 0.011, 0.010),
+        "worse": (-0.010, -0.011, -0.010),
+        "equivalent": (0.0005, -0.0005, 0.0002),
+        "noisy": (0.03, -0.02, 0.01),
+    }
+    runs = {
+        "softmax": [{k: a for k in deltas} for a in base],
+        "linear": [{k: a + deltas[k][i] for k in deltas} for i, a in enumerate(base)],
+    }
+    runs["softmax"][0]["single"] = 0.5
+    runs["linear"][0]["single"] = 0.6
+    agg, diffs = cmp.aggregate(runs), cmp.differences(runs, margin=0.01, margins={"noisy": 0.02})
+    keys = [(k, k, True) for k in (*deltas, "single")]
+    rows = {r["metric"]: r for r in cmp.summary_rows(agg, diffs, keys, alpha=0.05)}
+    assert {k: r["verdict"] for k, r in rows.items()} == {
+        "better": "linear better",
+        "worse": "softmax better",
+        "equivalent": "equivalent within ±0.01",
+        "noisy": "inconclusive",
+        "single": "n/a (fewer than 2 runs a side)",
+    }
+    assert rows["noisy"]["margin"] == "0.02" and rows["single"]["p"] == "-" and rows["single"]["diff"] == "+0.100"
+    assert rows["better"]["diff"].startswith("+0.010 ± ") and rows["better"]["test"] == "paired"
+    metrics = cmp.aggregate_metrics(agg, diffs)
+    assert metrics["diff/better/p"] == diffs["better"].p and metrics["diff/better/ci_low"] == diffs["better"].low
+    assert metrics["diff/better/welch_p"] == diffs["better"].welch_p and "diff/better/p_tost" in metrics
+    assert metrics["diff/single/mean"] == pytest.approx(0.1) and "diff/single/p" not in metrics
+
+
+def test_sequence_bootstrap_ci():
+    # identical sequences: every resample has the same accuracy, a zero-width interval at 3/5
+    iv = cmp.sequence_bootstrap_ci([3] * 10, [5] * 10, 0.95, n_boot=500, seed=1)
+    assert (iv.mean, iv.low, iv.high, iv.n) == (0.6, 0.6, 0.6, 10)
+    correct, targets = [5, 0, 3, 4, 2, 5, 1, 4], [5, 4, 5, 6, 3, 5, 2, 5]
+    iv = cmp.sequence_bootstrap_ci(correct, targets, 0.95, n_boot=4000, seed=0)
+    assert iv.mean == pytest.approx(24 / 35)  # sum correct / sum targets, not a mean of per-sequence ratios
+    assert 0 <= iv.low < iv.mean < iv.high <= 1
+    assert iv == cmp.sequence_bootstrap_ci(correct, targets, 0.95, n_boot=4000, seed=0)  # seeded
+    assert iv != cmp.sequence_bootstrap_ci(correct, targets, 0.95, n_boot=4000, seed=1)
+    st = pytest.importorskip("scipy.stats")
+    ref = st.bootstrap(
+        (np.array(correct), np.array(targets)),
+        lambda c, t: c.sum() / t.sum(),
+        paired=True,
+        vectorized=False,
+        n_resamples=4000,
+        method="percentile",
+        rng=np.random.default_rng(0),
+    ).confidence_interval
+    assert (iv.low, iv.high) == pytest.approx((ref.low, ref.high), abs=0.03)  # other resamples, same interval
+    assert math.isnan(cmp.sequence_bootstrap_ci([], []).mean)
+    with pytest.raises(ValueError):
+        cmp.sequence_bootstrap_ci([1, 2], [3])
+
+
+def test_sequence_counts_from_predictions(counting_data):
+    cfg, data, _, long, _ = counting_data
+    test = to_padded(data.test, cfg.pad_id, data.families)
+    correct, _, _ = cmp.predict(CountingStub(32, good_until=4), test)
+    c, t = cmp.sequence_counts(correct, cmp.valid_targets(test))
+    assert list(t) == [len(s) - 1 for s in data.test.sequences]  # every target of each sequence
+    assert list(c) == [min(3, n) for n in t]  # positions 1..3 right, the rest wrong
+    metrics, _ = cmp.evaluate_model(CountingStub(32, good_until=4), {"test": test})
+    iv = cmp.sequence_bootstrap_ci(c, t, n_boot=200)
+    assert iv.mean == pytest.approx(metrics["eval/test/accuracy"])
+    # the paired difference of two models on the same sequences: correct_b - correct_a per sequence
+    perfect, _, _ = cmp.predict(CountingStub(32), test)
+    cb, _ = cmp.sequence_counts(perfect, cmp.valid_targets(test))
+    diff = cmp.sequence_bootstrap_ci(cb - c, t, n_boot=200)
+    assert diff.mean == pytest.approx(1 - metrics["eval/test/accuracy"]) and 0 < diff.low <= diff.high
+    # one run a side: the headline shows these intervals instead of none
+    runs = {"softmax": [{"eval/test/accuracy": iv.mean}], "linear": [{"eval/test/accuracy": 1.0}]}
+    agg = cmp.aggregate(runs)
+    ones = cmp.sequence_bootstrap_ci(cb, t, n_boot=200)
+    seq_ci = {"softmax": {"eval/test/accuracy": iv}, "linear": {"eval/test/accuracy": ones}}
+    seq_ci["diff"] = {"eval/test/accuracy": diff}
+    [row] = cmp.summary_rows(agg, {}, [("eval/test/accuracy", "test accuracy", True)], 0.05, seq_ci)
+    assert row["softmax"] == cmp.fmt_interval(iv) and "[" in row["softmax"] and row["linear"] == "1.000 ± 0.000"
+    assert row["diff"] == cmp.fmt_interval(diff, sign="+") and row["verdict"].startswith("n/a")
+    assert cmp.aggregate_metrics(agg, {}, seq_ci)["diff/eval/test/accuracy/seq_ci_low"] == diff.low
+
+
+def test_report_states_test_margin_and_holm():
+    keys = cmp.headline_keys([1, 2])
+    runs = {
+        att: [
+            {
+                **{k: 0.8 + 0.05 * i + (0.01 * (j + 1) if att == "linear" else 0) for j, (k, _, _) in enumerate(keys)},
+                "eval/test/accuracy/counting": 0.9 + 0.01 * i,
+                "eval/val/confidence": 0.7,
+            }
+            for i in range(3)
+        ]
+        for att in cmp.MODELS
+    }
+    agg, diffs = cmp.aggregate(runs), cmp.differences(runs)
+    r = cmp.ReportInput(
+        title="t",
+        mode="train",
+        parent_run_id="abc",
+        seconds=1.0,
+        setup=[],
+        runs={att: ["seed0", "seed1", "seed2"] for att in cmp.MODELS},
+        families=["counting"],
+        factors=[1, 2],
+        train_len=8,
+        agg=agg,
+        diffs=diffs,
+        rows=cmp.summary_rows(agg, diffs, keys, 0.05),
+        alpha=0.05,
+        ci_text="95 % Student-t interval",
+        coverage={},
+        efficiency=None,
+        figures=[],
+    )
+    text = cmp.render_report(r)
+    headline = text.split("## Headline")[1].split("## Every split")[0]
+    assert "| metric | softmax | linear | linear − softmax | p | p TOST | verdict |" in headline
+    assert "paired t-test on the 3 per-seed differences" in headline and "TOST" in headline
+    assert f"Holm-adjusted within this table of {len(keys)} tests" in headline and "alpha = 0.05" in headline
+    assert "How to read the verdicts" in headline and "within noise" not in text.lower()
+    assert "p-values Holm-adjusted within this table of 1 tests" in text  # per family: its own table of one
+    welch = cmp.render_report(dataclasses.replace(r, mode="registry", diffs=cmp.differences(runs, paired=False)))
+    assert "Welch's unequal-variance t-test" in welch and "the runs are not paired: registry mode" in welch

@@ -1,8 +1,9 @@
 """Evaluation of one model for the comparison: the metrics of picollm.evaluation plus calibration (ECE,
 mean confidence) and accuracy by position, and length generalisation.
 
-Length generalisation. Sequences of exactly f x data.max_len tokens are drawn from the training
-generators (same families, parameters and start values). Values are residues modulo M, so a long
+Length generalisation. Sequences of exactly f x data.max_len tokens are drawn from the test split's
+generators (held out from training, like the test split itself; a deterministic family has one sequence
+per generator at a given length, so it may get fewer than n_long). Values are residues modulo M, so a long
 sequence wraps around instead of leaving the value range; `coverage` checks this on the data
 actually drawn (fraction of values and of (x_t, x_t+1) transitions that also occur in training).
 A target counts as *beyond* the training length when its position is >= data.max_len, i.e. a
@@ -31,6 +32,7 @@ from picollm.data import (
 )
 from picollm.errors import PicollmError
 from picollm.evaluation import accuracy_metrics, predict_split
+from picollm.generators import Generator, draw_from_generators
 
 log = logging.getLogger(__name__)
 
@@ -103,28 +105,45 @@ def evaluate_model(
 # Length generalisation
 
 
-def long_sequences(cfg: DataConfig, length: int, n_per_family: int, exclude: set[bytes] | None = None) -> SequenceSplit:
-    """`n_per_family` sequences of exactly `length` tokens per family, from the training generators,
-    distinct from each other and from `exclude` (the training data's contents), with Bayes ceilings."""
+def long_sequences(
+    cfg: DataConfig,
+    length: int,
+    n_per_family: int,
+    exclude: set[bytes] | None = None,
+    pools: dict[str, list[Generator]] | None = None,
+) -> SequenceSplit:
+    """`n_per_family` sequences of exactly `length` tokens per family, distinct from each other and from
+    `exclude` (the splits' contents), with Bayes ceilings. From `pools[family]` (e.g. the test split's
+    generators: held out from training) where given, else from the family's whole generator space. A
+    deterministic family has one sequence per generator at a given length, so a pool caps its count."""
     rng = np.random.default_rng([cfg.seed, 7919, length])  # own stream: independent of the splits
     fixed = cfg.model_copy(update={"min_len": length, "max_len": length})
     seen = set(exclude or ())
     out = SequenceSplit(f"len{length}", [], [], [])
     for fam in cfg.seq_types:
+        pool = pools.get(fam) if pools is not None else None
         cap = family_capacity(fam, fixed)
+        if pool is not None and math.isfinite(cap):
+            cap = len(pool)
         n = int(min(n_per_family, cap))
-        if n < n_per_family:
-            log.warning("family %s has only %d distinct sequences of length %d", fam, n, length)
+        if n < n_per_family:  # expected for a deterministic family on a held-out pool (documented): info only
+            (log.info if pool is not None else log.warning)(
+                "family %s has only %d distinct sequences of length %d", fam, n, length
+            )
         got = attempts = 0
         while got < n and attempts < 50 * n + 1000:
             attempts += 1
-            seq = generate_sequence(fam, length, cfg, rng).astype(np.int64)
+            if pool is not None:
+                seq, gen = draw_from_generators(fam, pool, length, cfg, rng)
+            else:
+                seq, gen = generate_sequence(fam, length, cfg, rng).astype(np.int64), {}
             if seq.tobytes() in seen:
                 continue
             seen.add(seq.tobytes())
             out.sequences.append(seq)
             out.families.append(fam)
             out.ceilings.append(ceiling_per_position(seq, fam, cfg))
+            out.generators.append(gen)
             got += 1
     if not out.sequences:
         raise PicollmError(f"no new sequences of length {length} could be drawn; widen the data parameters")

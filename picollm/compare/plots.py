@@ -6,6 +6,7 @@ returns a matplotlib Figure (headless Agg backend); the caller logs it and `clos
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import matplotlib
 
@@ -47,6 +48,31 @@ def loss_curves(histories: dict[str, list[list[dict[str, float]]]]) -> Figure:
                 ax.fill_between(epochs, np.nanmin(x, 0), np.nanmax(x, 0), color=COLORS[att], alpha=0.25)
         ax.set(xlabel="epoch", ylabel="cross-entropy", title=f"{key} (mean, shaded min-max over seeds)", yscale="log")
         ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def learning_curve(rows: list[dict[str, Any]], families: list[str]) -> Figure:
+    """Test accuracy / Bayes ceiling vs training sequences per family, one panel per family and one for all:
+    mean over seeds, shaded min-max. `rows`: {model, n_train, seed, family ("all" or a family), vs_ceiling}."""
+    groups = ["all", *families]
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.4), sharey=True, squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        for att in MODELS:
+            sizes = sorted({r["n_train"] for r in rows if r["model"] == att})
+            vals = [
+                [r["vs_ceiling"] for r in rows if (r["model"], r["n_train"], r["family"]) == (att, n, group)]
+                for n in sizes
+            ]
+            if not sizes:
+                continue
+            ax.plot(sizes, [np.mean(v) for v in vals], marker="o", color=COLORS[att], label=att)
+            ax.fill_between(sizes, [min(v) for v in vals], [max(v) for v in vals], color=COLORS[att], alpha=0.25)
+        ax.set(xscale="log", xlabel="training sequences per family", title=group)
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    axes[0][0].set_ylabel("test accuracy / Bayes ceiling")
+    axes[0][0].legend()
+    fig.suptitle("Learning curves on held-out generators (mean, shaded min-max over seeds)")
     fig.tight_layout()
     return fig
 

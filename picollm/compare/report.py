@@ -6,10 +6,20 @@ length generalisation with coverage, efficiency, figures), assembled by `render_
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from picollm.compare.efficiency import Efficiency
-from picollm.compare.stats import MODELS, Aggregate, fmt_interval
+from picollm.compare.stats import (
+    MODELS,
+    Aggregate,
+    Difference,
+    SeqIntervals,
+    diff_cells,
+    fmt_interval,
+    holm_table,
+    side,
+)
 
 
 @dataclass
@@ -24,14 +34,16 @@ class ReportInput:
     factors: list[int]
     train_len: int
     agg: Aggregate
-    pvals: dict[str, float]
-    rows: list[dict[str, str]]
+    diffs: dict[str, Difference]  # metric -> linear - softmax with unadjusted p-values
+    rows: list[dict[str, str]]  # the headline table (stats.summary_rows)
     alpha: float
     ci_text: str
     coverage: dict[str, dict[str, float]]  # "test split" and "<f>x" -> coverage()
     efficiency: Efficiency | None
     figures: list[tuple[str, str]]  # (caption, artifact path)
     extra: list[str] = field(default_factory=list)  # extra markdown sections
+    test: str = "paired"  # compare.test: the test asked for
+    seq_ci: SeqIntervals = field(default_factory=dict)  # sequence-bootstrap intervals of single runs
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -43,42 +55,97 @@ ROW_COLUMNS = [
     ("softmax", "softmax"),
     ("linear", "linear"),
     ("diff", "linear − softmax"),
-    ("welch_p", "Welch p"),
-    ("cis_overlap", "CIs overlap"),
+    ("p", "p"),
+    ("p_tost", "p TOST"),
     ("verdict", "verdict"),
 ]
+TEST_HEADER = ["linear − softmax", "p", "p TOST", "verdict"]  # the test columns of every compared table
 
 
-def _cmp_row(r: ReportInput, key: str, label: str) -> list[str] | None:
-    a, b = r.agg["softmax"].get(key), r.agg["linear"].get(key)
-    if a is None and b is None:
-        return None
-    p = r.pvals.get(key, math.nan)
-    return [label, fmt_interval(a), fmt_interval(b), f"{p:.3f}" if math.isfinite(p) else "-"]
+def _tested(r: ReportInput, items: list[tuple[str, str, bool | None]]) -> list[tuple[str, str, bool | None, dict]]:
+    """(key, label, higher_better, cells) of the items either model reports; `cells` are the test columns
+    (stats.diff_cells) with p-values Holm-adjusted within these items (higher_better None: not tested)."""
+    present = [(k, label, hb) for k, label, hb in items if k in r.agg["softmax"] or k in r.agg["linear"]]
+    adjusted = holm_table(r.diffs, [k for k, _, hb in present if hb is not None])
+    out = []
+    for key, label, hb in present:
+        if hb is None or key not in adjusted:
+            a, b = r.agg["softmax"].get(key), r.agg["linear"].get(key)
+            diff = f"{b.mean - a.mean:+.3f}" if a and b and math.isfinite(b.mean - a.mean) else "-"
+            cells = {"diff": diff, "p": "-", "p_tost": "-", "verdict": "-" if hb is None else "n/a"}
+        else:
+            cells = diff_cells(r.diffs[key], adjusted[key], r.alpha, hb)
+        out.append((key, label, hb, cells))
+    return out
 
 
-def _noise_line(r: ReportInput, items: list[tuple[str, str]]) -> list[str]:
-    """A sentence naming the table's differences with Welch p <= alpha; all others are within noise."""
-    tested = [(key, label, r.pvals[key]) for key, label in items if math.isfinite(r.pvals.get(key, math.nan))]
-    if not tested:
+def _test_cells(cells: dict[str, str]) -> list[str]:
+    return [cells["diff"], cells["p"], cells["p_tost"], cells["verdict"]]
+
+
+def _verdict_line(tested: list[tuple[str, str, bool | None, dict]]) -> list[str]:
+    """Which rows got which verdict, and the size of the table's Holm family."""
+    k = sum(t[3]["p"] != "-" for t in tested)
+    if not k:
         return ["", "No test: fewer than 2 runs a side."]
-    real = []
-    for key, label, p in tested:
-        higher = r.agg["linear"][key].mean > r.agg["softmax"][key].mean
-        if p <= r.alpha:
-            real.append(f"{label} (linear {'higher' if higher else 'lower'}, p = {p:.3f})")
-    if not real:
-        return ["", f"Every difference in this table is within noise (Welch p > {r.alpha})."]
-    return ["", f"Real differences (p ≤ {r.alpha}): {'; '.join(real)}. Everything else in this table is within noise."]
+    groups: dict[str, list[str]] = {}
+    for _, label, _, cells in tested:
+        if cells["p"] != "-":
+            groups.setdefault(cells["verdict"], []).append(label)
+    order = sorted(groups, key=lambda v: (not v.endswith("better"), v.startswith("inconclusive"), v))
+    said = "; ".join(f"**{v}**: {', '.join(groups[v])}" for v in order)
+    return ["", f"p-values Holm-adjusted within this table of {k} tests. {said}."]
 
 
-SPLIT_METRICS = [
-    ("loss", "loss"),
-    ("accuracy", "accuracy"),
-    ("accuracy_predictable", "acc. predictable"),
-    ("accuracy_vs_ceiling", "acc. / ceiling"),
-    ("ece", "ECE"),
-    ("confidence", "mean confidence"),
+def _test_sentence(r: ReportInput) -> str:
+    """Which test, which margin, the correction and alpha (under the headline table)."""
+    if not r.diffs:
+        return "No difference test: fewer than 2 runs a side."
+    used = {d.test for d in r.diffs.values()}
+    n = {att: len(labels) for att, labels in r.runs.items()}
+    if "paired" in used:
+        test = (
+            f"paired t-test on the {n['softmax']} per-seed differences linear_s − softmax_s (both models of a "
+            "seed start from the same weights and see the same data in the same order), with its paired t interval"
+        )
+    else:
+        test = "Welch's unequal-variance t-test of the difference of means, with its Welch t interval"
+        if r.test == "paired":
+            why = (
+                "registry mode: the loaded models are not known to be paired"
+                if r.mode == "registry"
+                else "unequal numbers of runs"
+                if n["softmax"] != n["linear"]
+                else "the two models' seeds differ"
+            )
+            test += f" (the paired test was asked for, but the runs are not paired: {why})"
+    margins = Counter(row["margin"] for row in r.rows if row.get("margin", "-") != "-")
+    usual = margins.most_common(1)[0][0] if margins else "-"
+    other = [f"{row['metric']} ±{row['margin']}" for row in r.rows if row.get("margin", usual) not in (usual, "-")]
+    return (
+        f"Difference test: {test}. Equivalence: TOST (two one-sided tests) with margin ±{usual}"
+        + (f" ({', '.join(other)})" if other else "")
+        + " — absolute, in the metric's units (compare.equivalence_margin; per metric: "
+        f"compare.equivalence_margins). p and p TOST are Holm-adjusted within this table of "
+        f"{sum(row['p'] != '-' for row in r.rows)} tests (the two corrected separately); alpha = {r.alpha}."
+    )
+
+
+HOW_TO_READ = (
+    "How to read the verdicts: **X better** = the difference test rejects equal means (adjusted p < alpha); "
+    "**equivalent within ±m** = no difference shown, and TOST shows |linear − softmax| < m (adjusted p TOST "
+    "< alpha); **inconclusive** = neither a difference nor equivalence within ±m could be shown with these "
+    "runs (more seeds, or a wider margin, may decide it)."
+)
+
+
+SPLIT_METRICS = [  # (metric, label, higher is better; None: no better direction, not tested)
+    ("loss", "loss", False),
+    ("accuracy", "accuracy", True),
+    ("accuracy_predictable", "acc. predictable", True),
+    ("accuracy_vs_ceiling", "acc. / ceiling", True),
+    ("ece", "ECE", False),
+    ("confidence", "mean confidence", None),
 ]
 
 
@@ -119,65 +186,69 @@ def _headline(r: ReportInput) -> list[str]:
         "",
         "## Headline",
         "",
-        f"Mean over runs ± {r.ci_text}. Difference = linear − softmax; Welch's unequal-variance t-test, "
-        f"a difference is called real when p ≤ {r.alpha}.",
+        f"Mean over runs ± {r.ci_text}. linear − softmax: mean difference with its "
+        "interval; p: two-sided test of no difference; p TOST: equivalence within the margin.",
         "",
     ]
     lines += md_table([h for _, h in ROW_COLUMNS], [[row[k] for k, _ in ROW_COLUMNS] for row in r.rows])
-    noise = [row["metric"] for row in r.rows if row["verdict"] == "within noise"]
-    real = [f"{row['metric']} ({row['verdict']})" for row in r.rows if row["verdict"].endswith("better")]
-    lines += [
-        "",
-        f"**Within noise** (p > {r.alpha}): {', '.join(noise) if noise else 'none'}.",
-        "",
-        f"**Real differences** (p ≤ {r.alpha}): {', '.join(real) if real else 'none'}.",
-    ]
-    if any(row["verdict"].startswith("n/a") for row in r.rows):
+    lines += ["", _test_sentence(r), "", HOW_TO_READ]
+    groups: dict[str, list[str]] = {}
+    for row in r.rows:
+        groups.setdefault(row["verdict"], []).append(row["metric"])
+    kinds = ["linear better", "softmax better", *sorted(v for v in groups if v.startswith("equivalent"))]
+    kinds.append("inconclusive")
+    if r.diffs:
+        lines += ["", " ".join(f"**{v[0].upper() + v[1:]}**: {', '.join(groups.get(v, [])) or 'none'}." for v in kinds)]
+    single = [att for att, labels in r.runs.items() if len(labels) == 1]
+    if single:
+        boot = [k for att in single for k in r.seq_ci.get(att, {})]
         lines += [
             "",
-            "With one run per model there is no interval and no test: every difference is of unknown significance.",
+            f"One run of {' and '.join(single)}: no interval over runs and no test. "
+            + (
+                "Where such a model's accuracy shows an interval (test accuracy, predictable positions, beyond "
+                "the training length), it is a percentile bootstrap over its fixed test sequences, as is the "
+                "difference when both models have one run on the same sequences: test-set sampling noise only, "
+                "not seed-to-seed variation."
+                if boot
+                else "Every difference is of unknown significance."
+            ),
         ]
     return lines
 
 
 def _every_split(r: ReportInput) -> list[str]:
     items = [
-        (f"eval/{split}/{m}", f"{split} {label}") for split in ("train", "val", "test") for m, label in SPLIT_METRICS
+        (f"eval/{split}/{m}", f"{split} {label}", hb)
+        for split in ("train", "val", "test")
+        for m, label, hb in SPLIT_METRICS
     ]
-    table = [row for key, label in items if (row := _cmp_row(r, key, label))]
+    tested = _tested(r, items)
+    table = [[label, *_sides(r, key), *_test_cells(cells)] for key, label, _, cells in tested]
     return [
         "",
         "## Every split",
         "",
-        *md_table(["metric", "softmax", "linear", "Welch p"], table),
-        *_noise_line(r, items),
+        "Mean confidence has no better direction and is not tested.",
+        "",
+        *md_table(["metric", "softmax", "linear", *TEST_HEADER], table),
+        *_verdict_line(tested),
     ]
+
+
+def _sides(r: ReportInput, key: str) -> list[str]:
+    return [fmt_interval(side(r.agg, r.seq_ci, att, key)) for att in MODELS]
 
 
 def _per_family(r: ReportInput) -> list[str]:
+    tested = _tested(r, [(f"eval/test/accuracy/{fam}", fam, True) for fam in r.families])
     table = []
-    for fam in r.families:
-        row = _cmp_row(r, f"eval/test/accuracy/{fam}", fam)
-        if row:
-            ceil = r.agg["softmax"].get(f"eval/test/ceiling/{fam}")
-            acc_c = [fmt_interval(r.agg[att].get(f"eval/test/accuracy_vs_ceiling/{fam}")) for att in MODELS]
-            table.append([*row[:3], f"{ceil.mean:.3f}" if ceil else "-", *acc_c, row[3]])
-    header = [
-        "family",
-        "softmax acc.",
-        "linear acc.",
-        "ceiling",
-        "softmax acc./ceiling",
-        "linear acc./ceiling",
-        "Welch p (acc.)",
-    ]
-    return [
-        "",
-        "## Per family (test)",
-        "",
-        *md_table(header, table),
-        *_noise_line(r, [(f"eval/test/accuracy/{fam}", fam) for fam in r.families]),
-    ]
+    for key, fam, _, cells in tested:
+        ceil = r.agg["softmax"].get(f"eval/test/ceiling/{fam}")
+        acc_c = [fmt_interval(r.agg[att].get(f"eval/test/accuracy_vs_ceiling/{fam}")) for att in MODELS]
+        table.append([fam, *_sides(r, key), f"{ceil.mean:.3f}" if ceil else "-", *acc_c, *_test_cells(cells)])
+    header = ["family", "softmax acc.", "linear acc.", "ceiling", "softmax acc./ceiling", "linear acc./ceiling"]
+    return ["", "## Per family (test)", "", *md_table([*header, *TEST_HEADER], table), *_verdict_line(tested)]
 
 
 def _length_generalisation(r: ReportInput) -> list[str]:
@@ -187,40 +258,42 @@ def _length_generalisation(r: ReportInput) -> list[str]:
         "## Length generalisation",
         "",
         f"Sequences of exactly f × {r.train_len} tokens (f = {', '.join(map(str, factors))}) are "
-        "drawn from the training generators with the training parameters and start values, content-disjoint "
-        "from the training data. Values are residues modulo M, so long sequences wrap around rather than "
+        "drawn from the test split's generators (none of them in training; a deterministic family gives one "
+        "sequence per generator and length, so it may have fewer than n_long), content-disjoint from every "
+        "split. Values are residues modulo M, so long sequences wrap around rather than "
         "reaching values outside the trained range; the coverage table below checks this on the sequences "
         "actually drawn (fraction of their values, and of their x_t → x_t+1 transitions, that also occur in "
         f"the training split). *Beyond* = targets at (0-based) positions ≥ {r.train_len}, where the model "
         "never had to predict in training. The ceiling is the Bayes-optimal accuracy on the same targets.",
         "",
     ]
+    items = [(f"lengen/x{f}/accuracy", f"accuracy at {f}×", True) for f in factors]
+    items += [(f"lengen/x{f}/beyond/accuracy", f"accuracy beyond at {f}×", True) for f in factors]
+    tested = _tested(r, items)
+    cells_of = {key: cells for key, _, _, cells in tested}
     table = []
     for f in factors:
-        cells = [f"{f}× ({f * r.train_len})"]
-        for key in ("accuracy", "beyond/accuracy"):
-            cells += [fmt_interval(r.agg[att].get(f"lengen/x{f}/{key}")) for att in MODELS]
-            p = r.pvals.get(f"lengen/x{f}/{key}", math.nan)
-            cells.append(f"{p:.3f}" if math.isfinite(p) else "-")
+        row = [f"{f}× ({f * r.train_len})"]
+        for key in (f"lengen/x{f}/accuracy", f"lengen/x{f}/beyond/accuracy"):
+            cells = cells_of.get(key, {"p": "-", "verdict": "-"})
+            row += [*_sides(r, key), cells["p"], cells["verdict"]]
         c = r.agg["softmax"].get(f"lengen/x{f}/beyond/ceiling")
-        cells.append(f"{c.mean:.3f}" if c else "-")
-        table.append(cells)
+        row.append(f"{c.mean:.3f}" if c else "-")
+        table.append(row)
     header = [
         "length",
         "softmax acc.",
         "linear acc.",
         "p",
+        "verdict",
         "softmax acc. beyond",
         "linear acc. beyond",
         "p beyond",
+        "verdict beyond",
         "ceiling beyond",
     ]
     lines += md_table(header, table)
-    return lines + _noise_line(
-        r,
-        [(f"lengen/x{f}/accuracy", f"accuracy at {f}×") for f in factors]
-        + [(f"lengen/x{f}/beyond/accuracy", f"accuracy beyond at {f}×") for f in factors],
-    )
+    return lines + _verdict_line(tested)
 
 
 def _coverage(r: ReportInput) -> list[str]:
@@ -246,18 +319,17 @@ def _beyond_per_family(r: ReportInput) -> list[str]:
     big = max(r.factors)
     if big <= 1:
         return []
+    tested = _tested(r, [(f"lengen/x{big}/beyond/accuracy/{fam}", fam, True) for fam in r.families])
     table = []
-    for fam in r.families:
-        row = _cmp_row(r, f"lengen/x{big}/beyond/accuracy/{fam}", fam)
-        if row:
-            c = r.agg["softmax"].get(f"lengen/x{big}/beyond/ceiling/{fam}")
-            table.append([*row[:3], f"{c.mean:.3f}" if c else "-", row[3]])
+    for key, fam, _, cells in tested:
+        c = r.agg["softmax"].get(f"lengen/x{big}/beyond/ceiling/{fam}")
+        table.append([fam, *_sides(r, key), f"{c.mean:.3f}" if c else "-", *_test_cells(cells)])
     return [
         "",
         f"Per family, targets beyond the training length at {big}× ({big * r.train_len} tokens):",
         "",
-        *md_table(["family", "softmax", "linear", "ceiling", "Welch p"], table),
-        *_noise_line(r, [(f"lengen/x{big}/beyond/accuracy/{fam}", fam) for fam in r.families]),
+        *md_table(["family", "softmax", "linear", "ceiling", *TEST_HEADER], table),
+        *_verdict_line(tested),
     ]
 
 

@@ -1,8 +1,17 @@
-"""Statistics over seeds: Student-t intervals and Welch's test (by hand: scipy is not a dependency),
-aggregation of per-run metrics into intervals and p-values, pointwise bands of curves, and the plain-word
-verdicts of the summary table.
+"""Statistics over seeds, by hand (scipy is not a dependency; the tests check against it): Student-t
+intervals; the paired t-test on per-seed differences and Welch's test; TOST equivalence within a margin;
+Holm's step-down correction within a table; a sequence-level bootstrap for one run on a fixed test set;
+aggregation of per-run metrics, pointwise bands of curves and the verdicts of the summary table.
 
 Every comparison is softmax (the baseline, `a`) against linear (`b`); a difference is linear - softmax.
+The verdict of a metric, with p-values Holm-adjusted within its table and level alpha:
+
+    difference test rejects (p < alpha)           -> "linear better" / "softmax better"
+    else TOST rejects (p_TOST < alpha)            -> "equivalent within ±margin"
+    else                                          -> "inconclusive"
+    fewer than 2 runs a side                      -> "n/a (fewer than 2 runs a side)"
+
+Only numpy and math: nothing here may import the rest of picollm.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +30,7 @@ MODELS = ("softmax", "linear")
 
 
 # --------------------------------------------------------------------------------------------------
-# Student t and Welch's test
+# Student t
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -122,19 +132,220 @@ def mean_ci(
     return Interval(mean, float(low), float(high), std, n)
 
 
+def _finite(values: Sequence[float]) -> np.ndarray:
+    return np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+
+
+# --------------------------------------------------------------------------------------------------
+# The difference linear - softmax: paired t or Welch, TOST, Holm
+
+
+@dataclass(frozen=True)
+class TStat:
+    """Ingredients of a t statistic for the difference linear - softmax: mean, standard error, df."""
+
+    mean: float
+    se: float
+    df: float
+    n: int  # pairs (paired) or the smaller number of runs a side (Welch)
+
+
+def paired_stat(a: Sequence[float], b: Sequence[float]) -> TStat | None:
+    """Paired by position: d_i = b_i - a_i over the pairs with both values finite; se = s_d / sqrt(n),
+    df = n - 1. None with fewer than 2 pairs."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
+    x = np.asarray([math.nan if v is None else v for v in a], dtype=float)
+    y = np.asarray([math.nan if v is None else v for v in b], dtype=float)
+    d = (y - x)[np.isfinite(x) & np.isfinite(y)]
+    if len(d) < 2:
+        return None
+    return TStat(float(d.mean()), float(d.std(ddof=1)) / math.sqrt(len(d)), len(d) - 1.0, len(d))
+
+
+def welch_stat(a: Sequence[float], b: Sequence[float]) -> TStat | None:
+    """Unpaired, unequal variances: se = sqrt(s_a^2/n_a + s_b^2/n_b), Welch-Satterthwaite df.
+    None with fewer than 2 finite values a side."""
+    x, y = _finite(a), _finite(b)
+    if len(x) < 2 or len(y) < 2:
+        return None
+    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1)) if vx + vy > 0 else len(x) + len(y) - 2.0
+    return TStat(float(y.mean() - x.mean()), math.sqrt(vx + vy), float(df), min(len(x), len(y)))
+
+
+def two_sided_p(s: TStat) -> float:
+    """p of H0: mean difference 0 (no variance: 1 when the difference is 0, else 0)."""
+    if s.se == 0:
+        return 1.0 if s.mean == 0 else 0.0
+    return min(1.0, 2.0 * t_sf(abs(s.mean / s.se), s.df))
+
+
+def tost_p(s: TStat, margin: float) -> float:
+    """Two one-sided tests of equivalence within ±margin: max of p_lower (H0: difference <= -margin,
+    P(T > (mean + margin) / se)) and p_upper (H0: difference >= margin, P(T < (mean - margin) / se))."""
+    if s.se == 0:
+        return 0.0 if abs(s.mean) < margin else 1.0
+    return max(t_sf((s.mean + margin) / s.se, s.df), t_sf((margin - s.mean) / s.se, s.df))
+
+
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
     """Two-sided p-value of Welch's unequal-variance t-test; NaN with fewer than 2 values a side."""
-    x = np.asarray([v for v in a if math.isfinite(v)], dtype=float)
-    y = np.asarray([v for v in b if math.isfinite(v)], dtype=float)
-    if len(x) < 2 or len(y) < 2:
-        return math.nan
-    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    diff = float(y.mean() - x.mean())
-    if vx + vy == 0:  # every seed gave the same value on both sides
-        return 1.0 if diff == 0 else 0.0
-    t = diff / math.sqrt(vx + vy)
-    df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
-    return min(1.0, 2.0 * t_sf(abs(t), df))
+    s = welch_stat(a, b)
+    return math.nan if s is None else two_sided_p(s)
+
+
+def paired_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test (pairs by position); NaN with fewer than 2 pairs."""
+    s = paired_stat(a, b)
+    return math.nan if s is None else two_sided_p(s)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """linear - softmax of one metric: mean with its t interval, the test used ("paired" or "welch"), its
+    two-sided p, the TOST p of equivalence within ±margin, and Welch's p (always, for reference).
+    p-values are unadjusted; `holm_table` adjusts them within a table."""
+
+    test: str
+    mean: float
+    low: float
+    high: float
+    se: float
+    df: float
+    n: int
+    p: float
+    p_tost: float
+    welch_p: float
+    margin: float
+
+
+def difference(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95, margin: float = 0.01, paired: bool = True
+) -> Difference | None:
+    """Paired t (when `paired` and both sides have as many values) or Welch; None when untestable."""
+    paired = paired and len(a) == len(b)
+    s = paired_stat(a, b) if paired else welch_stat(a, b)
+    if s is None:
+        return None
+    h = t_ppf(0.5 + confidence / 2, s.df) * s.se
+    return Difference(
+        test="paired" if paired else "welch",
+        mean=s.mean,
+        low=s.mean - h,
+        high=s.mean + h,
+        se=s.se,
+        df=s.df,
+        n=s.n,
+        p=two_sided_p(s),
+        p_tost=tost_p(s, margin),
+        welch_p=welch_p(a, b),
+        margin=margin,
+    )
+
+
+def differences(
+    runs: dict[str, list[dict[str, float]]],
+    confidence: float = 0.95,
+    margin: float = 0.01,
+    margins: dict[str, float] | None = None,
+    test: str = "paired",
+    paired: bool = True,
+) -> dict[str, Difference]:
+    """Difference of every metric both models report (and can be tested). The runs are paired by position
+    (seed order) when `test` is "paired", the design is `paired` and both sides have as many runs; Welch's
+    test otherwise. `margins` overrides the equivalence margin per metric name."""
+    if test not in ("paired", "welch"):
+        raise ValueError(f"unknown test {test!r}")
+    a, b = runs["softmax"], runs["linear"]
+    use_paired = test == "paired" and paired and len(a) == len(b)
+    keys = sorted({k for m in a for k in m} & {k for m in b for k in m})
+    out: dict[str, Difference] = {}
+    for k in keys:
+        if use_paired:
+            x, y = [m.get(k, math.nan) for m in a], [m.get(k, math.nan) for m in b]
+        else:
+            x, y = [m[k] for m in a if k in m], [m[k] for m in b if k in m]
+        d = difference(x, y, confidence, (margins or {}).get(k, margin), use_paired)
+        if d is not None:
+            out[k] = d
+    return out
+
+
+def holm(pvals: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: the i-th smallest of k p-values becomes max_{j <= i} min(1, (k - j + 1) p_(j))
+    (monotone in p). NaN entries stay NaN and do not count towards k."""
+    p = np.asarray(pvals, dtype=float)
+    out = np.full(len(p), math.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    running = 0.0
+    for i, j in enumerate(idx[np.argsort(p[idx], kind="stable")]):
+        running = max(running, min(1.0, (len(idx) - i) * float(p[j])))
+        out[j] = running
+    return out.tolist()
+
+
+def holm_table(diffs: dict[str, Difference], keys: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """(p, p_TOST) of the tested `keys`, each family Holm-adjusted within this table."""
+    tested = [k for k in dict.fromkeys(keys) if k in diffs]
+    p = holm([diffs[k].p for k in tested])
+    p_tost = holm([diffs[k].p_tost for k in tested])
+    return {k: (p[i], p_tost[i]) for i, k in enumerate(tested)}
+
+
+NA = "n/a (fewer than 2 runs a side)"
+
+
+def verdict(mean: float, p: float, p_tost: float, margin: float, alpha: float, higher_better: bool) -> str:
+    """The difference test first (p < alpha: "X better", direction by `higher_better`), then TOST
+    (p_tost < alpha: "equivalent within ±margin"), else "inconclusive"; p-values already adjusted."""
+    if not math.isfinite(p):
+        return NA
+    if p < alpha:
+        return f"{'linear' if (mean > 0) == higher_better else 'softmax'} better"
+    if p_tost < alpha:
+        return f"equivalent within ±{margin:g}"
+    return "inconclusive"
+
+
+# --------------------------------------------------------------------------------------------------
+# One run on a fixed test set: a bootstrap over its sequences
+
+
+def sequence_counts(correct: Any, valid: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sequence correct and target counts from per-target (N, L-1) correctness and validity masks
+    (numpy arrays or CPU tensors, e.g. compare.predict's `correct` and compare.valid_targets)."""
+    c, v = np.asarray(correct, dtype=bool), np.asarray(valid, dtype=bool)
+    return (c & v).sum(1), v.sum(1)
+
+
+def sequence_bootstrap_ci(
+    correct_per_seq: Sequence[float],
+    targets_per_seq: Sequence[float],
+    confidence: float = 0.95,
+    n_boot: int = 10000,
+    seed: int = 0,
+) -> Interval:
+    """Accuracy sum(correct) / sum(targets) with a percentile bootstrap interval over sequences (resampled
+    with replacement): the test-set sampling noise of one run, not seed-to-seed variation. Two models on
+    the same sequences: correct_b - correct_a per sequence gives the paired interval of their difference.
+    n is the number of sequences, std the standard deviation of the bootstrap accuracies."""
+    c, t = np.asarray(correct_per_seq, dtype=float), np.asarray(targets_per_seq, dtype=float)
+    if c.ndim != 1 or c.shape != t.shape:
+        raise ValueError(f"need two equal-length 1-d arrays, got shapes {c.shape} and {t.shape}")
+    n = len(c)
+    if n == 0 or t.sum() == 0:
+        return Interval(math.nan, math.nan, math.nan, math.nan, n)
+    rng = np.random.default_rng(seed)
+    boot = np.empty(n_boot)
+    chunk = max(1, 2**22 // n)  # resamples per draw: at most ~4M indices in memory
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            boot[start : start + len(idx)] = c[idx].sum(1) / t[idx].sum(1)
+    boot = boot[np.isfinite(boot)]  # resamples of target-less sequences only
+    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return Interval(float(c.sum() / t.sum()), float(low), float(high), float(boot.std()), n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,6 +353,7 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 Aggregate = dict[str, dict[str, Interval]]  # model -> metric -> interval over its runs
+SeqIntervals = dict[str, dict[str, Interval]]  # "softmax" / "linear" / "diff" -> metric -> sequence bootstrap
 
 
 def aggregate(
@@ -161,16 +373,30 @@ def p_values(runs: dict[str, list[dict[str, float]]]) -> dict[str, float]:
     return {k: welch_p([m[k] for m in a if k in m], [m[k] for m in b if k in m]) for k in keys}
 
 
-def aggregate_metrics(agg: Aggregate, pvals: dict[str, float]) -> dict[str, float]:
-    """Flat MLflow metrics of the parent run: {model}/{metric}/{mean,ci_low,ci_high} and
-    diff/{metric}/{mean,welch_p} (diff = linear - softmax)."""
+def aggregate_metrics(
+    agg: Aggregate, diffs: dict[str, Difference], seq_ci: SeqIntervals | None = None
+) -> dict[str, float]:
+    """Flat MLflow metrics of the parent run: {model}/{metric}/{mean,ci_low,ci_high};
+    diff/{metric}/{mean,ci_low,ci_high,p,p_tost,welch_p} (diff = linear - softmax, p of the test used,
+    unadjusted); {model|diff}/{metric}/{seq_ci_low,seq_ci_high} for single-run sequence-bootstrap intervals."""
     out: dict[str, float] = {}
     for att, metrics in agg.items():
         for k, iv in metrics.items():
             out |= {f"{att}/{k}/mean": iv.mean, f"{att}/{k}/ci_low": iv.low, f"{att}/{k}/ci_high": iv.high}
-    for k, p in pvals.items():
+    for k in agg.get("softmax", {}).keys() & agg.get("linear", {}).keys():
         out[f"diff/{k}/mean"] = agg["linear"][k].mean - agg["softmax"][k].mean
-        out[f"diff/{k}/welch_p"] = p
+    for k, d in diffs.items():
+        out |= {
+            f"diff/{k}/mean": d.mean,
+            f"diff/{k}/ci_low": d.low,
+            f"diff/{k}/ci_high": d.high,
+            f"diff/{k}/p": d.p,
+            f"diff/{k}/p_tost": d.p_tost,
+            f"diff/{k}/welch_p": d.welch_p,
+        }
+    for side, metrics in (seq_ci or {}).items():
+        for k, iv in metrics.items():
+            out |= {f"{side}/{k}/seq_ci_low": iv.low, f"{side}/{k}/seq_ci_high": iv.high}
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
@@ -189,47 +415,76 @@ def headline_keys(factors: list[int]) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def fmt_interval(iv: Interval | None, digits: int = 3) -> str:
+def fmt_interval(iv: Interval | None, digits: int = 3, sign: str = "") -> str:
+    """mean ± half-width (symmetric) or mean [low, high]; `sign="+"` for differences."""
     if iv is None or not math.isfinite(iv.mean):
         return "-"
+    f = f"{sign}.{digits}f"
     if not math.isfinite(iv.low):
-        return f"{iv.mean:.{digits}f}"
+        return f"{iv.mean:{f}}"
     if abs(iv.mean - (iv.low + iv.high) / 2) < 1e-9 * max(1.0, abs(iv.mean)):
-        return f"{iv.mean:.{digits}f} ± {iv.half_width:.{digits}f}"
-    return f"{iv.mean:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
+        return f"{iv.mean:{f}} ± {iv.half_width:.{digits}f}"
+    return f"{iv.mean:{f}} [{iv.low:{f}}, {iv.high:{f}}]"
 
 
-def verdict(a: Interval | None, b: Interval | None, p: float, alpha: float, higher_better: bool) -> str:
-    """Plain words: `within noise` unless Welch's test rejects equal means at level alpha."""
-    if a is None or b is None or not math.isfinite(p):
-        return "n/a (fewer than 2 runs a side)"
-    if p > alpha:
-        return "within noise"
-    better = "linear" if (b.mean > a.mean) == higher_better else "softmax"
-    return f"{better} better"
+def fmt_p(p: float) -> str:
+    return "-" if not math.isfinite(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def diff_cells(
+    d: Difference | None,
+    adjusted: tuple[float, float] | None,
+    alpha: float,
+    higher_better: bool,
+    fallback: Interval | None = None,
+) -> dict[str, str]:
+    """Table cells of a difference: "diff" (mean with its interval), "p" and "p_tost" (as adjusted),
+    "test", "margin" and "verdict". Untested (`d` None): the `fallback` interval (e.g. a sequence
+    bootstrap) or point."""
+    if d is None or adjusted is None:
+        cells = {"diff": fmt_interval(fallback, sign="+"), "p": "-", "p_tost": "-", "test": "-", "margin": "-"}
+        return {**cells, "verdict": NA}
+    p, p_tost = adjusted
+    return {
+        "diff": fmt_interval(Interval(d.mean, d.low, d.high, d.se, d.n), sign="+"),
+        "p": fmt_p(p),
+        "p_tost": fmt_p(p_tost),
+        "test": d.test,
+        "margin": f"{d.margin:g}",
+        "verdict": verdict(d.mean, p, p_tost, d.margin, alpha, higher_better),
+    }
+
+
+def side(agg: Aggregate, seq_ci: SeqIntervals | None, att: str, key: str) -> Interval | None:
+    """The interval of a model's metric: over its runs, or its sequence bootstrap when it has one run."""
+    iv = agg.get(att, {}).get(key)
+    boot = (seq_ci or {}).get(att, {}).get(key)
+    return boot if iv is not None and iv.n == 1 and boot is not None else iv
 
 
 def summary_rows(
-    agg: Aggregate, pvals: dict[str, float], keys: list[tuple[str, str, bool]], alpha: float
+    agg: Aggregate,
+    diffs: dict[str, Difference],
+    keys: list[tuple[str, str, bool]],
+    alpha: float,
+    seq_ci: SeqIntervals | None = None,
 ) -> list[dict[str, str]]:
+    """The headline table: metric, softmax, linear, diff, p, p_tost (Holm-adjusted within these rows),
+    test, margin and verdict."""
+    present = [(k, label, hb) for k, label, hb in keys if k in agg.get("softmax", {}) or k in agg.get("linear", {})]
+    adjusted = holm_table(diffs, [k for k, _, _ in present])
     rows = []
-    for key, label, higher in keys:
-        a, b = agg["softmax"].get(key), agg["linear"].get(key)
-        if a is None and b is None:
-            continue
-        p = pvals.get(key, math.nan)
-        diff = b.mean - a.mean if a is not None and b is not None else math.nan
+    for key, label, higher in present:
+        a, b = side(agg, seq_ci, "softmax", key), side(agg, seq_ci, "linear", key)
+        fallback = (seq_ci or {}).get("diff", {}).get(key)
+        if fallback is None and a is not None and b is not None:
+            fallback = Interval(b.mean - a.mean, math.nan, math.nan, math.nan, 1)
         rows.append(
             {
                 "metric": label,
                 "softmax": fmt_interval(a),
                 "linear": fmt_interval(b),
-                "diff": f"{diff:+.3f}" if math.isfinite(diff) else "-",
-                "welch_p": f"{p:.3f}" if math.isfinite(p) else "-",
-                "cis_overlap": ("yes" if a.overlaps(b) else "no")
-                if a is not None and b is not None and math.isfinite(a.low) and math.isfinite(b.low)
-                else "-",
-                "verdict": verdict(a, b, p, alpha, higher),
+                **diff_cells(diffs.get(key), adjusted.get(key), alpha, higher, fallback),
             }
         )
     return rows
