@@ -9,6 +9,7 @@ a failure before training) is broadcast as bytes, and checkpoints are read back 
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -83,9 +84,21 @@ def setup(device_name: str, timeout_s: float = 600.0) -> tuple[DistContext, torc
     return DistContext(rank, world, local_rank, backend, device), device
 
 
-def teardown(ctx: DistContext) -> None:
-    if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(ctx: DistContext, clean: bool = True) -> None:
+    """Leave the process group: free what still holds gloo work (a DDP reducer kept alive by a reference
+    cycle would otherwise be destroyed during interpreter shutdown, after the group, and abort the process:
+    "terminate called without an active exception"), then, after a `clean` run, wait until every rank is
+    done with collectives, and destroy the group while the interpreter is fully alive. After a failure
+    there is no barrier: the other ranks may be stuck in a collective this rank will never join."""
+    if not (ctx.enabled and dist.is_initialized()):
+        return
+    gc.collect()
+    if clean:
+        try:
+            dist.barrier()
+        except Exception as e:  # a rank already gone: destroying the group is still the right thing
+            log.warning("barrier before leaving the process group failed: %s", e)
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(ctx: DistContext, *values: torch.Tensor | float) -> list[float]:

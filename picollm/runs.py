@@ -196,7 +196,10 @@ def session(
                 failure = e
         distributed.share_failure(ctx, failure)
         yield Session(flow, tracking_cfg, dev, ctx, uri)
-    finally:
+    except BaseException:
+        distributed.teardown(ctx, clean=False)
+        raise
+    else:
         distributed.teardown(ctx)
 
 
