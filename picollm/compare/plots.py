@@ -56,21 +56,30 @@ def learning_curve(rows: list[dict[str, Any]], families: list[str]) -> Figure:
     """Test accuracy / Bayes ceiling vs training sequences per family, one panel per family and one for all:
     mean over seeds, shaded min-max. `rows`: {model, n_train, seed, family ("all" or a family), vs_ceiling}."""
     groups = ["all", *families]
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.4), sharey=True, squeeze=False)
-    for ax, group in zip(axes[0], groups, strict=True):
+    ncols = min(3, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), sharey=True, squeeze=False)
+    sizes = sorted({r["n_train"] for r in rows})
+    for ax, group in zip(axes.flat, groups, strict=False):
         for att in MODELS:
-            sizes = sorted({r["n_train"] for r in rows if r["model"] == att})
             vals = [
                 [r["vs_ceiling"] for r in rows if (r["model"], r["n_train"], r["family"]) == (att, n, group)]
                 for n in sizes
             ]
-            if not sizes:
+            if not all(vals):
                 continue
             ax.plot(sizes, [np.mean(v) for v in vals], marker="o", color=COLORS[att], label=att)
             ax.fill_between(sizes, [min(v) for v in vals], [max(v) for v in vals], color=COLORS[att], alpha=0.25)
-        ax.set(xscale="log", xlabel="training sequences per family", title=group)
+        ax.set(xscale="log", title=group)
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    axes[0][0].set_ylabel("test accuracy / Bayes ceiling")
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("training sequences per family")
+    for row in axes:
+        row[0].set_ylabel("test accuracy / ceiling")
     axes[0][0].legend()
     fig.suptitle("Learning curves on held-out generators (mean, shaded min-max over seeds)")
     fig.tight_layout()
