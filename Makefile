@@ -22,7 +22,7 @@ PG_INSTALL = command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl
 	  else echo "PostgreSQL is missing: run 'sudo apt-get install postgresql'" >&2; exit 1; fi; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve analyze generate models ui test test-all lint bench lock clean server server-stop test-integration
+.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve analyze generate models ui test test-all lint bench sweep lock clean server server-stop test-integration
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -84,6 +84,9 @@ lint: setup ## ruff check + format check
 
 bench: setup ## Time training steps of both attentions at several lengths, logged to MLflow
 	$(BIN)/picollm bench configs/bench.yaml $(ARGS)
+
+sweep: setup ## Optuna sweep of learning rate x positional encoding (configs/sweep.yaml): parent run + a child per trial
+	$(BIN)/picollm sweep configs/sweep.yaml $(ARGS)
 
 lock: setup ## Refresh requirements.lock from the current environment
 	@(echo "# Every package's version, from 'pip freeze' of a working environment (make lock)."; \

@@ -226,16 +226,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_key(raw: dict[str, Any], path: list[str], value: Any, what: str = "override") -> None:
+    """raw[path[0]][path[1]]... = value, creating sections on the way (`what` names it in errors)."""
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         path, value = parse_override(item)
-        node = raw
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(path[: i + 1])} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_key(raw, path, value, f"override {item!r}")
     return raw
 
 
@@ -293,14 +298,24 @@ class BenchRunsConfig(StrictModel):
     http_server: bool = Field(True, description="also time the run against a temporary PostgreSQL-backed mlflow server")
 
 
+class BenchSweepConfig(StrictModel):
+    """`picollm sweep` timed by the `sweep` bench section: trials per minute and per-trial overhead."""
+
+    config: Path = Field(Path("configs/sweep_tiny.yaml"), description="sweep config the timed studies use")
+    overrides: list[str] = Field(default_factory=list, description="--set overrides applied to that config")
+    trials: int = Field(6, ge=2, description="finished trials per timed study")
+    workers: list[int] = Field(default_factory=lambda: [1, 2], min_length=1, description="worker counts compared")
+
+
 class BenchConfig(StrictModel):
     """`make bench`: training-step time of both attentions vs sequence length, side by side; DDP speedup;
-    MLflow's share of a training run's wall time."""
+    MLflow's share of a training run's wall time; sweep throughput."""
 
-    sections: list[Literal["steps", "ddp", "tracking"]] = Field(
-        default_factory=lambda: ["steps", "ddp", "tracking"], min_length=1
+    sections: list[Literal["steps", "ddp", "tracking", "sweep"]] = Field(
+        default_factory=lambda: ["steps", "ddp", "tracking", "sweep"], min_length=1
     )
     runs: BenchRunsConfig = Field(default_factory=BenchRunsConfig)
+    sweep: BenchSweepConfig = Field(default_factory=BenchSweepConfig)
     lengths: list[int] = Field(default_factory=lambda: [32, 256, 1024, 4096], min_length=1)
     tokens_per_step: int = Field(4096, ge=1, description="batch size = max(1, tokens_per_step // length)")
     warmup_steps: int = Field(2, ge=0)

@@ -27,3 +27,13 @@ class StorageError(PicollmError):
     What the run logged before the failure stays in the store; the run is marked FAILED."""
 
     exit_code = 1
+
+
+class RunStopped(Exception):
+    """A run stopped on purpose before its end, e.g. a sweep trial the pruner stopped: not a failure.
+
+    `tracking.tracked_run` closes its run KILLED (not FAILED) with `tags` (e.g. `sweep.pruned=true`)."""
+
+    def __init__(self, message: str, tags: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.tags = dict(tags or {})

@@ -4,6 +4,7 @@ novel contexts, ceilings."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,26 @@ def accuracy_metrics(split: PaddedSplit, correct: torch.Tensor, nll: torch.Tenso
         for i, fam in enumerate(split.family_names):
             add(f"/{fam}", split.family_ids == i)
     return out
+
+
+# What `accuracy_metrics` names `{prefix}/<name>` and `{prefix}/<name>/<family>`; `evaluate` adds `perplexity`.
+SPLIT_METRICS = (
+    "loss",
+    "accuracy",
+    "ceiling",
+    "accuracy_predictable",
+    "accuracy_vs_ceiling",
+    "novel_context_fraction",
+    "accuracy/seen_context",
+    "accuracy/novel_context",
+)
+
+
+def metric_names(prefix: str, families: Iterable[str]) -> list[str]:
+    """Every metric `evaluate(..., prefix)` can log for these families (a few only where the split has
+    such targets, e.g. `accuracy_predictable`): what a sweep may optimise or prune on."""
+    names = [f"{prefix}/{m}" for m in SPLIT_METRICS] + [f"{prefix}/perplexity"]
+    return names + [f"{prefix}/{m}/{fam}" for fam in families for m in SPLIT_METRICS]
 
 
 def evaluate(model: nn.Module, split: PaddedSplit, prefix: str, batch_size: int = 256) -> dict[str, float]:

@@ -37,6 +37,7 @@ from picollm.errors import PicollmError
 
 PG_SUPERUSER = "postgres"
 PG_OS_USER = "postgres"
+OPTUNA_DB = "optuna"  # the database of `picollm sweep --storage team` studies, beside MLflow's
 INSTALL_HINT = "install it with `apt-get install postgresql` (or `make server`, which does so as root)"
 _SOCKET_MAX = 100  # Unix socket paths are limited to 107 bytes; leave room for ".s.PGSQL.NNNNN"
 
@@ -89,6 +90,14 @@ def backend_uri(cfg: ServerConfig) -> str:
     install psycopg2 (the `server` extra), so name that driver explicitly."""
     uri = cfg.backend_store_uri or f"postgresql://{cfg.postgres_user}@127.0.0.1:{cfg.postgres_port}/{cfg.postgres_db}"
     return re.sub(r"^postgres(ql)?://", "postgresql+psycopg2://", uri)
+
+
+def optuna_uri(cfg: ServerConfig) -> str:
+    """The team's Optuna study database (`picollm sweep --storage team`): database `optuna` on the same
+    PostgreSQL as MLflow's store (a database of its own: both keep an `alembic_version` table)."""
+    uri = backend_uri(cfg)
+    head, _, _ = uri.partition("?")
+    return re.sub(r"/[^/]*$", f"/{OPTUNA_DB}", head)
 
 
 def _redact(uri: str) -> str:
@@ -346,8 +355,9 @@ def start_postgres(cfg: ServerConfig) -> tuple[int | None, bool]:
     user, db = cfg.postgres_user, cfg.postgres_db  # both validated as plain identifiers
     if not _psql(bin_dir, cfg, f"SELECT 1 FROM pg_roles WHERE rolname = '{user}'"):
         _psql(bin_dir, cfg, f'CREATE ROLE "{user}" LOGIN')
-    if not _psql(bin_dir, cfg, f"SELECT 1 FROM pg_database WHERE datname = '{db}'"):
-        _psql(bin_dir, cfg, f'CREATE DATABASE "{db}" OWNER "{user}"')
+    for name in (db, OPTUNA_DB):  # MLflow's store and the sweeps' Optuna studies
+        if not _psql(bin_dir, cfg, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"):
+            _psql(bin_dir, cfg, f'CREATE DATABASE "{name}" OWNER "{user}"')
     return postgres_pid(p), started
 
 

@@ -31,7 +31,7 @@ from filelock import FileLock  # noqa: E402
 from mlflow.entities import Metric, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from picollm.errors import PicollmError, StorageError  # noqa: E402
+from picollm.errors import PicollmError, RunStopped, StorageError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +223,22 @@ def deferred_signals(redeliver: bool = True) -> Iterator[None]:
         signal.raise_signal(received[0])
 
 
-def _close_run(status: RunStatus, error: str | None = None, details: str | None = None) -> None:
-    """End the active run with `status`, shielded from a second Ctrl-C and from a broken store:
-    a failure to record the error must not hide the error itself."""
-    with deferred_signals(redeliver=status == RunStatus.FINISHED):
+def _close_run(
+    status: RunStatus,
+    error: str | None = None,
+    details: str | None = None,
+    tags: dict[str, str] | None = None,
+    redeliver: bool | None = None,
+) -> None:
+    """End the active run with `status` (and `tags`), shielded from a second Ctrl-C and from a broken
+    store: a failure to record the error must not hide the error itself. A signal that arrives meanwhile
+    is delivered afterwards when the process goes on (`redeliver`, default: a FINISHED run)."""
+    with deferred_signals(redeliver=status == RunStatus.FINISHED if redeliver is None else redeliver):
         try:
             if error is not None:
                 mlflow.set_tag("error", error[:5000])
+            if tags:
+                mlflow.set_tags(tags)
         except Exception as e:
             log.warning("could not tag the run with its error: %s", first_line(e))
         try:
@@ -252,9 +261,10 @@ def tracked_run(
     nested: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume) a run and always close it with the right status: FINISHED; KILLED on
-    Ctrl-C/SIGTERM; FAILED on any other exception, with the message in the `error` tag and the
-    traceback in `error_traceback.txt`. An I/O error (disk full, unwritable artifact store) becomes a
-    StorageError (exit code 1). A local artifact store is checked for writability first."""
+    Ctrl-C/SIGTERM, and on a RunStopped (with its tags: a pruned sweep trial); FAILED on any other
+    exception, with the message in the `error` tag and the traceback in `error_traceback.txt`. An I/O
+    error (disk full, unwritable artifact store) becomes a StorageError (exit code 1). A local artifact
+    store is checked for writability first."""
     exp_id = None if run_id else experiment_id(experiment)
     sha, dirty = git_commit()
     all_tags = dict(tags or {})
@@ -266,6 +276,9 @@ def tracked_run(
         yield run
     except KeyboardInterrupt:
         _close_run(RunStatus.KILLED, "interrupted")
+        raise
+    except RunStopped as e:  # stopped on purpose, the process goes on: a Ctrl-C meanwhile still counts
+        _close_run(RunStatus.KILLED, tags=e.tags, redeliver=True)
         raise
     except OSError as e:
         err = StorageError(f"run {run.info.run_id} stopped on an I/O error: {e}; what it logged before is kept")

@@ -81,10 +81,15 @@ def load_resume(run_id: str, cfg: TrainRunConfig) -> dict[str, Any]:
 
 
 def prepare(
-    cfg: TrainRunConfig, ctx: distributed.DistContext, device: torch.device, ckpt: dict[str, Any] | None
+    cfg: TrainRunConfig,
+    ctx: distributed.DistContext,
+    device: torch.device,
+    ckpt: dict[str, Any] | None,
+    data: SyntheticData | None = None,
 ) -> Prepared:
-    """Data, model and trainer: everything of a run but its tracking."""
-    data = build_data(cfg.data)  # before the run starts: bad data settings leave no run behind
+    """Data (unless given: already built from `cfg.data`), model and trainer: everything of a run but
+    its tracking."""
+    data = data or build_data(cfg.data)  # before the run starts: bad data settings leave no run behind
     splits = {name: to_padded(s, cfg.data.pad_id, data.families) for name, s in data.splits().items()}
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
@@ -114,8 +119,12 @@ def train(
     resume: str | None = None,
     ui: TrainCallbacks | None = None,
     nested: bool = False,
+    tags: dict[str, str] | None = None,
+    data: SyntheticData | None = None,
 ) -> TrainOutcome:
-    """Train, evaluate, log and register as a run of `session` (`nested`: a child of the active run)."""
+    """Train, evaluate, log and register as a run of `session` (`nested`: a child of the active run;
+    `tags`: added to the run's own, e.g. a sweep trial's number and parent run; `data`: the draw of
+    `cfg.data` when the caller has it already, e.g. a sweep's trials share one)."""
     ctx = session.dist
     ckpt, failure = None, None
     if resume and ctx.is_main:  # a resume must make sense before any work starts
@@ -126,19 +135,19 @@ def train(
     if resume:
         distributed.share_failure(ctx, failure)
         ckpt = distributed.broadcast_checkpoint(ctx, ckpt)
-    prep = prepare(cfg, ctx, session.device, ckpt)
+    prep = prepare(cfg, ctx, session.device, ckpt, data)
     if not ctx.is_main:
         result = prep.fit(NullCallbacks())
         return TrainOutcome("", None, None, {}, result.history, prep.data.families)
 
     run_name = cfg.tracking.run_name or f"{cfg.model.attention}-{cfg.model.pos_encoding}-seed{cfg.train.seed}"
-    tags = {"picollm.flow": "train", "model.attention": cfg.model.attention}
+    run_tags = {"picollm.flow": "train", "model.attention": cfg.model.attention, **(tags or {})}
     with session.run(
         run_name,
         config=cfg if ckpt is None else None,  # a resumed run has its params already
         config_path=SOURCE_CONFIG,
         params=_run_params(cfg, session, prep) if ckpt is None else None,
-        tags=tags,
+        tags=run_tags,
         nested=nested,
         run_id=resume,
     ) as run:

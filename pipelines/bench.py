@@ -3,13 +3,15 @@
 - steps: training-step time of softmax vs linear attention (and the linear forms alone) at several sequence
   lengths, in one process, interleaved so machine noise hits both alike;
 - ddp: training throughput of one process vs `torchrun` DDP processes on this machine;
-- tracking: MLflow's share of a training run's wall time (no-op vs SQLite vs an HTTP server)."""
+- tracking: MLflow's share of a training run's wall time (no-op vs SQLite vs an HTTP server);
+- sweep: trials per minute of a `picollm sweep` study with 1 and 2 workers, and the per-trial overhead."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,14 @@ from mlflow.tracking import MlflowClient
 from picollm import linear_attention as la
 from picollm import runs, server, tracking, train_run
 from picollm.compare.efficiency import time_train_steps
-from picollm.config import BenchConfig, BenchRunsConfig, ServerConfig, TrainRunConfig, load_config
+from picollm.config import (
+    BenchConfig,
+    BenchRunsConfig,
+    BenchSweepConfig,
+    ServerConfig,
+    TrainRunConfig,
+    load_config,
+)
 from picollm.errors import PicollmError
 from picollm.hardware import median_ms, torch_threads
 from picollm.model import Transformer, alibi_slopes
@@ -73,6 +82,12 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
                 overhead = time_tracking(cfg.runs, train_cfg, progress)
             results.update(overhead)
             report += tracking_table(overhead)
+        if "sweep" in cfg.sections:
+            progress(f"sweep: {cfg.sweep.config}, {cfg.sweep.trials} trials with {cfg.sweep.workers} worker(s)")
+            with torch_threads(None):
+                sweeps = time_sweep(cfg.sweep)
+            results.update(sweeps)
+            report += sweep_table(cfg.sweep, sweeps)
 
         with s.run(cfg.tracking.run_name or "bench", config=cfg, params={"torch_threads": threads}) as tracked:
             for n, row in by_length.items():
@@ -267,6 +282,61 @@ def tracking_table(r: dict[str, float]) -> list[str]:
             lines.append(
                 f"| {name} | {r[f'tracking.{name}.wall_s']:.1f} | {r[f'tracking.{name}.overhead_pct']:.1f} % |"
             )
+    return [*lines, ""]
+
+
+def time_sweep(sc: BenchSweepConfig) -> dict[str, float]:
+    """A whole `picollm sweep` study per worker count, each in fresh stores: wall time (process start
+    included), trials per minute, and the per-trial overhead: a trial's wall time (Optuna's start and end)
+    minus its training epochs (`throughput/epoch_seconds` of its run), median over the trials."""
+    import optuna
+    from optuna.trial import TrialState
+
+    out: dict[str, float] = {}
+    for w in sc.workers:
+        study = f"bench-w{w}"
+        with tempfile.TemporaryDirectory(prefix="picollm-bench-sweep-") as tmp:
+            uri, storage = f"sqlite:///{tmp}/mlflow.db", f"sqlite:///{tmp}/optuna.db"
+            tracking.init_tracking(uri)  # migrated once, before the workers start
+            cmd = [sys.executable, "-m", "pipelines.cli", "sweep", str(sc.config), "--trials", str(sc.trials)]
+            cmd += ["--workers", str(w), "--storage", storage, "--study", study]
+            cmd += [x for item in sc.overrides for x in ("--set", item)]
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if res.returncode != 0:
+                raise PicollmError(f"bench: sweep with {w} worker(s) exited {res.returncode}: {_why(res.stderr)}")
+            trials = optuna.load_study(study_name=study, storage=storage).trials
+            finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+            client = MlflowClient(uri)
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()], filter_string=f"tags.`sweep.study` = '{study}'"
+            )
+            by_trial = {r.data.tags["sweep.trial"]: r.info.run_id for r in runs if "sweep.trial" in r.data.tags}
+            overheads = []
+            for t in finished:
+                train = sum(
+                    m.value for m in client.get_metric_history(by_trial[str(t.number)], "throughput/epoch_seconds")
+                )
+                overheads.append((t.datetime_complete - t.datetime_start).total_seconds() - train)
+        out[f"sweep.w{w}.wall_s"] = wall
+        out[f"sweep.w{w}.trials"] = float(len(finished))
+        out[f"sweep.w{w}.trials_per_min"] = 60 * len(finished) / wall
+        out[f"sweep.w{w}.overhead_s_median"] = statistics.median(overheads)
+    return out
+
+
+def sweep_table(sc: BenchSweepConfig, r: dict[str, float]) -> list[str]:
+    lines = [
+        "| workers | finished trials | wall s (process start incl.) | trials/min | per-trial overhead s (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for w in sc.workers:
+        lines.append(
+            f"| {w} | {r[f'sweep.w{w}.trials']:.0f} | {r[f'sweep.w{w}.wall_s']:.1f} | "
+            f"{r[f'sweep.w{w}.trials_per_min']:.1f} | {r[f'sweep.w{w}.overhead_s_median']:.2f} |"
+        )
+    lines.append("\nOverhead = a trial's wall time minus its training epochs: data, evaluation, MLflow, Optuna.")
     return [*lines, ""]
 
 

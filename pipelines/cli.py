@@ -314,6 +314,59 @@ def bench(
     console.print(f"run {out.run_id} (bench.md and metrics in experiment {cfg.tracking.experiment})")
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Sweep config")] = Path("configs/sweep.yaml"),
+    overrides: SetOpt = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="Finished trials the study should have in all.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Local processes on the study (cores shared).")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage: sqlite:///PATH, postgresql://..., or team.")
+    ] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: <base config name>-sweep).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the study (after a crash or Ctrl-C).")] = False,
+    promote: Annotated[
+        bool, typer.Option("--promote", help="Train and register the best config, move @champion to it.")
+    ] = False,
+    worker: Annotated[
+        bool, typer.Option("--worker", help="Only run trials of the existing study (another machine joining).")
+    ] = False,
+) -> None:
+    """Hyperparameter search (Optuna) over a training config: one MLflow parent run, a child per trial."""
+    from picollm.config import apply_overrides, read_yaml, validate
+    from picollm.sweep_space import SweepConfig
+
+    options = {"trials": trials, "workers": workers, "storage": storage, "study": study, "promote": promote or None}
+    raw = apply_overrides(read_yaml(config), overrides or []) | {k: v for k, v in options.items() if v is not None}
+    cfg = validate(SweepConfig, raw, source=str(config))
+    from pipelines import sweep as flow
+
+    out = flow.run(cfg, resume=resume, worker=worker, progress=progress_line)
+    c = out.counts
+    done = f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed"
+    if out.parent_run_id is None:
+        console.print(f"worker done: study {out.study} has {done}", highlight=False)
+        return
+    if out.best_trial is not None:
+        params = "  ".join(f"{k}={v}" for k, v in out.best_params.items())
+        console.print(
+            f"best trial {out.best_trial}: {cfg.objective.metric} {out.best_value:.4g}  {params}", highlight=False
+        )
+    for r in out.top_k:
+        console.print(
+            f"top {r['rank']} (trial {r['trial']}): {r['mean']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}] "
+            f"over {r['n']} seeds",
+            highlight=False,
+        )
+    if out.promoted:
+        console.print(f"registered {out.promoted} (@champion)", highlight=False)
+    console.print(
+        f"study {out.study} ({done}) in {out.storage}; parent run {out.parent_run_id}, {out.seconds:.0f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Registered models with their latest version and aliases."""

@@ -58,3 +58,24 @@ def test_ddp_section_compares_one_process_with_torchrun(migrated_store: str):
     assert r["ddp.speedup_vs_single"] == pytest.approx(r["ddp.ddp2.tokens_per_s"] / r["ddp.single.tokens_per_s"])
     assert math.isfinite(r["ddp.speedup_vs_single_1thread"])
     assert any("DDP speedup" in line for line in out.report)
+
+
+@pytest.mark.slow
+def test_sweep_section_times_whole_studies(migrated_store: str):
+    sweep = REPO / "configs" / "sweep_tiny.yaml"
+    out = bench.run(
+        tiny_bench(
+            "sections=[sweep]",
+            f"sweep.config={sweep}",
+            f"sweep.overrides=[base.config={TINY}]",
+            "sweep.trials=2",
+            "sweep.workers=[1]",
+        )
+    )
+    r = out.results
+    assert r["sweep.w1.trials"] == 2
+    assert r["sweep.w1.trials_per_min"] == pytest.approx(60 * 2 / r["sweep.w1.wall_s"])
+    assert 0 < r["sweep.w1.overhead_s_median"] < r["sweep.w1.wall_s"]
+    bench_run = MlflowClient().get_run(out.run_id)
+    assert bench_run.data.metrics["sweep.w1.trials_per_min"] == pytest.approx(r["sweep.w1.trials_per_min"])
+    assert any("per-trial overhead" in line for line in out.report)

@@ -33,6 +33,7 @@ runner = CliRunner()
 DPO_YAML = REPO / "configs" / "dpo.yaml"
 COMPARE_TINY = REPO / "configs" / "compare_tiny.yaml"
 BENCH_YAML = REPO / "configs" / "bench.yaml"
+SWEEP_TINY = REPO / "configs" / "sweep_tiny.yaml"
 FAKE_RUN = "0123456789abcdef0123456789abcdef"
 
 # tests/test_dpo.py's tiny synthetic DPO, shortened further (later overrides win)
@@ -348,6 +349,7 @@ TRACKING_COMMANDS = {
     "models-list": ["models", "list"],
     "models-promote": ["models", "promote", "picollm-tiny", "1"],
     "bench": ["bench", BENCH_YAML],
+    "sweep": ["sweep", SWEEP_TINY, "--set", f"base.config={TINY}"],
 }
 
 

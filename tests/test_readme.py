@@ -9,17 +9,20 @@ import pytest
 from pydantic import BaseModel
 
 from picollm import config as cfgmod
+from picollm import sweep_space
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
 def _schemas() -> list[type[BaseModel]]:
-    return [
+    found = [
         obj
-        for name, obj in vars(cfgmod).items()
+        for module in (cfgmod, sweep_space)  # every module that defines config schemas
+        for obj in vars(module).values()
         if isinstance(obj, type) and issubclass(obj, cfgmod.StrictModel) and obj is not cfgmod.StrictModel
     ]
+    return list(dict.fromkeys(found))
 
 
 @pytest.mark.parametrize("schema", _schemas(), ids=lambda s: s.__name__)
