@@ -62,7 +62,8 @@ class RunLog:
         self.log_text(to_yaml(cfg), path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        mlflow.set_tags(tags)
+        with tracking.deferred_signals():  # a signal waits for the store write (MetricLogger.flush)
+            mlflow.set_tags(tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, flush: bool = False) -> None:
         if metrics:
@@ -85,7 +86,8 @@ class RunLog:
         self.artifacts.append(path)
 
     def log_text(self, text: str, path: str) -> None:
-        mlflow.log_text(text, path)
+        with tracking.deferred_signals():
+            mlflow.log_text(text, path)
         self.artifacts.append(path)
 
     def log_table(self, columns: dict[str, list[Any]], path: str) -> None:
@@ -230,5 +232,6 @@ class MlflowCallbacks:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(CHECKPOINT_PATH).name
             torch.save(checkpoint, path)
-            mlflow.log_artifact(str(path), artifact_path=str(Path(CHECKPOINT_PATH).parent))
+            with tracking.deferred_signals():  # a signal waits for the store write (MetricLogger.flush)
+                mlflow.log_artifact(str(path), artifact_path=str(Path(CHECKPOINT_PATH).parent))
         self.ui.on_checkpoint(checkpoint, epoch)

@@ -176,16 +176,20 @@ class MetricLogger:
         self._buf.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
 
     def flush(self) -> None:
-        for i in range(0, len(self._buf), 1000):
-            self.client.log_batch(self.run_id, metrics=self._buf[i : i + 1000])
-        self._buf.clear()
+        # Ctrl-C inside a SQLite write would leave its lock held and stall closing the run for the busy
+        # timeout (a minute): a signal waits for the write to finish, then arrives.
+        with deferred_signals():
+            for i in range(0, len(self._buf), 1000):
+                self.client.log_batch(self.run_id, metrics=self._buf[i : i + 1000])
+            self._buf.clear()
 
 
 def log_params(params: dict[str, Any]) -> None:
     items = {k: ("null" if v is None else str(v))[:6000] for k, v in params.items()}
     keys = list(items)
-    for i in range(0, len(keys), 100):
-        mlflow.log_params({k: items[k] for k in keys[i : i + 100]})
+    with deferred_signals():  # as in MetricLogger.flush
+        for i in range(0, len(keys), 100):
+            mlflow.log_params({k: items[k] for k in keys[i : i + 100]})
 
 
 def check_artifact_store(artifact_uri: str) -> None:
