@@ -1,0 +1,58 @@
+"""`make bench`: what it times and on which runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from picollm.config.base import StrictModel
+from picollm.config.training import ModelConfig, TrackingConfig
+
+
+class BenchRunsConfig(StrictModel):
+    """Whole training runs timed by the `ddp` and `tracking` bench sections."""
+
+    config: Path = Field(Path("configs/linear.yaml"), description="training config the runs use")
+    overrides: list[str] = Field(default_factory=list, description="--set overrides applied to that config")
+    nproc: int = Field(2, ge=2, description="DDP processes (torchrun) compared with one process")
+    repeats: int = Field(2, ge=1, description="interleaved repeats of the tracking runs (the best of each counts)")
+    http_server: bool = Field(True, description="also time the run against a temporary PostgreSQL-backed mlflow server")
+
+
+class BenchSweepConfig(StrictModel):
+    """`picollm sweep` timed by the `sweep` bench section: trials per minute and per-trial overhead."""
+
+    config: Path = Field(Path("configs/sweep_tiny.yaml"), description="sweep config the timed studies use")
+    overrides: list[str] = Field(default_factory=list, description="--set overrides applied to that config")
+    trials: int = Field(6, ge=2, description="finished trials per timed study")
+    workers: list[int] = Field(default_factory=lambda: [1, 2], min_length=1, description="worker counts compared")
+
+
+class BenchConfig(StrictModel):
+    """`make bench`: training-step time of both attentions vs sequence length, side by side; DDP speedup;
+    MLflow's share of a training run's wall time; sweep throughput."""
+
+    sections: list[Literal["steps", "ddp", "tracking", "sweep"]] = Field(
+        default_factory=lambda: ["steps", "ddp", "tracking", "sweep"], min_length=1
+    )
+    runs: BenchRunsConfig = Field(default_factory=BenchRunsConfig)
+    sweep: BenchSweepConfig = Field(default_factory=BenchSweepConfig)
+    lengths: list[int] = Field(default_factory=lambda: [32, 256, 1024, 4096], min_length=1)
+    tokens_per_step: int = Field(4096, ge=1, description="batch size = max(1, tokens_per_step // length)")
+    warmup_steps: int = Field(2, ge=0)
+    timed_steps: int = Field(5, ge=1)
+    vocab_size: int = Field(128, ge=8)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    kernels: bool = Field(True, description="also time the linear-attention forms alone (fwd+bwd)")
+    num_threads: int | None = Field(None, ge=1)
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(experiment="picollm-bench", registered_model=None, log_model=False)
+    )
+
+    @model_validator(mode="after")
+    def _vocab(self) -> BenchConfig:
+        if self.model.vocab_size is None:
+            self.model.vocab_size = self.vocab_size
+        return self

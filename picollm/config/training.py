@@ -1,0 +1,181 @@
+"""The schemas of one training run: data, model, optimiser, trainer, tracking."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from picollm.config.base import FAMILIES, Family, StrictModel
+
+
+class DataConfig(StrictModel):
+    """Synthetic integer sequences. Values live in Z_M with M = vocab_size - 1 (modular arithmetic),
+    so no sequence sticks at a bound and sequences of any length stay inside the trained range.
+    Token M (the last id) is the pad token."""
+
+    seq_types: list[Family] = Field(default_factory=lambda: list(FAMILIES), min_length=1)
+    vocab_size: int = Field(128, ge=8, le=65536)
+    min_len: int = Field(8, ge=3)
+    max_len: int = Field(32, ge=3)
+    n_train: int = Field(2000, ge=1, description="training sequences per family")
+    n_val: int = Field(80, ge=1, description="validation sequences per family")
+    n_test: int = Field(80, ge=1, description="test sequences per family")
+    held_out_share: float = Field(
+        0.15,
+        gt=0,
+        lt=0.5,
+        description="share of each family's generators that val, and test, each hold (never in train)",
+    )
+    seed: int = 0
+    start_range: tuple[int, int] | None = Field(
+        None, description="inclusive range of first values; null = every value 0..M-1"
+    )
+    arithmetic_steps: list[int] = Field(
+        default_factory=lambda: [2, 3, 4, 5], min_length=1, description="common differences d (not 0 or 1 mod M)"
+    )
+    geometric_ratios: list[int] = Field(
+        default_factory=lambda: [2, 3], min_length=1, description="ratios r (not 0 or 1 mod M)"
+    )
+    walk_steps: list[int] = Field(default_factory=lambda: [-1, 1], min_length=1)
+
+    @property
+    def modulus(self) -> int:
+        return self.vocab_size - 1
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab_size - 1
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        m = self.modulus
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) is larger than max_len ({self.max_len})")
+        if len(set(self.seq_types)) != len(self.seq_types):
+            raise ValueError("seq_types lists a family twice")
+        if self.start_range is not None:
+            lo, hi = self.start_range
+            if not 0 <= lo <= hi < m:
+                raise ValueError(f"start_range must satisfy 0 <= lo <= hi <= {m - 1}, got {[lo, hi]}")
+        small = " (the defaults need vocab_size >= 14)" if m < 13 else ""
+        if any(s % m == 0 for s in self.arithmetic_steps):
+            raise ValueError(f"arithmetic_steps must be non-zero modulo {m}{small}")
+        if "counting" in self.seq_types and any(s % m == 1 for s in self.arithmetic_steps):
+            raise ValueError(f"arithmetic_steps must not be 1 modulo {m}: step 1 is the counting family{small}")
+        if any(r % m in (0, 1) for r in self.geometric_ratios):
+            raise ValueError(f"geometric_ratios must not be 0 or 1 modulo {m} (the sequence would stick){small}")
+        for key in ("arithmetic_steps", "geometric_ratios"):  # one value is one generator
+            if len({v % m for v in getattr(self, key)}) != len(getattr(self, key)):
+                raise ValueError(f"{key} lists a value twice modulo {m}")
+        return self
+
+
+class ModelConfig(StrictModel):
+    attention: Literal["softmax", "linear"] = "softmax"
+    pos_encoding: Literal["alibi", "none", "sinusoidal", "learned"] = "alibi"
+    alibi_exponent: float = Field(
+        4.0, gt=0, description="ALiBi slopes m_h = 2^(-alibi_exponent * h / n_heads), h = 1..n_heads"
+    )
+    d_model: int = Field(128, ge=4)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    d_mlp: int | None = Field(None, ge=1, description="MLP width; null = 4 * d_model")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    vocab_size: int | None = Field(None, ge=2, description="null = taken from data.vocab_size")
+    pad_id: int | None = Field(None, description="null = vocab_size - 1")
+    max_seq_len: int = Field(1024, ge=1, description="longest sequence a learned positional table supports")
+    tie_embeddings: bool = False
+    linear_chunk_size: int = Field(64, ge=1, description="chunk length of the chunkwise linear form")
+    linear_eps: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return self.d_mlp or 4 * self.d_model
+
+    @property
+    def pad_token(self) -> int:
+        assert self.vocab_size is not None
+        return self.vocab_size - 1 if self.pad_id is None else self.pad_id
+
+
+class OptimConfig(StrictModel):
+    """The optimiser and its schedule (picollm/optim.py), shared by the `train`, `sft` and `dpo` sections:
+    AdamW, linear warmup, cosine decay to lr * min_lr_ratio, gradient clipping."""
+
+    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate, reached after warmup_steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr of the cosine as a fraction of lr")
+    warmup_steps: int = Field(20, ge=0, description="linear warmup steps (at most half of all steps)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, on weight matrices only")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null = off")
+
+
+class TrainConfig(OptimConfig):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without val/loss improving"
+    )
+    log_every: int = Field(10, ge=1, description="log train loss every N optimizer steps")
+    checkpoint_every: int = Field(1, ge=1, description="log the checkpoint artifact every N epochs")
+    eval_batch_size: int = Field(256, ge=1)
+    peak_flops: float | None = Field(None, gt=0, description="FLOP/s used for MFU; null = measured fp32 matmul peak")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast for matmuls (state, normaliser and losses stay fp32); auto = bf16 on CUDA"
+    )
+    compile: bool = Field(False, description="torch.compile the model (CUDA or a C++ compiler on CPU)")
+    nonfinite: Literal["stop", "skip_batch"] = Field(
+        "stop", description="on a NaN/inf loss: stop the run (FAILED), or skip that batch and go on"
+    )
+    max_skipped_batches: int = Field(
+        10, ge=0, description="with nonfinite=skip_batch, stop after this many skipped batches in all"
+    )
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = Field(None, description="tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str = Field("picollm", min_length=1)
+    run_name: str | None = None
+    registered_model: str | None = Field(
+        "picollm-baseline", description="register the model under this name; null = don't register"
+    )
+    log_model: bool = True
+
+
+def link_vocab(model: ModelConfig, data: DataConfig) -> None:
+    """The model's vocabulary comes from the data; an explicit, different one is an error."""
+    if model.vocab_size is None:
+        model.vocab_size = data.vocab_size
+    elif model.vocab_size != data.vocab_size:
+        raise ValueError(
+            f"model.vocab_size ({model.vocab_size}) differs from data.vocab_size ({data.vocab_size}); "
+            "leave model.vocab_size null"
+        )
+
+
+class TrainRunConfig(StrictModel):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _link_model_to_data(self) -> TrainRunConfig:
+        link_vocab(self.model, self.data)
+        if self.model.pos_encoding == "learned" and self.data.max_len > self.model.max_seq_len:
+            raise ValueError(f"data.max_len ({self.data.max_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        return self
