@@ -8,6 +8,12 @@ MODEL  ?= picollm-linear@champion
 PROMPT ?= 2 4 6 8
 NPROC  ?= 2
 CONFIG ?= configs/linear.yaml
+PORT   ?= 5002
+UI_PORT ?= 5000
+# The store `make ui` / `make serve` read: picollm's default (./mlflow.db) unless MLFLOW_TRACKING_URI is set.
+MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+# MODEL as a registry reference (NAME@ALIAS, NAME/VERSION) or a full models:/ / runs:/ URI.
+MODEL_URI = $(if $(findstring :/,$(MODEL)),$(MODEL),models:/$(MODEL))
 
 # Offline copies for tests and CI, used only where ../shared/data exists (see README).
 ifneq ($(wildcard $(SHARED)/tiktoken_cache),)
@@ -22,7 +28,7 @@ PG_INSTALL = command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl
 	  else echo "PostgreSQL is missing: run 'sudo apt-get install postgresql'" >&2; exit 1; fi; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve analyze generate models ui test test-all lint bench sweep lock clean server server-stop test-integration
+.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve analyze generate models ui serve test test-all lint bench sweep lock clean server server-stop test-integration
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -52,7 +58,7 @@ compare: setup ## Softmax vs linear over 3 seeds each (configs/compare.yaml): me
 learning-curve: setup ## Test accuracy vs training-set size for both attentions (configs/learning_curve.yaml)
 	$(BIN)/picollm compare configs/learning_curve.yaml $(ARGS)
 
-analyze: setup ## Interpretability report of MODEL (embeddings, attention, neurons, ablation) as an MLflow run
+analyze: setup ## Interpretability report of MODEL (embeddings, attention, neurons, ablation, patching, logit lens, probes, heads, HTML view)
 	$(BIN)/picollm analyze "$(MODEL)" $(ARGS)
 
 generate: setup ## Continue PROMPT with MODEL (default picollm-linear@champion)
@@ -61,15 +67,23 @@ generate: setup ## Continue PROMPT with MODEL (default picollm-linear@champion)
 models: setup ## List registered models
 	$(BIN)/picollm models list
 
-ui: setup ## Open the MLflow UI on ./mlflow.db (http://127.0.0.1:5000)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+ui: setup ## MLflow UI on ./mlflow.db, lean (one worker, no job runner); prints the runs-table URL
+	@$(BIN)/python -m pipelines.ui_url "$(MLFLOW_TRACKING_URI)" "http://127.0.0.1:$(UI_PORT)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" \
+	  --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+# `mlflow models serve --env-manager local` starts uvicorn by name: .venv/bin must be on PATH.
+serve: setup ## Serve MODEL (default picollm-linear@champion) as REST on 127.0.0.1:PORT (default 5002), foreground
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
+	  $(BIN)/mlflow models serve \
+	  -m "$(MODEL_URI)" --env-manager local --host 127.0.0.1 --port $(PORT) --workers 1
 
 test: setup ## Run the test suite (offline, CPU, a few minutes)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
 
-test-integration: setup ## PostgreSQL + mlflow server + 2-process DDP training (installs postgresql if missing)
+test-integration: setup ## Multi-process tests: PostgreSQL + mlflow server, torchrun DDP, serving, racing workers (installs postgresql if missing)
 	@$(PG_INSTALL)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m integration tests/integration $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m integration tests $(ARGS)
 
 server: setup ## Start the team MLflow server (PostgreSQL backend) on http://127.0.0.1:5001 (configs/server.yaml)
 	@$(PG_INSTALL)

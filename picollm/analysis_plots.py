@@ -39,9 +39,53 @@ def _pc_scatter(ax, emb: EmbeddingAnalysis, i: int, j: int, name: str):
     return sc
 
 
+DPI = 150  # figures are read in MLflow's artifact viewer: 150 dpi and <= 4 panels keep text legible
+
+
+def embeddings_pca_figure(trained: EmbeddingAnalysis, random: EmbeddingAnalysis, label: str) -> Figure:
+    """Rows: the trained model, a random init of the same config. Columns: PC1-PC2, PC2-PC3."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9), dpi=DPI, squeeze=False)
+    for row, (emb, name) in enumerate(((trained, label), (random, "random init (same config)"))):
+        for col, (i, j) in enumerate(((0, 1), (1, 2))):
+            ax = axes[row, col]
+            if emb.coords.shape[1] <= j:
+                ax.axis("off")
+                continue
+            sc = _pc_scatter(ax, emb, i, j, name)
+            fig.colorbar(sc, ax=ax, label="value n")
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.07, top=0.93, wspace=0.3, hspace=0.4)  # cheaper than tight
+    return fig
+
+
+def embeddings_spectrum_figure(trained: EmbeddingAnalysis, random: EmbeddingAnalysis, label: str) -> Figure:
+    """Rows: the trained model, a random init. Columns: scree plot, cosine-similarity matrix (value x value)."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9), dpi=DPI, squeeze=False)
+    for row, (emb, name) in enumerate(((trained, label), (random, "random init (same config)"))):
+        m = emb.metrics
+        ax = axes[row, 0]
+        k = min(20, len(emb.explained))
+        ax.bar(range(1, k + 1), emb.explained[:k].numpy(), color="tab:blue")
+        ax.plot(
+            range(1, k + 1), emb.explained[:k].cumsum(0).numpy(), color="tab:orange", marker=".", label="cumulative"
+        )
+        ax.set(
+            xlabel="principal component",
+            ylabel="explained variance ratio",
+            ylim=(0, 1.02),
+            title=f"{name}\nscree (top-2 {100 * m['explained_var_top2']:.1f}%)",
+        )
+        ax.legend(loc="center right")
+        ax = axes[row, 1]
+        im = ax.imshow(emb.cosine.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set(xlabel="value", ylabel="value", title=f"{name}\ncentred cosine; cos(n, n+1) = {m['neighbour_cos']:.2f}")
+        fig.colorbar(im, ax=ax, label="cosine similarity")
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.07, top=0.93, wspace=0.3, hspace=0.4)
+    return fig
+
+
 def embeddings_figure(trained: EmbeddingAnalysis, random: EmbeddingAnalysis, label: str) -> Figure:
-    """Rows: the trained model, a random init of the same config. Columns: PC1-PC2, PC2-PC3, scree,
-    cosine-similarity matrix (value x value)."""
+    """All eight panels at once (used by `picollm compare`): rows trained / random init, columns PC1-PC2,
+    PC2-PC3, scree, cosine matrix. `picollm analyze` logs the two halves as separate figures."""
     fig, axes = plt.subplots(2, 4, figsize=(21, 10))
     for row, (emb, name) in enumerate(((trained, label), (random, "random init (same config)"))):
         m = emb.metrics
@@ -135,7 +179,7 @@ def head_scores_figure(rows: list[dict[str, float | str]], columns: list[str], a
     """Heads x scores (all in [0, 1]) with the numbers written in."""
     heads = [str(r["head"]) for r in rows]
     data = np.array([[float(r[c]) for c in columns] for r in rows])
-    fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2.5, 0.42 * len(heads) + 1.6))
+    fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2.5, 0.42 * len(heads) + 1.6), dpi=DPI)
     im = ax.imshow(data, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for (i, j), v in np.ndenumerate(data):
         if not math.isnan(v):
@@ -156,7 +200,7 @@ def neuron_heatmap(labels: list[str], means: torch.Tensor, families: list[str], 
     """Selected neurons (rows) x families: shifted family means divided by the row's maximum."""
     shifted = (means + shift).clamp(min=0)
     rel = (shifted / shifted.max(1, keepdim=True).values.clamp(min=1e-12)).numpy()
-    fig, ax = plt.subplots(figsize=(1.1 * len(families) + 4.5, 0.3 * len(labels) + 1.8))
+    fig, ax = plt.subplots(figsize=(1.1 * len(families) + 4.5, 0.3 * len(labels) + 1.8), dpi=DPI)
     im = ax.imshow(rel, cmap="magma", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(families)), families, rotation=20, ha="right")
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -169,7 +213,7 @@ def neuron_heatmap(labels: list[str], means: torch.Tensor, families: list[str], 
 def ablation_figure(components: list[str], columns: list[str], delta: torch.Tensor, attention: str) -> Figure:
     data = delta.numpy()
     lim = max(float(np.nanmax(np.abs(data))), 1e-6)
-    fig, ax = plt.subplots(figsize=(1.15 * len(columns) + 3, 0.45 * len(components) + 1.8))
+    fig, ax = plt.subplots(figsize=(1.15 * len(columns) + 3, 0.45 * len(components) + 1.8), dpi=DPI)
     im = ax.imshow(data, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     for (i, j), v in np.ndenumerate(data):
         ax.text(

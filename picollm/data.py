@@ -136,19 +136,18 @@ class SyntheticData:
         ]
         return sum(sum(key in other for other in used) > 1 for key in set().union(*used))
 
-    def stats(self) -> dict[str, float]:
-        out: dict[str, float] = {
-            "data.split_overlap": float(self.split_overlap()),
-            "data.generator_overlap": float(self.generator_overlap()),
-        }
+    def stats(self) -> dict[str, int]:
+        """Counts of the draw, logged as run params (`data.train.sequences`, `data.split_overlap`, ...):
+        facts about the inputs, not measurements, so they stay out of metric tables and charts."""
+        out = {"data.split_overlap": self.split_overlap(), "data.generator_overlap": self.generator_overlap()}
         for name, split in self.splits().items():
-            out[f"data.{name}.sequences"] = float(len(split))
-            out[f"data.{name}.tokens"] = float(sum(len(s) for s in split.sequences))
-            out[f"data.{name}.generators"] = float(
-                len({_generator_key(f, g) for f, g in zip(split.families, split.generators, strict=False)})
+            out[f"data.{name}.sequences"] = len(split)
+            out[f"data.{name}.tokens"] = sum(len(s) for s in split.sequences)
+            out[f"data.{name}.generators"] = len(
+                {_generator_key(f, g) for f, g in zip(split.families, split.generators, strict=False)}
             )
             for fam in self.families:
-                out[f"data.{name}.{fam}"] = float(sum(f == fam for f in split.families))
+                out[f"data.{name}.{fam}"] = sum(f == fam for f in split.families)
         return out
 
 

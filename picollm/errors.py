@@ -1,5 +1,19 @@
 """User-facing errors: the CLI turns these into one line on stderr and their `exit_code` (2 = bad input)."""
 
+MAX_LINE = 300
+"""The longest error line the CLI prints: a value quoted in a message is elided, never a 34 MB "line"."""
+
+
+def elide(text: str, limit: int = MAX_LINE) -> str:
+    """`text` on one line and at most `limit` characters: the middle is cut, so the start (what failed)
+    and the end (often the reason) both stay."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    tail = max(0, min(60, limit // 4))
+    head = limit - tail - 5
+    return f"{flat[:head]} ... {flat[len(flat) - tail :]}" if tail else flat[: limit - 3] + "..."
+
 
 class PicollmError(Exception):
     """A problem with the user's input (config, override, model reference, file, data)."""
@@ -27,6 +41,10 @@ class StorageError(PicollmError):
     What the run logged before the failure stays in the store; the run is marked FAILED."""
 
     exit_code = 1
+
+
+class RunBusy(PicollmError):
+    """A run another process is training or resuming right now (its claim is held): exit code 2."""
 
 
 class RunStopped(Exception):

@@ -271,25 +271,12 @@ class Transformer(HookedMixin, nn.Module):
 
         Softmax attention keeps a KV cache, linear attention its O(1) recurrent state.
         temperature 0 is greedy; otherwise sample, optionally restricted by top-k and/or top-p.
-        Returns (B, T + max_new_tokens).
+        Returns (B, T + max_new_tokens). Runs on picollm.decoding's fast path (pre-allocated caches, a
+        fused step per layer); `decoding.generate_cached` is the general loop it is tested against.
         """
-        was_training = self.training
-        self.eval()
-        key_mask = tokens != self.pad_id
-        if not bool(key_mask.any(-1).all()):
-            raise PicollmError("every prompt needs at least one token")
-        caches = [LayerCache() for _ in self.blocks]
-        logits = self(tokens, key_mask=key_mask, caches=caches)[:, -1]
-        out = tokens
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits, self.pad_id, temperature, top_k, top_p, generator)
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            if i == max_new_tokens - 1:
-                break
-            key_mask = torch.cat([key_mask, torch.ones_like(nxt[:, None], dtype=torch.bool)], dim=1)
-            logits = self(nxt[:, None], key_mask=key_mask, caches=caches)[:, -1]
-        self.train(was_training)
-        return out
+        from picollm import decoding  # decoding imports this module
+
+        return decoding.generate(self, tokens, max_new_tokens, temperature, top_k, top_p, generator)
 
 
 def sample_next(
@@ -304,7 +291,10 @@ def sample_next(
     logits[:, pad_id] = float("-inf")  # never emit padding
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # Shifted so the best logit is 0 before dividing: a tiny temperature (1e-45) then gives 0 and -inf
+    # (greedy in effect) instead of inf - inf = NaN; clamped to float32's range (1e300 would be inf, and
+    # -inf / inf is NaN).
+    logits = (logits - logits.amax(-1, keepdim=True)) / min(max(temperature, 1e-30), 1e30)
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -312,6 +302,7 @@ def sample_next(
         sorted_logits, order = logits.sort(-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        drop[:, 0] = False  # and never less than the best token (top_p 0 would leave nothing to sample)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

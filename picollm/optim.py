@@ -198,6 +198,72 @@ def restore(
     state.load_state_dict(ckpt)
 
 
+def validate_checkpoint(
+    ckpt: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """`restore` `ckpt` into fresh `model`/`optimizer`/`scheduler` (throwaway copies: the caller's
+    objects are only a template) and check every entry a resumed loop will use, so a checkpoint that
+    loads but cannot train fails here, in one line, before a run is reopened. ValueError names the entry.
+    The global CPU RNG is left as it was."""
+    missing = [k for k in REQUIRED_CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    for key in ("epoch", "step", "skipped_batches", "bad_epochs"):
+        value = ckpt.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key} is {value!r}, not a non-negative integer")
+    best = ckpt.get("best", 0.0)
+    if not isinstance(best, (int, float)) or math.isnan(best):
+        raise ValueError(f"best is {best!r}, not a number")
+    history = ckpt.get("history", [])
+    if not isinstance(history, list) or not all(
+        isinstance(h, dict) and all(isinstance(v, (int, float)) for v in h.values()) for h in history
+    ):
+        raise ValueError("history is not a list of metric dicts")
+    if ckpt["epoch"] > 0 and len(history) < 1:
+        raise ValueError(f"history is empty after {ckpt['epoch']} epochs")
+    best_state = ckpt.get("best_state")
+    if best_state is not None and not isinstance(best_state, dict):
+        raise ValueError("best_state is not a state dict")
+    if not isinstance(ckpt["rng_cpu"], torch.Tensor) or ckpt["rng_cpu"].dtype != torch.uint8:
+        raise ValueError("rng_cpu is not a CPU RNG state (a uint8 tensor)")
+    model, optimizer, scheduler = copy.deepcopy((model, optimizer, scheduler))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_rng = torch.get_rng_state()
+    try:
+        for what, load in (
+            ("model", lambda: model.load_state_dict(ckpt["model"])),
+            ("best_state", lambda: best_state is None or model.load_state_dict(best_state)),
+            ("optimizer", lambda: optimizer.load_state_dict(ckpt["optimizer"])),
+            ("scheduler", lambda: scheduler.load_state_dict(ckpt["scheduler"])),
+            ("rng_cpu", lambda: torch.set_rng_state(ckpt["rng_cpu"])),
+        ):
+            try:
+                load()
+            except Exception as e:  # torch's own message, first line: "size mismatch for ...", ...
+                text = str(e).strip().splitlines()
+                raise ValueError(f"{what}: {text[0] if text else type(e).__name__}") from None
+    finally:
+        torch.set_rng_state(saved_rng)
+    # optimizer.load_state_dict checks group sizes, not the moment tensors: a wrong shape would fail
+    # only at the first step of the resumed run.
+    for p in params:
+        for key, value in optimizer.state.get(p, {}).items():
+            if key in ("exp_avg", "exp_avg_sq") and (not isinstance(value, torch.Tensor) or value.shape != p.shape):
+                raise ValueError(f"optimizer: {key} has shape {getattr(value, 'shape', None)}, its parameter {p.shape}")
+            if key == "step" and not (isinstance(value, torch.Tensor) and bool(torch.isfinite(value).all())):
+                raise ValueError(f"optimizer: step is {value!r}")
+    for group in optimizer.param_groups:
+        b1, b2 = group.get("betas", (0.9, 0.999))
+        if not (0 <= b1 < 1 and 0 <= b2 < 1) or not math.isfinite(float(group.get("lr", 0.0))):
+            raise ValueError(f"optimizer: param group with lr {group.get('lr')!r}, betas {group.get('betas')!r}")
+    if not isinstance(scheduler.last_epoch, int) or len(scheduler.base_lrs) != len(optimizer.param_groups):
+        raise ValueError("scheduler: its state does not fit the optimizer")
+
+
 # --------------------------------------------------------------------------------------------------
 # Non-finite losses
 

@@ -1,20 +1,24 @@
 """Log models without pickled code, register them, and load them back by name.
 
 A logged model is an MLflow models-from-code pyfunc (`picollm/serving.py`) whose artifacts are
-`weights.pt` (a state dict, loaded with weights_only=True) and `model_config.json`.
+`weights.pt` (a state dict, loaded with weights_only=True), `model_config.json` and `tokenizer.json`
+(plus tiktoken's GPT-2 files for text models). It carries the picollm package (`code_paths`), pinned
+requirements and an input example: it loads and serves in an environment that never installed picollm.
 `load_model` accepts:  NAME (latest version), NAME@ALIAS, NAME/VERSION, models:/..., runs:/RUN_ID[/model]
 and a bare run id.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import torch
@@ -26,45 +30,52 @@ from pydantic import ValidationError
 
 from picollm import tracking  # noqa: F401  (sets MLflow env defaults)
 from picollm.config import ModelConfig, TrainRunConfig, read_yaml, validate
-from picollm.data import pad_sequences, parse_prompt
 from picollm.errors import ModelNotFoundError, PicollmError
 from picollm.model import Transformer
 from picollm.optim import REQUIRED_CHECKPOINT_KEYS
+from picollm.prompts import continue_prompts  # noqa: F401  (re-exported: the CLI and tests use it here)
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "model_config.json"
+TOKENIZER_FILE = "tokenizer.json"  # {"kind": "integers" | "gpt2"}: how the pyfunc reads prompts
 SOURCE_CONFIG = "config.yaml"  # the resolved config a training run logs beside its model
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def pip_requirements() -> list[str]:
-    import numpy
-
-    return [
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"mlflow=={mlflow.__version__}",
-        f"numpy=={numpy.__version__}",
-        "pyyaml",
-        "pydantic",
-    ]
+# What `import picollm.registry` (the pyfunc's loader) needs beyond the standard library; tiktoken
+# for text models. Pinned to this environment's versions, so a fresh one rebuilds the same stack.
+REQUIREMENTS = ("torch", "mlflow", "numpy", "pydantic", "pyyaml", "filelock")
 
 
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string")]),
-    outputs=Schema([ColSpec("string")]),
-    params=ParamSchema(
-        [
-            ParamSpec("max_new_tokens", "long", 8),
-            ParamSpec("temperature", "double", 0.0),
-            ParamSpec("top_k", "long", 0),
-            ParamSpec("top_p", "double", 1.0),
-            ParamSpec("seed", "long", 0),
-        ]
-    ),
-)
+def pip_requirements(tokenizer: str = "integers") -> list[str]:
+    from importlib.metadata import version
+
+    names = [*REQUIREMENTS, *(["tiktoken"] if tokenizer == "gpt2" else [])]
+    # The local-build suffix (2.13.0+cpu) is no PyPI version: pip would refuse the pin.
+    return [f"{n}=={version(n).split('+')[0]}" for n in names]
+
+
+def signature(tokenizer: str = "integers") -> ModelSignature:
+    """Prompts (strings) in, continuations (strings) out; the sampling settings as params."""
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", 24 if tokenizer == "gpt2" else 8),
+                ParamSpec("temperature", "double", 0.0),
+                ParamSpec("top_k", "long", 0),
+                ParamSpec("top_p", "double", 1.0),
+                ParamSpec("seed", "long", 0),
+            ]
+        ),
+    )
+
+
+SIGNATURE = signature()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,22 +168,56 @@ def load_from_files(weights: str | Path, config: str | Path) -> Transformer:
 # Logging and registering
 
 
-def log_model(model: Transformer, registered_name: str | None) -> tuple[str, str | None]:
-    """Log the model to the active run (and register it). Returns (model_uri, version or None).
+class Logged(NamedTuple):
+    uri: str
+    version: str | None  # registry version, None when not registered
+    model_id: str  # the MLflow 3 LoggedModel (models:/m-...) that metrics can be linked to
+
+
+def _package_copy(directory: Path) -> Path:
+    """The picollm package (sources only) for `code_paths`: the logged model loads without picollm installed."""
+    src = Path(__file__).resolve().parent
+    dst = directory / "code" / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dst
+
+
+def log_model(model: Transformer, registered_name: str | None, tokenizer: str = "integers", step: int = 0) -> Logged:
+    """Log the model to the active run (and register it): a models-from-code pyfunc carrying the picollm
+    package (`code_paths`), complete pinned requirements, a signature and an input example, so that
+    `mlflow.pyfunc.load_model` and `mlflow models serve` work in an environment without picollm.
+    `tokenizer` is how prompts are read: "integers" (synthetic models) or "gpt2" (text models).
+
+    MLflow links the run's metrics logged at `step` to the model (RunLog.log_model passes a step with
+    none, and links the final metrics itself).
 
     The first version of a name gets the alias `champion`; later ones are promoted explicitly.
     """
+    from picollm.prompts import TOKENIZERS, bundle_gpt2_files, example_prompts
+
+    if tokenizer not in TOKENIZERS:
+        raise PicollmError(f"unknown tokenizer {tokenizer!r} (known: {', '.join(TOKENIZERS)})")
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _mlflow_quiet():
-        # MLflow nags about input examples and type hints; the signature above is explicit.
-        warnings.filterwarnings("ignore", message=r"(?s).*(type hint|input example)", category=UserWarning)
-        files = save_files(model, Path(tmp))
+        # MLflow nags about type hints; the signature is explicit.
+        warnings.filterwarnings("ignore", message=r"(?s).*type hint", category=UserWarning)
+        files = save_files(model, Path(tmp) / "files")
+        tok = Path(tmp) / "files" / TOKENIZER_FILE
+        tok.write_text(json.dumps({"kind": tokenizer}))
+        files["tokenizer"] = str(tok)
+        if tokenizer == "gpt2" and (bundle := bundle_gpt2_files(Path(tmp) / "tokenizer_files")) is not None:
+            files["tokenizer_files"] = str(bundle)
+        assert model.cfg.vocab_size is not None
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("serving.py")),
             artifacts=files,
-            pip_requirements=pip_requirements(),
-            signature=SIGNATURE,
+            code_paths=[str(_package_copy(Path(tmp)))],
+            pip_requirements=pip_requirements(tokenizer),
+            signature=signature(tokenizer),
+            input_example=example_prompts(tokenizer, model.cfg.vocab_size),
+            metadata={"picollm.tokenizer": tokenizer},
             registered_model_name=registered_name,
+            step=step,
         )
     version = None
     if registered_name:
@@ -188,7 +233,7 @@ def log_model(model: Transformer, registered_name: str | None) -> tuple[str, str
                 # A racing registration set it first (SQLite: UNIQUE constraint); it chose the same version.
                 if CHAMPION not in client.get_registered_model(registered_name).aliases:
                     raise
-    return info.model_uri, version
+    return Logged(info.model_uri, version, info.model_id)
 
 
 def _mlflow_quiet() -> Any:
@@ -407,36 +452,3 @@ def resolve(ref: str) -> ResolvedModel:
     except (MlflowException, AttributeError) as e:
         log.warning("cannot find the source run of %s: %s", uri, e)
     return ResolvedModel(ref, uri, run_id=run_id)
-
-
-# --------------------------------------------------------------------------------------------------
-# Text interface
-
-
-def continue_prompts(
-    model: Transformer,
-    prompts: list[str],
-    max_new_tokens: int = 8,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-) -> list[str]:
-    """Space-separated integer prompts -> their continuations (same format), batched."""
-    if max_new_tokens < 1:
-        raise PicollmError("max_new_tokens must be at least 1")
-    vocab = model.cfg.vocab_size
-    assert vocab is not None
-    ids = [parse_prompt(p, vocab) for p in prompts]
-    if not ids:
-        return []
-    longest = max(len(i) for i in ids) + max_new_tokens
-    if model.cfg.pos_encoding == "learned" and longest > model.cfg.max_seq_len:
-        raise PicollmError(
-            f"prompt plus {max_new_tokens} new tokens ({longest}) exceeds the model's "
-            f"max_seq_len ({model.cfg.max_seq_len})"
-        )
-    tokens = pad_sequences(ids, model.pad_id, side="left").to(model.device)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    out = model.generate(tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-    return [" ".join(str(t) for t in row[tokens.shape[1] :].tolist()) for row in out]

@@ -21,8 +21,10 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any
 
 import mlflow
 import torch
+from mlflow.entities import Metric
 from pydantic import BaseModel
 
 from picollm import distributed, tracking
@@ -40,6 +43,19 @@ from picollm.training import TrainCallbacks
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATH = "checkpoints/checkpoint.pt"  # the resumable checkpoint's artifact path in a training run
+# MLflow's chart view draws a metric whose last value is at step 0 as a bar chart and any other as a line:
+# one-off values (test metrics, summaries) go at step 0, so they are bars rather than a single dot.
+SINGLE_VALUE_STEP = 0
+# MLflow's log_model links every metric logged at its `step` to the model (at step 0: whatever a run logs
+# first). Nothing is logged at this step, so only the metrics `RunLog.log_model(link=...)` names are linked.
+UNLINKED_STEP = -1
+FIGURE_DPI = 150  # MLflow's default (100) leaves 8-panel figures' labels unreadable in the UI
+
+
+def unique_name(base: str) -> str:
+    """`base` plus a short UTC timestamp (`linear-alibi-seed0-1201-1305`): re-running a config gives runs
+    that chart legends and the runs table tell apart (MLflow allows duplicate names)."""
+    return f"{base}-{time.strftime('%m%d-%H%M%S', time.gmtime())}"
 
 
 class RunLog:
@@ -51,6 +67,7 @@ class RunLog:
         self.run_id: str = active.info.run_id
         self.metrics: dict[str, float] = {}
         self.artifacts: list[str] = []
+        self.figure_files: dict[str, bytes] = {}  # artifact path -> PNG, of the figures logged
         self._logger = tracking.MetricLogger(self.run_id)
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -62,8 +79,7 @@ class RunLog:
         self.log_text(to_yaml(cfg), path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        with tracking.deferred_signals():  # a signal waits for the store write (MetricLogger.flush)
-            mlflow.set_tags(tags)
+        tracking.store_write(mlflow.set_tags, tags, what="tagging the run")  # retried while SQLite is locked
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, flush: bool = False) -> None:
         if metrics:
@@ -76,23 +92,31 @@ class RunLog:
         self._logger.flush()
 
     def log_figure(self, fig: Any, path: str) -> None:
-        """Log a matplotlib figure and close it (open figures pile up in long flows)."""
+        """Log a matplotlib figure as PNG and close it (open figures pile up in long flows). At FIGURE_DPI,
+        cropped to its content: multi-panel figures stay legible in MLflow's artifact viewer. The bytes
+        are kept (`figure_files`) for reports that inline them."""
         from picollm.plots import close
 
         try:
-            mlflow.log_figure(fig, path)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
         finally:
             close(fig)
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / Path(path).name
+            file.write_bytes(buf.getvalue())
+            with tracking.deferred_signals():
+                mlflow.log_artifact(str(file), artifact_path=str(Path(path).parent) if "/" in path else None)
+        self.figure_files[path] = buf.getvalue()
         self.artifacts.append(path)
 
     def log_text(self, text: str, path: str) -> None:
-        with tracking.deferred_signals():
-            mlflow.log_text(text, path)
+        tracking.store_write(mlflow.log_text, text, path, what="logging a text")  # looks the run up: locks
         self.artifacts.append(path)
 
     def log_table(self, columns: dict[str, list[Any]], path: str) -> None:
         """Columns as an MLflow table (a `.json` artifact the UI shows as a table)."""
-        mlflow.log_table(columns, path)
+        tracking.store_write(mlflow.log_table, columns, path, what="logging a table")
         self.artifacts.append(path)
 
     def log_csv(self, rows: list[dict[str, Any]], path: str) -> None:
@@ -104,14 +128,39 @@ class RunLog:
             writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
         self.log_text(buf.getvalue(), path)
 
-    def log_model(self, model: torch.nn.Module, registered_name: str | None) -> tuple[str, str | None]:
-        """Log the model (and register it under `registered_name` unless None): (model URI, version)."""
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        registered_name: str | None,
+        *,
+        tokenizer: str = "integers",
+        link: Iterable[str] = (),
+    ) -> tuple[str, str | None]:
+        """Log the model (and register it under `registered_name` unless None): (model URI, version).
+        The latest values of the metrics named in `link` (the final test and val metrics), already
+        logged, are linked to it in that order: the model page and the Models tab show those columns."""
         from picollm.registry import log_model
 
-        uri, version = log_model(model, registered_name)
-        if version:
-            mlflow.set_tag("registered_model", f"{registered_name}/{version}")
-        return uri, version
+        self.flush()  # what was logged must be in the store before `_link` looks for it
+        logged = log_model(model, registered_name, tokenizer, step=UNLINKED_STEP)
+        if logged.version:
+            mlflow.set_tag("registered_model", f"{registered_name}/{logged.version}")
+        self._link(list(dict.fromkeys(link)), logged.model_id)
+        return logged.uri, logged.version
+
+    def _link(self, keys: list[str], model_id: str) -> None:
+        """Re-log the latest entry of each of `keys` with `model_id`, as MLflow's log_model does for the
+        metrics at its `step`: the store keeps one row per (key, timestamp, step, value) and records the link."""
+        client = mlflow.MlflowClient()
+        entries = []
+        for key in keys:
+            history = [m for m in client.get_metric_history(self.run_id, key) if m.model_id is None]
+            if history:
+                m = max(history, key=lambda m: (m.step, m.timestamp))
+                entries.append(Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=self.run_id))
+        with tracking.deferred_signals():
+            for i in range(0, len(entries), 1000):  # log_batch's limit
+                client.log_batch(self.run_id, metrics=entries[i : i + 1000])
 
 
 @dataclass
@@ -144,15 +193,20 @@ class Session:
         tags: dict[str, str] | None = None,
         nested: bool = False,
         run_id: str | None = None,
+        system_metrics: bool = False,
     ) -> Iterator[RunLog]:
         """Open (or, with `run_id`, resume) a run in the session's experiment, tagged with the flow.
         Given a `config`, its flattened params, the hardware and the resolved YAML are logged first.
-        Buffered metrics are flushed on every way out, so what was measured before a failure is kept."""
+        Buffered metrics are flushed on every way out, so what was measured before a failure is kept.
+        `system_metrics`: MLflow samples CPU, memory (and GPU) as `system/...` metrics while the run is open."""
         assert self.uri is not None, "only rank 0 opens runs"
         tracking.init_tracking(self.uri)  # again: a flow may have pointed MLflow at another store meanwhile
         # A resumed run keeps its flow tag (compare re-enters the child runs that training opened).
         all_tags = dict(tags or {}) if run_id else {"picollm.flow": self.flow, **(tags or {})}
-        with tracking.tracked_run(self.tracking.experiment, run_name, run_id, all_tags, nested) as active:
+        with (
+            _system_metrics(system_metrics),
+            tracking.tracked_run(self.tracking.experiment, run_name, run_id, all_tags, nested) as active,
+        ):
             out = RunLog(active)
             try:
                 if config is not None:
@@ -161,15 +215,39 @@ class Session:
                 if params:
                     out.log_params(params)
                 yield out
-            finally:
-                _flush_quietly(out)
+            except BaseException as e:
+                if not isinstance(e, tracking.StoreUnavailable):  # else it would wait for the lock once more
+                    # After Ctrl-C a locked store gets one short try: the user is waiting for the exit.
+                    _flush_quietly(out, 2.0 if isinstance(e, KeyboardInterrupt) else None)
+                raise
+            else:
+                out.flush()  # after a clean run a store failure must fail the run, not lose its metrics
 
 
-def _flush_quietly(out: RunLog) -> None:
+@contextmanager
+def _system_metrics(enabled: bool) -> Iterator[None]:
+    """MLflow starts its system-metrics monitor in start_run when this variable is true (end_run stops
+    it); set only around a run that asked for it, so later runs keep their own choice."""
+    if not enabled:  # MLflow's own default (or the user's MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING) applies
+        yield
+        return
+    var = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
+    before = os.environ.get(var)
+    os.environ[var] = "true"
     try:
-        out.flush()
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = before
+
+
+def _flush_quietly(out: RunLog, budget_s: float | None = None) -> None:
+    try:
+        out._logger.flush(budget_s)
     except Exception as e:  # a broken store: the run's own error (if any) is the one to report
-        log.warning("could not flush the run's metrics: %s", tracking.first_line(e))
+        log.debug("could not flush the run's metrics: %s", tracking.first_line(e))
 
 
 @contextmanager
@@ -193,7 +271,11 @@ def session(
         uri, failure = None, None
         if ctx.is_main:
             try:
-                uri = tracking.init_tracking(tracking_cfg.uri)
+                uri = tracking.init_tracking(
+                    tracking_cfg.uri,
+                    lock_timeout_s=tracking_cfg.lock_timeout_s,
+                    http_timeout_s=tracking_cfg.http_timeout_s,
+                )
             except Exception as e:
                 failure = e
         distributed.share_failure(ctx, failure)
@@ -232,6 +314,8 @@ class MlflowCallbacks:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(CHECKPOINT_PATH).name
             torch.save(checkpoint, path)
-            with tracking.deferred_signals():  # a signal waits for the store write (MetricLogger.flush)
-                mlflow.log_artifact(str(path), artifact_path=str(Path(CHECKPOINT_PATH).parent))
+            # Each attempt holds a signal until it is done (never a half-logged checkpoint); the run's lookup
+            # in the store may meet a lock: retried in short attempts (tracking.store_write).
+            parent = str(Path(CHECKPOINT_PATH).parent)
+            tracking.store_write(mlflow.log_artifact, str(path), artifact_path=parent, what="logging the checkpoint")
         self.ui.on_checkpoint(checkpoint, epoch)

@@ -14,6 +14,7 @@ Every failure is a PicollmError with one clear line (the log's last lines where 
 
 from __future__ import annotations
 
+import errno
 import glob
 import importlib.util
 import os
@@ -169,15 +170,23 @@ def _is_mlflow_group(pid: int) -> bool:
     return any("mlflow" in _cmdline(p) for p in members)
 
 
-def _port_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (None: it can). Only "in use" is about the port:
+    a host that does not resolve, or is not an address of this machine, is named as such."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"host {host!r} cannot be resolved ({e.strerror}); use 127.0.0.1, 0.0.0.0 or this machine's name"
+    family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use; choose another with --set port=PORT"
+            return f"cannot listen on {host}:{port} ({e.strerror}; is {host} an address of this machine?)"
+    return None
 
 
 def _tail(path: Path, n: int = 10) -> str:
@@ -328,7 +337,7 @@ def start_postgres(cfg: ServerConfig) -> tuple[int | None, bool]:
         _run(_as_postgres(initdb), "initdb", timeout=300, cwd=p.root)
     started = False
     if not _pg_running(bin_dir, p):
-        if not _port_free("127.0.0.1", cfg.postgres_port):
+        if _port_problem("127.0.0.1", cfg.postgres_port):
             raise PicollmError(
                 f"port {cfg.postgres_port} on 127.0.0.1 is in use (another PostgreSQL?); "
                 "choose another with --set postgres_port=PORT"
@@ -427,8 +436,8 @@ def start_mlflow(cfg: ServerConfig) -> int:
     uri = backend_uri(cfg)
     if uri.startswith("postgresql+psycopg2") and importlib.util.find_spec("psycopg2") is None:
         raise PicollmError("mlflow server needs the PostgreSQL driver psycopg2: pip install -e '.[server]'")
-    if not _port_free(cfg.host, cfg.port):
-        raise PicollmError(f"port {cfg.port} on {cfg.host} is in use; choose another with --set port=PORT")
+    if problem := _port_problem(cfg.host, cfg.port):
+        raise PicollmError(problem)
     cmd = _mlflow_cmd(cfg, p)
     env = dict(os.environ)
     # MLflow's job runner (GenAI scorers, trace rollups) spawns ~7 huey consumer processes that picollm
@@ -447,6 +456,17 @@ def start_mlflow(cfg: ServerConfig) -> int:
             start_new_session=True,
         )
     p.mlflow_pid.write_text(f"{proc.pid}\n")
+    try:
+        _wait_healthy(cfg, proc)
+    except KeyboardInterrupt:  # Ctrl-C while it starts: no half-started server is left behind
+        _kill_group(proc.pid, grace_s=5)
+        p.mlflow_pid.unlink(missing_ok=True)
+        raise
+    return proc.pid
+
+
+def _wait_healthy(cfg: ServerConfig, proc: subprocess.Popen) -> None:
+    p = paths(cfg)
     deadline = time.monotonic() + cfg.startup_timeout_s
     while not healthy(cfg):
         if proc.poll() is not None:
@@ -464,7 +484,6 @@ def start_mlflow(cfg: ServerConfig) -> int:
                 f"(startup_timeout_s); last lines of {p.mlflow_log}:\n{_tail(p.mlflow_log)}"
             )
         time.sleep(0.5)
-    return proc.pid
 
 
 def stop_mlflow(cfg: ServerConfig) -> int | None:
@@ -487,8 +506,8 @@ def start(cfg: ServerConfig) -> dict[str, Any]:
     p.root.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {"url": url(cfg), "backend_store_uri": _redact(backend_uri(cfg)), "state_dir": str(p.root)}
     pid = mlflow_pid(cfg)
-    if pid is None and not _port_free(cfg.host, cfg.port):  # fail before starting PostgreSQL
-        raise PicollmError(f"port {cfg.port} on {cfg.host} is in use; choose another with --set port=PORT")
+    if pid is None and (problem := _port_problem(cfg.host, cfg.port)):  # fail before starting PostgreSQL
+        raise PicollmError(problem)
     pg_started = False
     if managed_postgres(cfg):
         info["postgres_pid"], pg_started = start_postgres(cfg)

@@ -1,13 +1,21 @@
 """MLflow models-from-code entry point: `mlflow.pyfunc.load_model(...)` runs this file.
 
-The logged model holds only a state dict (loaded with weights_only=True) and a JSON config, so
-loading it never unpickles code. predict() takes prompts of space-separated integers and returns
-their continuations in the same format.
+The logged model holds only a state dict (loaded with weights_only=True), a JSON config and the kind
+of tokenizer, so loading it never unpickles code; the picollm package travels with it (`code_paths`).
+predict() takes prompts and returns their continuations in the same format: space-separated integers
+for the synthetic models, text (GPT-2 BPE) for the DPO/SFT ones. A bad prompt or setting is an
+MlflowException with INVALID_PARAMETER_VALUE, which `mlflow models serve` answers as HTTP 400 with
+our message (any other exception becomes a generic message and a traceback).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 
@@ -16,29 +24,39 @@ class PicoLLMPyfunc(PythonModel):
     # validates input; this stops MLflow warning that predict() has no type hints.
     _skip_type_hint_validation = True
 
-    def load_context(self, context) -> None:
+    def load_context(self, context) -> None:  # noqa: ANN001
+        from picollm.prompts import Codec
         from picollm.registry import load_from_files
 
-        self.model = load_from_files(context.artifacts["weights"], context.artifacts["config"])
+        art = context.artifacts
+        self.model = load_from_files(art["weights"], art["config"])
+        kind = json.loads(Path(art["tokenizer"]).read_text())["kind"] if "tokenizer" in art else "integers"
+        assert self.model.cfg.vocab_size is not None
+        self.codec = Codec(kind, self.model.cfg.vocab_size, art.get("tokenizer_files"))
 
     # No type hints: MLflow would build a stricter schema from them; the signature is explicit.
     def predict(self, context, model_input, params=None):  # noqa: ANN001
-        from picollm.registry import continue_prompts
+        from picollm.errors import PicollmError
+        from picollm.prompts import continue_prompts
 
         if hasattr(model_input, "iloc"):  # pandas DataFrame or Series
             model_input = model_input.iloc[:, 0].tolist() if model_input.ndim == 2 else model_input.tolist()
         elif isinstance(model_input, str):
             model_input = [model_input]
         p = params or {}
-        return continue_prompts(
-            self.model,
-            [str(x) for x in model_input],
-            max_new_tokens=int(p.get("max_new_tokens", 8)),
-            temperature=float(p.get("temperature", 0.0)),
-            top_k=int(p["top_k"]) if p.get("top_k") else None,
-            top_p=float(p["top_p"]) if p.get("top_p") not in (None, 1.0) else None,
-            seed=int(p.get("seed", 0)),
-        )
+        try:
+            return continue_prompts(
+                self.model,
+                list(model_input),
+                max_new_tokens=int(p.get("max_new_tokens", 8)),
+                temperature=float(p.get("temperature", 0.0)),
+                top_k=int(p["top_k"]) if p.get("top_k") else None,
+                top_p=float(p["top_p"]) if p.get("top_p") not in (None, 1.0) else None,
+                seed=int(p.get("seed", 0)),
+                codec=self.codec,
+            )
+        except (PicollmError, ValueError, TypeError) as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 mlflow.models.set_model(PicoLLMPyfunc())

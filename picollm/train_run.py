@@ -20,20 +20,30 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from picollm import distributed, plots
+from picollm import distributed, store_faults
+from picollm.cache import cached_build_data, cached_matmul_peak
 from picollm.config import TrainRunConfig, flatten, validate
-from picollm.data import PaddedSplit, SyntheticData, build_data, log_splits, to_padded
+from picollm.data import PaddedSplit, SyntheticData, log_splits, to_padded
 from picollm.errors import PicollmError
 from picollm.evaluation import evaluate
-from picollm.hardware import measure_matmul_peak, resolve_device, torch_threads
+from picollm.hardware import resolve_device, torch_threads
 from picollm.model import Transformer
+from picollm.optim import make_optimizer, make_scheduler, validate_checkpoint
 from picollm.registry import SOURCE_CONFIG, load_checkpoint
-from picollm.runs import CHECKPOINT_PATH, MlflowCallbacks, RunLog, Session
+from picollm.runs import CHECKPOINT_PATH, SINGLE_VALUE_STEP, MlflowCallbacks, RunLog, Session, unique_name
+from picollm.timing import Stopwatch, TimedCallbacks
 from picollm.training import NullCallbacks, TrainCallbacks, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
-RESUMABLE_KEYS = {"train.epochs", "train.early_stopping_patience", "tracking.run_name", "tracking.uri"}
+RESUMABLE_KEYS = {
+    "train.epochs",
+    "train.early_stopping_patience",
+    "tracking.run_name",
+    "tracking.uri",
+    "tracking.lock_timeout_s",
+    "tracking.http_timeout_s",
+}
 
 
 @dataclass
@@ -45,6 +55,7 @@ class TrainOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
     families: list[str] = field(default_factory=list)
     model: Transformer | None = field(default=None, repr=False)  # the trained model (on the CPU)
+    timing: dict[str, float] = field(default_factory=dict)  # time/<phase>_s, as logged (picollm.timing)
 
 
 class Prepared(NamedTuple):
@@ -57,9 +68,12 @@ class Prepared(NamedTuple):
 
 
 def load_resume(run_id: str, cfg: TrainRunConfig) -> dict[str, Any]:
-    """The checkpoint of `run_id`, after checking that `cfg` differs from its config only in resumable keys."""
+    """The checkpoint of `run_id`, after checking that `cfg` differs from its config only in resumable keys
+    and that every entry of it would restore (a bad checkpoint leaves the run as it was). A run whose
+    checkpoint is at its last epoch but that did not finish (interrupted while logging its model)
+    resumes into what is left: the test metrics, the model and its registration."""
     try:
-        MlflowClient().get_run(run_id)
+        status = MlflowClient().get_run(run_id).info.status
     except mlflow.exceptions.MlflowException:
         raise PicollmError(f"--resume: no run with id {run_id!r} in {mlflow.get_tracking_uri()}") from None
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,9 +89,20 @@ def load_resume(run_id: str, cfg: TrainRunConfig) -> dict[str, Any]:
             raise PicollmError(
                 f"--resume: {key} is {new.get(key)!r} but run {run_id} was trained with {old.get(key)!r}"
             )
-    if int(ckpt["epoch"]) >= cfg.train.epochs:
+    try:
+        validate_checkpoint(ckpt, *_templates(cfg))
+    except ValueError as e:
+        raise PicollmError(f"--resume: the checkpoint of run {run_id} cannot be resumed ({e})") from None
+    if int(ckpt["epoch"]) >= cfg.train.epochs and status == "FINISHED":
         raise PicollmError(f"--resume: run {run_id} already completed {ckpt['epoch']} epochs")
     return ckpt
+
+
+def _templates(cfg: TrainRunConfig) -> tuple[Transformer, Any, Any]:
+    """A model, optimizer and scheduler of `cfg`'s shape, for `validate_checkpoint` to load into."""
+    model = Transformer(cfg.model)
+    optimizer = make_optimizer(model, cfg.train)
+    return model, optimizer, make_scheduler(optimizer, cfg.train, 1)
 
 
 def prepare(
@@ -86,27 +111,33 @@ def prepare(
     device: torch.device,
     ckpt: dict[str, Any] | None,
     data: SyntheticData | None = None,
+    watch: Stopwatch | None = None,
 ) -> Prepared:
     """Data (unless given: already built from `cfg.data`), model and trainer: everything of a run but
-    its tracking."""
-    data = data or build_data(cfg.data)  # before the run starts: bad data settings leave no run behind
-    splits = {name: to_padded(s, cfg.data.pad_id, data.families) for name, s in data.splits().items()}
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
-    # Every rank measures at once, so the peak reflects the shared hardware; MFU is against all ranks.
-    peak = cfg.train.peak_flops or measure_matmul_peak(device)
-    trainer = Trainer(
-        model,
-        cfg.train,
-        device,
-        flops_per_token=6 * model.matmul_params(),
-        peak_flops=peak * ctx.world_size,
-        dist=ctx,
-    )
+    its tracking. `watch` times the data and set-up, and the validation inside `fit` as eval."""
+    watch = watch or Stopwatch()
+    with watch.phase("data"):  # before the run starts: bad data settings leave no run behind
+        data = data or cached_build_data(cfg.data)  # splits and ceilings, once per data config
+        splits = {name: to_padded(s, cfg.data.pad_id, data.families) for name, s in data.splits().items()}
+    with watch.phase("setup"):
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model)
+        # Measured once per machine, thread count and world size (picollm.cache), not on every run; every
+        # rank measures at once the first time, so the peak reflects the shared hardware; MFU is against
+        # all ranks.
+        peak = cfg.train.peak_flops or cached_matmul_peak(device, ctx.world_size)
+        trainer = Trainer(
+            model,
+            cfg.train,
+            device,
+            flops_per_token=6 * model.matmul_params(),
+            peak_flops=peak * ctx.world_size,
+            dist=ctx,
+        )
     fit = partial(
         trainer.fit,
         splits["train"],
-        lambda m: evaluate(m, splits["val"], "val", cfg.train.eval_batch_size),
+        watch.wrap("eval", lambda m: evaluate(m, splits["val"], "val", cfg.train.eval_batch_size)),
         resume=ckpt,
         checkpoint_extra={"config": cfg.model_dump(mode="json")},
     )
@@ -121,27 +152,37 @@ def train(
     nested: bool = False,
     tags: dict[str, str] | None = None,
     data: SyntheticData | None = None,
+    startup_s: float = 0.0,
 ) -> TrainOutcome:
     """Train, evaluate, log and register as a run of `session` (`nested`: a child of the active run;
     `tags`: added to the run's own, e.g. a sweep trial's number and parent run; `data`: the draw of
-    `cfg.data` when the caller has it already, e.g. a sweep's trials share one)."""
+    `cfg.data` when the caller has it already, e.g. a sweep's trials share one; `startup_s`: what the
+    process spent before this run, logged as time/startup_s: `picollm train` passes its start-up)."""
     ctx = session.dist
+    watch = Stopwatch(startup_s)  # logged as time/*: where the run's wall time went
     ckpt, failure = None, None
-    if resume and ctx.is_main:  # a resume must make sense before any work starts
+    if resume is not None and ctx.is_main:  # a resume must make sense before any work starts
         try:
+            if not resume.strip():
+                raise PicollmError("--resume needs a run id (it was empty)")
+            # Claimed first, so of two resumes of one run only one goes on; the run holds it from here.
+            store_faults.preclaim(mlflow.get_tracking_uri(), resume)
             ckpt = load_resume(resume, cfg)
         except Exception as e:
+            store_faults.release_preclaim(resume)
             failure = e
-    if resume:
+    if resume is not None:
         distributed.share_failure(ctx, failure)
         ckpt = distributed.broadcast_checkpoint(ctx, ckpt)
-    prep = prepare(cfg, ctx, session.device, ckpt, data)
+    prep = prepare(cfg, ctx, session.device, ckpt, data, watch)
     if not ctx.is_main:
         result = prep.fit(NullCallbacks())
         return TrainOutcome("", None, None, {}, result.history, prep.data.families)
 
-    run_name = cfg.tracking.run_name or f"{cfg.model.attention}-{cfg.model.pos_encoding}-seed{cfg.train.seed}"
+    base_name = f"{cfg.model.attention}-{cfg.model.pos_encoding}-seed{cfg.train.seed}"
+    run_name = cfg.tracking.run_name or unique_name(base_name)  # re-runs of a config stay apart in legends
     run_tags = {"picollm.flow": "train", "model.attention": cfg.model.attention, **(tags or {})}
+    watch.switch("logging")  # the run's params, config, inputs
     with session.run(
         run_name,
         config=cfg if ckpt is None else None,  # a resumed run has its params already
@@ -150,27 +191,36 @@ def train(
         tags=run_tags,
         nested=nested,
         run_id=resume,
+        system_metrics=cfg.train.system_metrics,
     ) as run:
         if ckpt is None:
-            run.log_metrics(prep.data.stats())
+            run.log_metrics({"hardware/peak_flops": prep.peak})  # measured (or set): a number to chart
             log_splits(run, prep.data)
         elif ctx.enabled:
             run.set_tags({"distributed.resumed_world_size": str(ctx.world_size)})
-        result = prep.fit(MlflowCallbacks(run, ui or NullCallbacks()))
-        final = _log_results(run, cfg, prep, result)
+        watch.switch("train")  # the callbacks (metrics, checkpoints) count as logging, validation as eval
+        result = prep.fit(TimedCallbacks(MlflowCallbacks(run, ui or NullCallbacks()), watch))
+        watch.switch("eval")
+        test_metrics = evaluate(prep.trainer.model, prep.splits["test"], "test", cfg.train.eval_batch_size)
+        watch.switch("logging")
+        run.log_metrics(test_metrics, step=SINGLE_VALUE_STEP, flush=True)  # one value each: bar charts
         model_uri = version = None
-        if cfg.tracking.log_model:
-            model_uri, version = run.log_model(prep.trainer.model.cpu(), cfg.tracking.registered_model)
+        if cfg.tracking.log_model:  # the final test (and val) metrics linked to the model: its page shows them
+            linked = ["test/accuracy", *test_metrics, *(k for k in result.history[-1] if k.startswith("val/"))]
+            model_uri, version = run.log_model(prep.trainer.model.cpu(), cfg.tracking.registered_model, link=linked)
+        final = _log_results(run, prep, result, test_metrics)
+        timing = watch.breakdown()  # closing the run (its last flush) is not in it
+        run.log_metrics(timing, step=SINGLE_VALUE_STEP, flush=True)
     model = prep.trainer.model.cpu()
-    return TrainOutcome(run.run_id, model_uri, version, final, result.history, prep.data.families, model)
+    return TrainOutcome(run.run_id, model_uri, version, final, result.history, prep.data.families, model, timing=timing)
 
 
 def _run_params(cfg: TrainRunConfig, session: Session, prep: Prepared) -> dict[str, Any]:
     ctx = session.dist
     return {
+        **prep.data.stats(),  # params: counts of the inputs, not measurements
         "model.num_params": prep.model.num_params(),
         "model.matmul_params": prep.model.matmul_params(),
-        "hardware.peak_flops": f"{prep.peak:.3e}",
         "train.precision_resolved": prep.trainer.precision,
         "distributed.world_size": ctx.world_size,
         "distributed.backend": ctx.backend or "none",
@@ -178,18 +228,18 @@ def _run_params(cfg: TrainRunConfig, session: Session, prep: Prepared) -> dict[s
     }
 
 
-def _log_results(run: RunLog, cfg: TrainRunConfig, prep: Prepared, result: TrainResult) -> dict[str, float]:
-    """Test metrics, run summaries and figures; returns the test metrics with the last val metrics."""
-    test_metrics = evaluate(prep.trainer.model, prep.splits["test"], "test", cfg.train.eval_batch_size)
+def _log_results(run: RunLog, prep: Prepared, result: TrainResult, test_metrics: dict[str, float]) -> dict[str, float]:
+    """Run summaries and figures; returns the test metrics with the last val metrics."""
     summary = {
-        **test_metrics,
         "throughput/tokens_per_s_mean": _mean(result.history, "throughput/tokens_per_s"),
         "throughput/mfu_mean": _mean(result.history, "throughput/mfu"),
-        "train.epochs_run": float(result.epochs_run),
+        "train/epochs_run": float(result.epochs_run),
     }
     if result.best_epoch is not None:
-        summary["train.best_epoch"] = float(result.best_epoch)
-    run.log_metrics(summary, step=result.steps, flush=True)
+        summary["train/best_epoch"] = float(result.best_epoch)
+    run.log_metrics(summary, step=SINGLE_VALUE_STEP, flush=True)  # one value each: bar charts
+    from picollm import plots  # matplotlib: imported when the figures are drawn, not at start-up
+
     run.log_figure(plots.training_curves(result.history), "figures/training_curves.png")
     run.log_figure(plots.family_accuracy(test_metrics, prep.data.families), "figures/test_accuracy_per_family.png")
     return {**test_metrics, **{k: v for k, v in result.history[-1].items() if k.startswith("val/")}}

@@ -120,17 +120,32 @@ class Trainer:
         self.guard = NonFiniteGuard(
             action=cfg.nonfinite,
             max_skipped=cfg.max_skipped_batches,
-            on_stop="training stopped, the last good checkpoint is kept "
-            "(lower train.lr, or set train.nonfinite=skip_batch)",
+            on_stop=self._on_stop(None),
             any_rank=partial(any_rank, self.dist),
             per_rank=self.dist.enabled,
         )
-        self.train_model: nn.Module = self.model  # what the training step calls
+        # What the training step calls. Under DDP it exists only while `fit` runs (`_training_module`):
+        # a DDP reducer that outlives its process group (kept by whoever still holds the trainer) is
+        # destroyed during interpreter shutdown and aborts the rank ("terminate called without an
+        # active exception").
+        self.train_model: nn.Module = self.model if self.dist.enabled else self._training_module()
+
+    @staticmethod
+    def _on_stop(checkpoint_epoch: int | None) -> str:
+        # Only what is true: before the first checkpoint there is nothing to resume from.
+        kept = (
+            "no checkpoint was written yet"
+            if checkpoint_epoch is None
+            else f"the checkpoint of epoch {checkpoint_epoch} is kept"
+        )
+        return f"training stopped, {kept} (lower train.lr, or set train.nonfinite=skip_batch)"
+
+    def _training_module(self) -> nn.Module:
+        module: nn.Module = self.model
         if self.dist.enabled:
-            ids = [device.index] if device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = DistributedDataParallel(self.model, device_ids=ids)
+        return torch.compile(module) if self.cfg.compile else module
 
     def _batch_generator(self, epoch: int) -> torch.Generator:
         # Batch order depends only on (seed, epoch), so a resumed run sees the same batches.
@@ -180,13 +195,20 @@ class Trainer:
         if resume is not None:
             optim.restore(resume, self.model, self.optimizer, self.scheduler, state)
             log.info("resuming at epoch %d, step %d", state.epoch, state.step)
+        self.guard.on_stop = self._on_stop(state.epoch if resume is not None else None)
         cb.on_train_start(total, steps_per_epoch, state.epoch)
         stopped_early = False
-        while state.epoch < cfg.epochs and not stopped_early:
-            metrics = self._train_epoch(train, cb)
-            # Rank 0 evaluates; the others take its numbers, so early stopping agrees everywhere.
-            metrics.update(broadcast_json(self.dist, evaluate(self.model) if self.dist.is_main else None))
-            stopped_early = self._end_epoch(metrics, monitor, cb, checkpoint_extra or {})
+        if self.dist.enabled:
+            self.train_model = self._training_module()  # after `restore`: DDP broadcasts rank 0's weights
+        try:
+            while state.epoch < cfg.epochs and not stopped_early:
+                metrics = self._train_epoch(train, cb)
+                # Rank 0 evaluates; the others take its numbers, so early stopping agrees everywhere.
+                metrics.update(broadcast_json(self.dist, evaluate(self.model) if self.dist.is_main else None))
+                stopped_early = self._end_epoch(metrics, monitor, cb, checkpoint_extra or {})
+        finally:
+            if self.dist.enabled:
+                self.train_model = self.model  # the DDP wrapper and its reducer go now, while the group lives
         state.early.restore_best(self.model)
         return TrainResult(
             epochs_run=len(state.history),
@@ -253,6 +275,7 @@ class Trainer:
         last = state.epoch == cfg.epochs or stop
         if self.dist.is_main and (state.epoch % cfg.checkpoint_every == 0 or last):
             cb.on_checkpoint(self.checkpoint(state.epoch, state.step, extra), state.epoch)
+            self.guard.on_stop = self._on_stop(state.epoch)
         if stop:
             log.info("early stopping after epoch %d (best %s at epoch %s)", state.epoch, monitor, state.early.best_at)
         return stop

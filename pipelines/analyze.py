@@ -2,8 +2,10 @@
 
 The model reference is resolved, the model loaded and the data regenerated (from the source training
 run's `config.yaml`) before the run starts, so a wrong reference or bad setting leaves no run behind.
-Every section reads the model through its hook points (picollm.analysis); figures, tables and
-metrics are artifacts and metrics of the analysis run, which is tagged with the model it analysed.
+Every section reads the model through its hook points (picollm.analysis; patching, logit lens,
+probes, head detection and the interactive view are in pipelines/analyze_interp.py over
+picollm.interp); figures, tables and metrics are artifacts and metrics of the analysis run, which is
+tagged with the model it analysed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from picollm.errors import ConfigError, PicollmError
 from picollm.hooks import act_name
 from picollm.model import Transformer
 from picollm.runs import RunLog
+from pipelines import analyze_interp as ai
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ class Batch:
     lengths: torch.Tensor  # (B,)
     family_ids: torch.Tensor  # (B,)
     families: list[str]
+    generators: list[dict[str, int]] = field(default_factory=list)  # (B,) e.g. {"start": 5, "step": 3}
 
     def rows(self, family: int) -> torch.Tensor:
         return torch.nonzero(self.family_ids == family).flatten()
@@ -88,12 +92,14 @@ class Batch:
 def analysis_batch(data_cfg: DataConfig, split: str, n_per_family: int, pad_id: int) -> Batch:
     """The first `n_per_family` sequences of every family in `split` (deterministic: same seed, same data)."""
     data = build_data(data_cfg)
-    padded = to_padded(data.splits()[split], pad_id, data.families)
+    chosen = data.splits()[split]
+    padded = to_padded(chosen, pad_id, data.families)
     assert padded.family_ids is not None
     idx = torch.cat([torch.nonzero(padded.family_ids == f).flatten()[:n_per_family] for f in range(len(data.families))])
     sub = padded.subset(idx)
     assert sub.family_ids is not None
-    return Batch(sub.tokens, sub.lengths, sub.family_ids, list(data.families))
+    gens = [dict(chosen.generators[i]) for i in idx.tolist()] if chosen.generators else []
+    return Batch(sub.tokens, sub.lengths, sub.family_ids, list(data.families), gens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,7 +113,8 @@ def section_embeddings(model: Transformer, cfg: AnalysisConfig, run: RunLog, lab
     random = an.analyse_embeddings(an.number_embeddings(baseline), an.number_tokens(baseline))
     run.log_metrics({f"embeddings/{k}": v for k, v in trained.metrics.items()})
     run.log_metrics({f"embeddings/random/{k}": v for k, v in random.metrics.items()})
-    run.log_figure(ap.embeddings_figure(trained, random, label), "embeddings/embeddings.png")
+    run.log_figure(ap.embeddings_pca_figure(trained, random, label), "embeddings/pca.png")
+    run.log_figure(ap.embeddings_spectrum_figure(trained, random, label), "embeddings/spectrum.png")
     k = min(3, trained.coords.shape[1])
     pca = [
         {
@@ -280,8 +287,9 @@ def run(cfg: AnalysisConfig) -> AnalysisOutcome:
         model = source.load().to(s.device).eval()
         assert model.cfg.vocab_size is not None
         data_cfg, data_source = source_data_config(source, model.cfg.vocab_size)
-        # Embeddings need no data; every other section reads the same batch.
-        needs_data = cfg.what != ["embeddings"]
+        # Embeddings and head detection need no data (the detector builds its own inputs); the rest
+        # read the same batch.
+        needs_data = bool(set(cfg.what) - {"embeddings", "heads"})
         batch = analysis_batch(data_cfg, cfg.split, cfg.n_per_family, model.pad_id) if needs_data else None
         log.info("analysing %s (%s attention), data from %s", source.label, model.cfg.attention, data_source)
 
@@ -297,14 +305,16 @@ def run(cfg: AnalysisConfig) -> AnalysisOutcome:
         ) as tracked:
             tracked.log_params(flatten(model.cfg.model_dump(mode="json"), prefix="model_config."))
             tracked.log_text(to_yaml(data_cfg), "data_config.yaml")
-            summary = _sections(model, batch, cfg, tracked, f"{source.label} ({model.cfg.attention})")
+            summary = _sections(model, batch, data_cfg, cfg, tracked, f"{source.label} ({model.cfg.attention})")
             seconds = time.perf_counter() - start
             tracked.log_metrics({"analysis/seconds": seconds})
             tracked.log_text("\n".join([f"model: {source.label} ({source.uri})", *summary]) + "\n", "summary.txt")
     return AnalysisOutcome(tracked.run_id, source, data_source, tracked.metrics, tracked.artifacts, summary, seconds)
 
 
-def _sections(model: Transformer, batch: Batch | None, cfg: AnalysisConfig, run: RunLog, label: str) -> list[str]:
+def _sections(
+    model: Transformer, batch: Batch | None, data_cfg: DataConfig, cfg: AnalysisConfig, run: RunLog, label: str
+) -> list[str]:
     """The configured sections in a fixed order (whatever order `what` lists), each timed."""
 
     def data() -> Batch:
@@ -316,6 +326,11 @@ def _sections(model: Transformer, batch: Batch | None, cfg: AnalysisConfig, run:
         "attention": lambda: section_attention(model, data(), cfg, run),
         "activations": lambda: section_activations(model, data(), cfg, run),
         "ablation": lambda: section_ablation(model, data(), cfg, run),
+        "patching": lambda: ai.section_patching(model, data(), data_cfg, cfg, run),
+        "logit_lens": lambda: ai.section_logit_lens(model, data(), cfg, run),
+        "probes": lambda: ai.section_probes(model, data(), cfg, run),
+        "heads": lambda: ai.section_heads(model, cfg, run),
+        "interactive": lambda: ai.section_interactive(model, data(), cfg, run, label),
     }
     summary: list[str] = []
     for name in (n for n in sections if n in cfg.what):

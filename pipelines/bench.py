@@ -4,10 +4,14 @@
   lengths, in one process, interleaved so machine noise hits both alike;
 - ddp: training throughput of one process vs `torchrun` DDP processes on this machine;
 - tracking: MLflow's share of a training run's wall time (no-op vs SQLite vs an HTTP server);
-- sweep: trials per minute of a `picollm sweep` study with 1 and 2 workers, and the per-trial overhead."""
+- sweep: trials per minute of a `picollm sweep` study with 1 and 2 workers, and the per-trial overhead;
+- breakdown: where a whole `picollm train` process's wall time goes (its logged `time/*` metrics), and
+  its wall time side by side with the pinned reference training loop (picollm.bench_reference);
+- generation: decode ms per token of both attentions vs context, fast path vs the general cached forward."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -23,8 +27,8 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
+from picollm import decoding, runs, server, tracking, train_run
 from picollm import linear_attention as la
-from picollm import runs, server, tracking, train_run
 from picollm.compare.efficiency import time_train_steps
 from picollm.config import (
     BenchConfig,
@@ -34,9 +38,11 @@ from picollm.config import (
     TrainRunConfig,
     load_config,
 )
+from picollm.config.bench import BenchGenerationConfig
 from picollm.errors import PicollmError
 from picollm.hardware import median_ms, torch_threads
 from picollm.model import Transformer, alibi_slopes
+from picollm.timing import PHASES
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +94,34 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
                 sweeps = time_sweep(cfg.sweep)
             results.update(sweeps)
             report += sweep_table(cfg.sweep, sweeps)
+        if "breakdown" in cfg.sections:
+            progress(
+                f"breakdown: whole `picollm train {cfg.runs.config}` processes and the reference loop, alternating"
+            )
+            with torch_threads(None):
+                split = time_breakdown(cfg.runs, progress)
+            results.update(split)
+            report += breakdown_table(cfg.runs, split)
+        gen_rows: dict[int, dict[str, float]] = {}
+        if "generation" in cfg.sections:
+            progress("generation: ms per token, fast path vs cached forward, at each context")
+            gen_rows = time_generation(cfg)
+            report += generation_table(cfg.generation, gen_rows)
 
         with s.run(cfg.tracking.run_name or "bench", config=cfg, params={"torch_threads": threads}) as tracked:
+            # `/` is the metric hierarchy in every flow (the result keys keep their dotted names for the report)
             for n, row in by_length.items():
-                tracked.log_metrics(row, step=n)
-            tracked.log_metrics({k: v for k, v in results.items() if "@" not in k})
+                tracked.log_metrics({metric_key(k): v for k, v in row.items()}, step=n)
+            for c, row in gen_rows.items():  # step = context length
+                tracked.log_metrics({metric_key(k): v for k, v in row.items()}, step=c)
+            tracked.log_metrics({metric_key(k): v for k, v in results.items() if "@" not in k})
             tracked.log_text("\n".join(report) + "\n", "bench.md")
     return BenchOutcome(tracked.run_id, results, report)
+
+
+def metric_key(name: str) -> str:
+    """`tracking.sqlite.overhead_pct` -> `tracking/sqlite/overhead_pct`."""
+    return name.replace(".", "/")
 
 
 def _needs_runs(cfg: BenchConfig) -> bool:
@@ -156,14 +183,21 @@ def steps_table(cfg: BenchConfig, results: dict[str, float]) -> list[str]:
 # Whole training runs: DDP speedup, tracking overhead
 
 
-def _train_cli(runs: BenchRunsConfig, uri: str, nproc: int, *extra: str) -> tuple[float, dict[str, float]]:
+def _train_cli(
+    runs: BenchRunsConfig,
+    uri: str,
+    nproc: int,
+    *extra: str,
+    env_extra: dict[str, str] | None = None,
+    log_model: bool = False,
+) -> tuple[float, dict[str, float]]:
     """Wall time of `picollm train` on `nproc` processes (torchrun when > 1) and the run's metrics."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = cmd if nproc > 1 else [sys.executable]
     cmd += ["-m", "pipelines.cli", "train", str(runs.config)]
-    for item in [*runs.overrides, "tracking.log_model=false", *extra]:
+    for item in [*runs.overrides, *(() if log_model else ("tracking.log_model=false",)), *extra]:
         cmd += ["--set", item]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **(env_extra or {})}
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -338,6 +372,163 @@ def sweep_table(sc: BenchSweepConfig, r: dict[str, float]) -> list[str]:
         )
     lines.append("\nOverhead = a trial's wall time minus its training epochs: data, evaluation, MLflow, Optuna.")
     return [*lines, ""]
+
+
+# --------------------------------------------------------------------------------------------------
+# Where a training process's time goes, and the reference loop side by side
+
+BREAKDOWN_KEYS = (*PHASES, "other", "total")
+
+
+def _reference_cli(config: Path, epochs: int) -> tuple[float, dict[str, float]]:
+    """Wall time of a whole `python -m picollm.bench_reference` process and what it reports."""
+    cmd = [sys.executable, "-m", "picollm.bench_reference", str(config), "--epochs", str(epochs)]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise PicollmError(f"bench: the reference loop exited {res.returncode}: {_why(res.stderr)}")
+    return wall, json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _spread(name: str, values: list[float]) -> dict[str, float]:
+    return {name: statistics.median(values), f"{name}_min": min(values), f"{name}_max": max(values)}
+
+
+def time_breakdown(rc: BenchRunsConfig, progress: Callable[[str], None]) -> dict[str, float]:
+    """`runs.breakdown_repeats` whole `picollm train` processes (the model logged as `make train-linear`
+    does, unless `runs.log_model` is false), each followed by a reference-loop process: medians and
+    spread of the wall time and of the logged time/* phases. The runs share a fresh cache directory, so
+    the first is the cold one (data, ceilings and matmul peak computed) and is reported apart; the
+    medians are over the rest (all of them when there is one repeat)."""
+    out: dict[str, float] = {}
+    walls: list[float] = []
+    phases: dict[str, list[float]] = {k: [] for k in BREAKDOWN_KEYS}
+    ratios: list[float] = []
+    refs: list[tuple[float, dict[str, float]]] = []
+    with tempfile.TemporaryDirectory(prefix="picollm-bench-breakdown-") as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        tracking.init_tracking(uri)  # store creation is a one-off, not per run
+        env = {"PICOLLM_CACHE_DIR": f"{tmp}/cache"}
+        for i in range(rc.breakdown_repeats):
+            wall, metrics = _train_cli(rc, uri, 1, env_extra=env, log_model=rc.log_model)
+            progress(f"breakdown: picollm train {i + 1}/{rc.breakdown_repeats}: {wall:.1f} s")
+            if i == 0:
+                out["breakdown.cold.wall_s"] = wall
+                out["breakdown.cold.data_s"] = metrics["time/data_s"]
+                out["breakdown.cold.setup_s"] = metrics["time/setup_s"]
+            if i > 0 or rc.breakdown_repeats == 1:
+                walls.append(wall)
+                for k in BREAKDOWN_KEYS:
+                    phases[k].append(metrics[f"time/{k}_s"])
+                out["breakdown.test_accuracy"] = metrics["test/accuracy"]
+            if rc.reference_epochs:
+                ref_wall, ref = _reference_cli(rc.config, rc.reference_epochs)
+                progress(f"breakdown: reference loop {i + 1}/{rc.breakdown_repeats}: {ref_wall:.1f} s")
+                refs.append((ref_wall, ref))
+                if i > 0 or rc.breakdown_repeats == 1:
+                    ratios.append(ref_wall / wall)
+    out |= _spread("breakdown.wall_s", walls)
+    for k, vals in phases.items():
+        out |= _spread(f"breakdown.{k}_s", vals)
+    out |= _spread("breakdown.wall_over_train", [w / t for w, t in zip(walls, phases["train"], strict=True)])
+    if refs:
+        out |= _spread("reference.wall_s", [w for w, _ in refs])
+        out |= _spread("reference.train_s", [r["train_s"] for _, r in refs])
+        out["reference.test_accuracy"] = statistics.median(r["test_accuracy"] for _, r in refs)
+        out["reference.epochs"] = float(rc.reference_epochs)
+        out |= _spread("ratio.reference_over_picollm", ratios)
+    return out
+
+
+def breakdown_table(rc: BenchRunsConfig, r: dict[str, float]) -> list[str]:
+    def cell(name: str) -> str:
+        return f"{r[name]:.2f} [{r[name + '_min']:.2f}-{r[name + '_max']:.2f}]"
+
+    n = max(1, rc.breakdown_repeats - 1)
+    lines = [
+        f"`picollm train {rc.config}` as a whole process: median (min-max) of {n} warm run(s), seconds",
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {cell(f'breakdown.{k}_s')} |" for k in BREAKDOWN_KEYS]
+    lines.append(f"| wall (process, from outside) | {cell('breakdown.wall_s')} |")
+    lines.append(f"| wall / train | {cell('breakdown.wall_over_train')} |")
+    lines.append(
+        f"\nCold run (empty cache: data, ceilings and matmul peak computed): {r['breakdown.cold.wall_s']:.2f} s wall, "
+        f"data {r['breakdown.cold.data_s']:.2f} s, setup {r['breakdown.cold.setup_s']:.2f} s."
+    )
+    if "reference.wall_s" in r:
+        lines += [
+            "",
+            "| side by side (whole processes, alternating) | wall s | test accuracy |",
+            "|---|---|---|",
+            f"| picollm train | {cell('breakdown.wall_s')} | {r['breakdown.test_accuracy']:.4f} |",
+            f"| reference loop, {r['reference.epochs']:.0f} epochs (picollm.bench_reference) | "
+            f"{cell('reference.wall_s')} | {r['reference.test_accuracy']:.4f} |",
+            f"\nReference / picollm wall time: {cell('ratio.reference_over_picollm')}x.",
+        ]
+    return [*lines, ""]
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation: decode ms per token
+
+
+def time_generation(cfg: BenchConfig) -> dict[int, dict[str, float]]:
+    """{context: {`gen_ms.<att>.<path>.b<batch>`: median ms per decode step, `..._min`/`_max`, and
+    `gen_speedup.<att>.b<batch>` = cached / fast}}: both attentions, fast path and cached forward,
+    interleaved per context, `repeats` times (fresh caches each). Batches above 1 only at contexts up to
+    1024: the cached forward's prefill builds a (B, H, N, N) bias."""
+    g: BenchGenerationConfig = cfg.generation
+    longest = max(g.contexts) + g.new_tokens + 8
+    models = {}
+    for att in ("softmax", "linear"):
+        torch.manual_seed(0)
+        models[att] = Transformer(cfg.model.model_copy(update={"attention": att, "max_seq_len": longest}))
+    samples: dict[tuple[int, str], list[float]] = {}
+    for _ in range(g.repeats):
+        for c in g.contexts:
+            for b in g.batch_sizes:
+                if b > 1 and c > 1024:
+                    continue
+                for att, m in models.items():
+                    for path in ("cached", "fast"):
+                        ms = decoding.ms_per_token(m, c, g.new_tokens, fast=path == "fast", batch=b)
+                        samples.setdefault((c, f"gen_ms.{att}.{path}.b{b}"), []).append(ms)
+    out: dict[int, dict[str, float]] = {c: {} for c in g.contexts}
+    for (c, name), vals in samples.items():
+        out[c] |= _spread(name, vals)
+    for c, row in out.items():
+        for att in models:
+            for b in g.batch_sizes:
+                if f"gen_ms.{att}.fast.b{b}" in row:
+                    row[f"gen_speedup.{att}.b{b}"] = row[f"gen_ms.{att}.cached.b{b}"] / row[f"gen_ms.{att}.fast.b{b}"]
+        log.info("generation context %d: %s", c, row)
+    return out
+
+
+def generation_table(g: BenchGenerationConfig, rows: dict[int, dict[str, float]]) -> list[str]:
+    lines: list[str] = []
+    for b in g.batch_sizes:
+        lines += [
+            f"Decode ms per step at batch {b}: median (min-max) of {g.repeats}, each a median of {g.new_tokens} steps",
+            "",
+            "| context | softmax cached | softmax fast | linear cached | linear fast | softmax gain | linear gain |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c, r in rows.items():
+            if f"gen_ms.linear.fast.b{b}" not in r:
+                continue
+            cells = [
+                f"{r[k]:.3f} [{r[k + '_min']:.3f}-{r[k + '_max']:.3f}]"
+                for k in (f"gen_ms.{a}.{p}.b{b}" for a in ("softmax", "linear") for p in ("cached", "fast"))
+            ]
+            sp = [f"{r[f'gen_speedup.{a}.b{b}']:.1f}x" for a in ("softmax", "linear")]
+            lines.append(f"| {c} | {' | '.join(cells)} | {' | '.join(sp)} |")
+        lines.append("")
+    return lines
 
 
 def _train_tracked(cfg: TrainRunConfig) -> None:

@@ -7,6 +7,7 @@ Tracebacks appear only with --debug or PICOLLM_DEBUG=1.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 from collections.abc import Iterator
@@ -16,11 +17,20 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperGroup
 
-from picollm.config import BenchConfig, CompareConfig, DPORunConfig, ServerConfig, TrainRunConfig, load_config
+from picollm.config import (
+    ANALYSIS_SECTIONS,
+    BenchConfig,
+    CompareConfig,
+    DPORunConfig,
+    ServerConfig,
+    TrainRunConfig,
+    load_config,
+)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -30,14 +40,14 @@ STATE = {"debug": os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")}
 @contextmanager
 def guarded() -> Iterator[None]:
     """One clear line and exit 2 for the user's mistakes; 130 for Ctrl-C; 1 for our own bugs."""
-    from picollm.errors import PicollmError
+    from picollm.errors import PicollmError, elide
 
     try:
         yield
     except PicollmError as e:
         if STATE["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(elide(str(e)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
@@ -48,8 +58,9 @@ def guarded() -> Iterator[None]:
         if STATE["debug"]:
             raise
         first = (str(e).strip().splitlines() or [""])[0]  # one line, even for a multi-line message
+        line = escape(elide(f"{type(e).__name__}: {first}"))
         err_console.print(
-            f"[bold red]error:[/] {type(e).__name__}: {first}  (rerun with --debug for the traceback)",
+            f"[bold red]error:[/] {line}  (rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )
@@ -210,7 +221,7 @@ def dpo(config: ConfigArg, overrides: SetOpt = None) -> None:
     finally:
         reporter.stop()
     m = out.metrics
-    table = Table(title=f"test pairs (step-0 loss {m['dpo.step0_loss']:.4f}, {m['time/total_s']:.0f} s)")
+    table = Table(title=f"test pairs (step-0 loss {m['dpo/step0_loss']:.4f}, {m['time/total_s']:.0f} s)")
     for col in ("scheme", "reference accuracy", "DPO accuracy", "rewards/accuracies", "rewards/margins"):
         table.add_column(col, justify="left" if col == "scheme" else "right")
     for scheme in [*out.schemes, ""]:
@@ -246,7 +257,7 @@ def compare(
     console.print(table)
     console.print(
         f"parent run {out.parent_run_id} ({out.mode}, {len(out.members)} child runs), report.md and "
-        f"{len(out.artifacts) - 3} figures logged, {out.seconds:.0f} s",
+        f"{len(out.artifacts) - 4} figures logged (report.html renders in the MLflow UI), {out.seconds:.0f} s",
         highlight=False,
     )
 
@@ -258,7 +269,7 @@ def analyze(
     ],
     what: Annotated[
         str | None,
-        typer.Option("--what", "-w", help="Sections, comma-separated: embeddings,attention,activations,ablation"),
+        typer.Option("--what", "-w", help=f"Sections, comma-separated: {','.join(ANALYSIS_SECTIONS)}"),
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Analysis config (default: configs/analysis.yaml if present)")
@@ -279,17 +290,32 @@ def analyze(
     )
 
 
+MAX_NEW_TOKENS = 4096  # a documented cap: each new token is one forward pass (and a KV cache entry)
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 @app.command()
 def generate(
     model_ref: Annotated[
         str, typer.Argument(help="NAME, NAME@ALIAS, NAME/VERSION, models:/..., runs:/... or a run id")
     ],
     prompt: Annotated[str, typer.Argument(help="Space-separated integers, e.g. '2 4 6 8'")],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1)] = 8,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
-    top_k: Annotated[int | None, typer.Option(min=1)] = None,
-    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
-    seed: int = 0,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", min=1, max=MAX_NEW_TOKENS, help="At most 4096.")
+    ] = 8,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, callback=_finite, help="0 = greedy; tiny values act greedy, huge ones uniform")
+    ] = 0.0,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Larger than the vocabulary = no limit.")] = None,
+    top_p: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, callback=_finite, help="0 keeps only the best token.")
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1)] = 0,
 ) -> None:
     """Continue a prompt with a registered (or logged) model."""
     from picollm.registry import continue_prompts, load_model
@@ -446,7 +472,10 @@ def main() -> None:
         if type(e).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
             ctx = getattr(e, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+            from picollm.errors import elide
+
+            line = escape(elide(e.format_message() + hint))
+            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
         code = e.exit_code
     except typer.Abort:
         err_console.print("[yellow]interrupted[/]")

@@ -6,9 +6,11 @@ attention (so equal parameter counts and the same positional prior). Registry mo
 named by compare.baseline / compare.linear are loaded and only evaluated, each in its own child run,
 on the data of their training runs.
 
-Every child is then evaluated the same way (eval/..., lengen/...); the parent logs mean, CI and
-Welch p of every metric, the efficiency sweep, the figures and report.md. Everything that can fail on
-the user's input (config, references, data) is checked before the parent run starts.
+Every child is then evaluated the same way (eval/..., lengen/...: overall numbers as metrics, everything
+in tables/evaluation.json); the parent logs the headline numbers (means, CIs, differences and tests, variant
+last: picollm.compare.keys), the efficiency sweep and curves as metrics, every metric's aggregate and test as
+tables, the figures, report.md and its self-contained report.html. Everything that can fail on the user's
+input (config, references, data) is checked before the parent run starts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from picollm import compare as cmp
 from picollm import registry, runs, train_run
+from picollm.compare import keys
 from picollm.compare.plots import learning_curve as learning_curve_figure
 from picollm.config import (
     CompareConfig,
@@ -270,7 +273,10 @@ def _evaluate(member: Member, run: RunLog, cfg: CompareConfig, inp: Inputs) -> N
     lg_metrics, lg_curves = cmp.length_generalisation(member.model, ev.long, inp.train_len, bs)
     member.metrics = {**metrics, **lg_metrics, "model/num_params": float(member.model.num_params())}
     member.curves = {**curves, **lg_curves}
-    run.log_metrics(member.metrics)
+    # The overall numbers as metrics; every per-family tail (of every split and length) in the table.
+    logged, table = keys.child_split(member.metrics, ev.families)
+    run.log_metrics(logged)
+    run.log_table(keys.table_json_safe(table), "tables/evaluation.json")
     for name, curve in member.curves.items():  # step = position of the predicted token
         for i, v in enumerate(curve):
             if math.isfinite(v):
@@ -311,7 +317,7 @@ def _evaluate_loaded(s: Session, cfg: CompareConfig, inp: Inputs, say: Say) -> N
 
 def _learning_curve(s: Session, cfg: CompareConfig, parent: RunLog, say: Say) -> list[tuple[str, str]]:
     """Both models trained at every `learning_curve.n_train` (nested runs, nothing registered); the parent
-    logs `learning_curve/<model>/test/accuracy_vs_ceiling[/<family>]` with step = n_train, the rows as a
+    logs `learning_curve/test/accuracy_vs_ceiling[/<family>]/<model>` with step = n_train, the rows as a
     table and the figure. Returns the figure as (caption, path)."""
     lc = cfg.learning_curve
     rows: list[dict[str, Any]] = []
@@ -341,7 +347,7 @@ def _learning_curve(s: Session, cfg: CompareConfig, parent: RunLog, say: Say) ->
     for att, n, group in {(r["model"], r["n_train"], r["family"]) for r in rows}:
         vals = [r["vs_ceiling"] for r in rows if (r["model"], r["n_train"], r["family"]) == (att, n, group)]
         sfx = "" if group == "all" else f"/{group}"
-        parent.log_metrics({f"learning_curve/{att}/test/accuracy_vs_ceiling{sfx}": float(np.mean(vals))}, step=n)
+        parent.log_metrics({f"learning_curve/test/accuracy_vs_ceiling{sfx}/{att}": float(np.mean(vals))}, step=n)
     parent.log_table({k: [r[k] for r in rows] for k in rows[0]}, "learning_curve.json")
     path = "figures/learning_curve.png"
     parent.log_figure(learning_curve_figure(rows, families), path)
@@ -357,7 +363,7 @@ def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
     say: Say = progress or (lambda msg: log.info("%s", msg))
     with runs.session("compare", cfg.tracking, device=cfg.train.device, num_threads=cfg.train.num_threads) as s:
         inp = _inputs(cfg, say)
-        run_name = cfg.tracking.run_name or f"compare-{inp.mode}"
+        run_name = cfg.tracking.run_name or runs.unique_name(f"compare-{inp.mode}")
         tags = {"compare.mode": inp.mode, "data.source": inp.data_source}
         with s.run(run_name, config=cfg, tags=tags) as parent:
             parent.log_text(to_yaml(inp.data_cfg), "data_config.yaml")
@@ -375,10 +381,13 @@ def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
             seconds = time.perf_counter() - start
             report = _report(cfg, inp, by_model, summary, efficiency, figures, parent.run_id, seconds)
             parent.log_text(report, "report.md")
+            # MLflow's artifact viewer shows markdown as text: the HTML copy, with the figures inlined, is
+            # the one it renders (images and all).
+            parent.log_text(cmp.report_html(report, parent.figure_files), "report.html")
             parent.log_metrics({"compare/seconds": seconds})
-    artifacts = ["config.yaml", "data_config.yaml", "report.md", *(path for _, path in figures)]
+    artifacts = ["config.yaml", "data_config.yaml", "report.md", "report.html", *(path for _, path in figures)]
     return CompareOutcome(
-        parent.run_id, inp.mode, inp.members, summary.rows, report, summary.metrics, seconds, artifacts
+        parent.run_id, inp.mode, inp.members, summary.rows, report, parent.metrics, seconds, artifacts
     )
 
 
@@ -405,21 +414,28 @@ def _log_summary(parent: RunLog, cfg: CompareConfig, inp: Inputs, by_model: dict
     margins = cc.equivalence_margins
     diffs = cmp.differences(runs_by_model, cc.confidence, cc.equivalence_margin, margins, cc.test, paired)
     seq_ci = _sequence_intervals(cfg, inp, by_model) if any(len(ms) == 1 for ms in by_model.values()) else {}
-    rows = cmp.summary_rows(agg, diffs, cmp.headline_keys(cc.length_factors), cc.alpha, seq_ci)
-    metrics = cmp.aggregate_metrics(agg, diffs, seq_ci)
-    for f, c in inp.cov_long.items():
-        metrics |= {f"lengen/x{f}/{k}": v for k, v in c.items()}
+    headline = cmp.headline_keys(cc.length_factors)
+    rows = cmp.summary_rows(agg, diffs, headline, cc.alpha, seq_ci)
+    # The parent's metrics: the headline numbers only, metric first and variant last (see compare.keys);
+    # every metric of every split, family and length goes to the tables below and to the report.
+    metrics = keys.headline_metrics(agg, diffs, [k for k, _, _ in headline], seq_ci)
+    metrics |= keys.family_metrics(agg, inp.families)
     params = {att: int(ms[0].model.num_params()) for att, ms in by_model.items()}
-    metrics |= {f"{att}/num_params": float(n) for att, n in params.items()}
+    metrics |= {f"model/num_params/{att}": float(n) for att, n in params.items()}
     parent.log_metrics(metrics)
-    for att, ms in by_model.items():  # position curves: mean over runs, step = position
-        for name in ms[0].curves:
-            mean, low, high = cmp.band([m.curves[name] for m in ms], cc.confidence)
-            names = (f"{att}/{name}/mean", f"{att}/{name}/ci_low", f"{att}/{name}/ci_high")
-            for i, values in enumerate(zip(mean, low, high, strict=True)):
-                point = {k: float(v) for k, v in zip(names, values, strict=True) if math.isfinite(v)}
-                parent.log_metrics(point, i + 1)
+    curves = {att: {name: [m.curves[name] for m in ms] for name in ms[0].curves} for att, ms in by_model.items()}
+    charted = ["eval/test/accuracy_by_position", f"lengen/x{max(cc.length_factors)}/accuracy_by_position"]
+    for step, point in keys.curve_steps(curves, charted):  # step = position
+        parent.log_metrics(point, step)
     parent.flush()
+    tables = {
+        "tables/summary.json": keys.summary_table(agg),
+        "tables/differences.json": keys.differences_table(diffs),
+        "tables/position_curves.json": keys.curves_table(curves, cc.confidence),
+        "tables/coverage.json": keys.coverage_table(inp.coverage),
+    }
+    for path, columns in tables.items():
+        parent.log_table(keys.table_json_safe(columns), path)
     return Summary(agg, diffs, rows, metrics, params, paired, seq_ci)
 
 
@@ -578,7 +594,7 @@ def _figures(
             "(same sequences for both models, colour scale fixed to [0, 1])",
         )
     figs, emb = cmp.embedding_figures(first)
-    parent.log_metrics({f"{att}/embeddings/{k}": v for att, m in emb.items() for k, v in m.items() if math.isfinite(v)})
+    parent.log_metrics({f"embeddings/{k}/{att}": v for att, m in emb.items() for k, v in m.items() if math.isfinite(v)})
     for att, fig in figs.items():
         put(
             fig,

@@ -35,7 +35,7 @@ from picollm.dpo import (
 from picollm.errors import PicollmError
 from picollm.hardware import measure_matmul_peak, resolve_device, torch_threads
 from picollm.model import Transformer
-from picollm.runs import MlflowCallbacks, RunLog, Session
+from picollm.runs import SINGLE_VALUE_STEP, MlflowCallbacks, RunLog, Session, unique_name
 from picollm.text_data import PreferenceData, PreferencePair, build_preference_data
 from picollm.training import NullCallbacks, TrainCallbacks, Trainer, resolve_precision
 
@@ -54,6 +54,16 @@ class DPOOutcome:
     schemes: list[str] = field(default_factory=list)
     steps: int = 0
     samples: dict[str, list[str]] = field(default_factory=dict)
+
+
+def tokenizer_of(cfg: DPORunConfig) -> str:
+    """How the logged model reads prompts: GPT-2 BPE text, or integers for the synthetic source."""
+    return "integers" if cfg.data.source == "synthetic" else "gpt2"
+
+
+def data_params(stats: dict[str, float]) -> dict[str, int | float]:
+    """Data statistics as run params (counts as integers): facts about the inputs, not measurements."""
+    return {k: int(v) if float(v).is_integer() else round(float(v), 3) for k, v in stats.items()}
 
 
 def _padded(seqs: list[list[int]], pad_id: int) -> PaddedSplit:
@@ -95,10 +105,11 @@ def _train_sft(
         result = trainer.fit(train_split, evaluate, MlflowCallbacks(run, ui, checkpoints=False))
         test_split = _padded(data.sft_sequences("test"), data.pad_id)
         test = lm_metrics(trainer.model, test_split, "test", cfg.sft.eval_batch_size)
-        run.log_metrics({**test, "train.epochs_run": float(result.epochs_run)}, step=result.steps)
+        run.log_metrics({**test, "train/epochs_run": float(result.epochs_run)}, step=SINGLE_VALUE_STEP)
         uri = version = None
-        if cfg.tracking.log_model:
-            uri, version = run.log_model(trainer.model.cpu(), cfg.tracking.sft_registered_model)
+        if cfg.tracking.log_model:  # the test metrics linked to the logged model
+            name, tok = cfg.tracking.sft_registered_model, tokenizer_of(cfg)
+            uri, version = run.log_model(trainer.model.cpu(), name, tokenizer=tok, link=[*test, "val/loss"])
     return trainer.model, run.run_id, uri, version
 
 
@@ -142,9 +153,9 @@ def run(
         data = build_preference_data(cfg.data, cfg.dpo)
         reference = _load_reference(cfg, data) if cfg.dpo.reference else None
         schemes = list(cfg.dpo.corruptions)
-        run_name = cfg.tracking.run_name or f"dpo-{cfg.data.source}-{'+'.join(schemes)}-{cfg.dpo.loss_type}"
-        with s.run(run_name, config=cfg) as run:
-            run.log_metrics(data.stats())
+        base_name = f"dpo-{cfg.data.source}-{'+'.join(schemes)}-{cfg.dpo.loss_type}"
+        run_name = cfg.tracking.run_name or unique_name(base_name)
+        with s.run(run_name, config=cfg, params=data_params(data.stats())) as run:
             t0 = time.perf_counter()
             sft_run_id = sft_version = None
             if reference is None:
@@ -158,15 +169,17 @@ def run(
             timings = {"time/sft_s": time.perf_counter() - t0}
             policy, summary, steps = _optimise(s, run, cfg, data, reference, timings, echo or log.info)
             summary["time/total_s"] = time.perf_counter() - t_start
-            run.log_metrics(summary, steps, flush=True)
+            run.log_metrics(summary, SINGLE_VALUE_STEP, flush=True)  # one value each: bar charts
 
             samples = generate_samples(reference, policy, data, cfg.dpo.num_samples, cfg.dpo.sample_tokens)
             if samples:
                 run.log_table(samples, "samples/generations.json")
                 run.log_text(_samples_markdown(samples), "samples/generations.md")
             model_uri = version = None
-            if cfg.tracking.log_model:
-                model_uri, version = run.log_model(policy.cpu(), cfg.tracking.registered_model)
+            if cfg.tracking.log_model:  # the test metrics linked to the logged model
+                test = [k for k in summary if k.startswith("test/")]
+                name, tok = cfg.tracking.registered_model, tokenizer_of(cfg)
+                model_uri, version = run.log_model(policy.cpu(), name, tokenizer=tok, link=test)
     return DPOOutcome(
         run.run_id, sft_run_id, ref_name, model_uri, version, sft_version, summary, schemes, steps, samples
     )
@@ -206,10 +219,10 @@ def _optimise(
         **trainer.evaluate(sets["test"], "test"),
         **timings,
         "time/dpo_s": result.seconds,
-        "dpo.steps": float(result.steps),
-        "dpo.step0_loss": result.step0_loss,
-        "dpo.best_step": float(result.best_step or 0),
-        "dpo.stopped_early": float(result.stopped_early),
+        "dpo/steps": float(result.steps),
+        "dpo/step0_loss": result.step0_loss,
+        "dpo/best_step": float(result.best_step or 0),
+        "dpo/stopped_early": float(result.stopped_early),
     }
     return policy, summary, result.steps
 

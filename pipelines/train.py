@@ -4,7 +4,7 @@ Runs under torchrun too (DDP): every rank trains, rank 0 tracks (see picollm.tra
 
 from __future__ import annotations
 
-from picollm import runs, train_run
+from picollm import runs, timing, train_run
 from picollm.config import TrainRunConfig
 from picollm.train_run import TrainOutcome
 from picollm.training import TrainCallbacks
@@ -14,4 +14,5 @@ def run(cfg: TrainRunConfig, resume: str | None = None, ui: TrainCallbacks | Non
     """Train, evaluate, log and register; `resume` continues that run id from its last checkpoint."""
     t = cfg.train
     with runs.session("train", cfg.tracking, device=t.device, num_threads=t.num_threads, distributed_ok=True) as s:
-        return train_run.train(s, cfg, resume=resume, ui=ui)
+        # The process's age here is its start-up: interpreter, imports, config, store set-up.
+        return train_run.train(s, cfg, resume=resume, ui=ui, startup_s=timing.process_age_s() or 0.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,39 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-TIKTOKEN_CACHE = Path(__file__).resolve().parents[1].parent / "shared/data/tiktoken_cache"
+# The offline copy of tiktoken's GPT-2 files; PICOLLM_TEST_TIKTOKEN_CACHE points elsewhere (e.g. at
+# nothing, to see what a clone without ../shared does).
+TIKTOKEN_CACHE = Path(
+    os.environ.get("PICOLLM_TEST_TIKTOKEN_CACHE")
+    or Path(__file__).resolve().parents[1].parent / "shared/data/tiktoken_cache"
+)
+TIKTOKEN_HOST = "openaipublic.blob.core.windows.net"
+_tiktoken_reason: list[str | None] = []
+
+
+def tiktoken_missing() -> str | None:
+    """Why tests cannot have the GPT-2 ranks (no cached copy, no network), or None. Probed once."""
+    if not _tiktoken_reason:
+        caches = [TIKTOKEN_CACHE, Path(os.environ.get("TIKTOKEN_CACHE_DIR") or "/nonexistent")]
+        if any(c.is_dir() and any(c.iterdir()) for c in caches):
+            _tiktoken_reason.append(None)
+        else:
+            try:
+                socket.create_connection((TIKTOKEN_HOST, 443), timeout=3).close()
+                _tiktoken_reason.append(None)
+            except OSError as e:
+                _tiktoken_reason.append(
+                    f"GPT-2 tokenizer files unavailable: no {TIKTOKEN_CACHE} (or TIKTOKEN_CACHE_DIR) and "
+                    f"no network to {TIKTOKEN_HOST} ({e.strerror or e})"
+                )
+    return _tiktoken_reason[0]
+
+
+@pytest.fixture
+def tiktoken_ranks() -> None:
+    """Skip (with the reason) a test that needs tiktoken's GPT-2 files when they cannot be had."""
+    if reason := tiktoken_missing():
+        pytest.skip(reason)
 
 
 def sqlite_uri(directory: Path) -> str:
@@ -67,6 +100,20 @@ def mlflow_store(directory: Path) -> Iterator[str]:
         finally:
             end_active_runs()
             tracking._initialised.clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def picollm_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One data/peak cache for the session (keyed entries, so sharing is safe), never the user's own;
+    subprocesses inherit it through the environment."""
+    directory = tmp_path_factory.mktemp("picollm_cache")
+    before = os.environ.get("PICOLLM_CACHE_DIR")
+    os.environ["PICOLLM_CACHE_DIR"] = str(directory)
+    yield directory
+    if before is None:
+        os.environ.pop("PICOLLM_CACHE_DIR", None)
+    else:
+        os.environ["PICOLLM_CACHE_DIR"] = before
 
 
 @pytest.fixture(autouse=True)

@@ -209,7 +209,18 @@ def test_number_embeddings_come_from_the_embed_hook_without_the_pad():
 # The flow and the CLI
 
 
-FAST = ["n_per_family=4", "attention_positions=8", "top_neurons=6"]
+FAST = [
+    "n_per_family=4",
+    "attention_positions=8",
+    "top_neurons=6",
+    "patching_pairs=4",
+    "patching_length=5",
+    "detector_sequences=4",
+    "detector_length=8",
+]
+
+
+INTERP_DIRS = ("patching", "logit_lens", "probes", "heads", "interactive")  # tests/test_interp.py checks their contents
 
 
 def test_analysis_run_is_tagged_with_the_model_version(tiny, monkeypatch):
@@ -252,14 +263,15 @@ def test_analysis_run_is_tagged_with_the_model_version(tiny, monkeypatch):
     assert 0 <= metrics["attention/L0H1/entropy"] <= 1 + 1e-6
     logged = {
         a.path
-        for d in ("", "embeddings", "attention", "activations", "ablation")
+        for d in ("", "embeddings", "attention", "activations", "ablation", *INTERP_DIRS)
         for a in MlflowClient().list_artifacts(out.run_id, d)
     }
     for name in (
         "summary.txt",
         "analysis_config.yaml",
         "data_config.yaml",
-        "embeddings/embeddings.png",
+        "embeddings/pca.png",
+        "embeddings/spectrum.png",
         "attention/head_scores.csv",
         "attention/counting.png",
         "attention/random_walk.png",

@@ -41,13 +41,14 @@ def test_steps_and_tracking_sections(migrated_store: str):
     client = MlflowClient(migrated_store)
     run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["tracking.sqlite.overhead_pct"] == pytest.approx(r["tracking.sqlite.overhead_pct"])
+    assert run.data.metrics["tracking/sqlite/overhead_pct"] == pytest.approx(r["tracking.sqlite.overhead_pct"])
     assert "bench.md" in [a.path for a in client.list_artifacts(out.run_id)]
     # The timed training runs went to their own temporary stores, not into the user's.
     assert {e.name for e in client.search_experiments()} <= {"picollm-bench", "Default"}
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # several processes at once: make test-integration (CI), not make test
 def test_ddp_section_compares_one_process_with_torchrun(migrated_store: str):
     out = bench.run(tiny_bench("sections=[ddp]"))
     r = out.results
@@ -77,5 +78,63 @@ def test_sweep_section_times_whole_studies(migrated_store: str):
     assert r["sweep.w1.trials_per_min"] == pytest.approx(60 * 2 / r["sweep.w1.wall_s"])
     assert 0 < r["sweep.w1.overhead_s_median"] < r["sweep.w1.wall_s"]
     bench_run = MlflowClient().get_run(out.run_id)
-    assert bench_run.data.metrics["sweep.w1.trials_per_min"] == pytest.approx(r["sweep.w1.trials_per_min"])
+    assert bench_run.data.metrics["sweep/w1/trials_per_min"] == pytest.approx(r["sweep.w1.trials_per_min"])
     assert any("per-trial overhead" in line for line in out.report)
+
+
+def test_breakdown_section_aggregates_whole_processes_against_the_reference(
+    migrated_store: str, monkeypatch: pytest.MonkeyPatch
+):
+    """The section's medians, spread, ratios, table and metrics, on canned processes (the real process
+    runner, `_train_cli`, is the ddp section's, tested there; the reference loop is tested below)."""
+    walls = iter([9.0, 6.0, 4.0])  # the first is the cold run
+    calls: list[dict] = []
+
+    def fake_train(rc, uri, nproc, *extra, env_extra=None, log_model=False):
+        calls.append({"env": env_extra, "log_model": log_model})
+        wall = next(walls)
+        phases = {"startup": 1.0, "data": 0.5, "setup": 0.5, "train": wall / 2, "eval": 0.2, "logging": 0.3}
+        metrics = {f"time/{k}_s": v for k, v in phases.items()} | {"time/other_s": 0.0, "test/accuracy": 0.8}
+        metrics["time/total_s"] = sum(phases.values())
+        return wall, metrics
+
+    ref_walls = iter([30.0, 24.0, 20.0])
+    monkeypatch.setattr(bench, "_train_cli", fake_train)
+    monkeypatch.setattr(
+        bench, "_reference_cli", lambda config, epochs: (next(ref_walls), {"train_s": 10.0, "test_accuracy": 0.5})
+    )
+    out = bench.run(tiny_bench("sections=[breakdown]", "runs.breakdown_repeats=3"))
+    r = out.results
+    assert r["breakdown.cold.wall_s"] == 9.0
+    assert r["breakdown.wall_s"] == 5.0 and (r["breakdown.wall_s_min"], r["breakdown.wall_s_max"]) == (4.0, 6.0)
+    assert r["breakdown.train_s"] == 2.5 and r["breakdown.wall_over_train"] == pytest.approx(2.0)
+    assert r["ratio.reference_over_picollm"] == pytest.approx((24 / 6 + 20 / 4) / 2)  # pairs of the warm runs
+    assert r["reference.wall_s"] == 24.0 and r["reference.test_accuracy"] == 0.5
+    assert all(c["log_model"] for c in calls) and len({c["env"]["PICOLLM_CACHE_DIR"] for c in calls}) == 1
+    assert any("Reference / picollm wall time" in line for line in out.report)
+    metrics = MlflowClient(migrated_store).get_run(out.run_id).data.metrics
+    assert metrics["ratio/reference_over_picollm"] == pytest.approx(r["ratio.reference_over_picollm"])
+    assert metrics["breakdown/logging_s_max"] == 0.3
+
+
+def test_reference_loop_trains_and_reports():
+    from picollm import bench_reference
+
+    out = bench_reference.run(str(TINY), epochs=1)
+    assert out["epochs"] == 1 and 0 <= out["test_accuracy"] <= 1 and 0 < out["train_s"] <= out["wall_s"]
+
+
+def test_generation_section_logs_ms_per_token_by_context(migrated_store: str):
+    cfg = tiny_bench(
+        "sections=[generation]",
+        "generation.contexts=[8,16]",
+        "generation.batch_sizes=[1,2]",
+        "generation.new_tokens=2",
+        "generation.repeats=1",
+    )
+    out = bench.run(cfg)
+    assert any("Decode ms per step at batch 2" in line for line in out.report)
+    client = MlflowClient(migrated_store)
+    history = client.get_metric_history(out.run_id, "gen_ms/linear/fast/b1")
+    assert sorted(m.step for m in history) == [8, 16]  # step = context
+    assert "gen_speedup/softmax/b2" in client.get_run(out.run_id).data.metrics

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from picollm import compare as cmp
+from picollm.compare import keys
 from picollm.config import CompareConfig, DataConfig, ModelConfig, load_config
 from picollm.data import build_data, to_padded
 from picollm.errors import ConfigError
@@ -286,17 +288,40 @@ def test_parent_with_one_child_per_model_and_seed(in_compared: Compared):
         for key in ("loss", "accuracy", "accuracy_predictable", "accuracy/counting"):
             assert m[f"eval/test/{key}"] == pytest.approx(m[f"test/{key}"], abs=1e-6), key
         assert "lengen/x4/beyond/accuracy" in m and "eval/train/ece" in m
+        # per-family tails of other splits and lengths: in the child's table, not its metrics
+        assert "eval/val/loss/counting" not in m and "lengen/x4/beyond/accuracy/counting" not in m
+        table = json.loads(mlflow.artifacts.load_text(f"runs:/{c.info.run_id}/tables/evaluation.json"))
+        rows = dict(table["data"])
+        assert "lengen/x4/beyond/accuracy/counting" in rows
+        assert rows["eval/test/loss"] == pytest.approx(m["eval/test/loss"], rel=1e-9)
         assert len(client.get_metric_history(c.info.run_id, "eval/test/accuracy_by_position")) == 11
 
     pm = parent.data.metrics
     for att in ("softmax", "linear"):
         accs = [c.data.metrics["eval/test/accuracy"] for c in children if c.info.run_name.startswith(att)]
         iv = cmp.mean_ci(accs)
-        assert pm[f"{att}/eval/test/accuracy/mean"] == pytest.approx(iv.mean)
-        assert pm[f"{att}/eval/test/accuracy/ci_low"] == pytest.approx(iv.low)
-        assert pm[f"{att}/num_params"] > 0
-    assert pm["softmax/num_params"] == pm["linear/num_params"]  # matched architectures
-    assert "diff/eval/test/accuracy/welch_p" in pm and "efficiency/linear/step_ms" in pm
+        assert pm[f"eval/test/accuracy/{att}"] == pytest.approx(iv.mean)
+        assert pm[f"eval/test/accuracy/{att}_ci_low"] == pytest.approx(iv.low)
+        assert pm[f"model/num_params/{att}"] > 0
+        assert f"eval/test/accuracy/counting/{att}" in pm and f"efficiency/step_ms/{att}" in pm
+        assert len(client.get_metric_history(out.parent_run_id, f"eval/test/accuracy_by_position/{att}")) == 11
+    assert pm["model/num_params/softmax"] == pm["model/num_params/linear"]  # matched architectures
+    # Readable in the UI: a bounded set of headline keys, metric first and the variant last (so both
+    # variants share a chart section); the tails (other splits, families, lengths, tests) are tables.
+    assert len(pm) <= keys.MAX_PARENT_KEYS, len(pm)
+    assert not any(k.startswith(("softmax/", "linear/", "diff/")) for k in pm)
+    assert not any(k.startswith(("eval/train", "eval/val")) or "/welch_p" in k for k in pm)
+    assert re.fullmatch(r"compare-train-\d{4}-\d{6}", parent.info.run_name)
+    tables = {a.path for a in client.list_artifacts(out.parent_run_id, "tables")}
+    assert tables == {f"tables/{n}.json" for n in ("summary", "differences", "position_curves", "coverage")}
+    summary = json.loads(mlflow.artifacts.load_text(f"runs:/{out.parent_run_id}/tables/summary.json"))
+    rows = {(r[0], r[1]): r for r in summary["data"]}
+    assert summary["columns"][:3] == ["metric", "model", "mean"]
+    assert rows[("eval/train/ece", "linear")][2] == pytest.approx(
+        cmp.mean_ci([c.data.metrics["eval/train/ece"] for c in children if c.info.run_name.startswith("linear")]).mean
+    )
+    diffs = json.loads(mlflow.artifacts.load_text(f"runs:/{out.parent_run_id}/tables/differences.json"))
+    assert "eval/val/accuracy/geometric" in {r[0] for r in diffs["data"]} and "welch_p" in diffs["columns"]
 
     top = {a.path for a in client.list_artifacts(out.parent_run_id)}
     figures = {a.path for a in client.list_artifacts(out.parent_run_id, "figures")}
@@ -325,8 +350,16 @@ def test_parent_with_one_child_per_model_and_seed(in_compared: Compared):
         "equivalent within ±0.01",
         "inconclusive",
     }
-    for key in ("mean", "ci_low", "ci_high", "p", "p_tost"):
-        assert f"diff/eval/test/accuracy/{key}" in pm
+    for key in ("diff", "diff_ci_low", "diff_ci_high", "p", "p_tost"):
+        assert f"eval/test/accuracy/{key}" in pm
+    # report.html: the report as MLflow's artifact viewer renders it, figures inlined at a legible dpi
+    page = mlflow.artifacts.load_text(f"runs:/{out.parent_run_id}/report.html")
+    assert page.startswith("<!doctype html>") and "<table>" in page and "<h2>Headline</h2>" in page
+    assert page.count('src="data:image/png;base64,') == len(figures) and "](figures/" not in page
+    png = mlflow.artifacts.download_artifacts(f"runs:/{out.parent_run_id}/figures/efficiency.png")
+    from PIL import Image
+
+    assert round(Image.open(png).info["dpi"][0]) == 150
     assert [r["metric"] for r in out.rows][:2] == ["test loss (NLL)", "test accuracy"]
 
 
@@ -569,3 +602,36 @@ def test_report_states_test_margin_and_holm():
     assert "p-values Holm-adjusted within this table of 1 tests" in text  # per family: its own table of one
     welch = cmp.render_report(dataclasses.replace(r, mode="registry", diffs=cmp.differences(runs, paired=False)))
     assert "Welch's unequal-variance t-test" in welch and "the runs are not paired: registry mode" in welch
+
+
+def test_parent_keys_are_the_headline_with_the_variant_last():
+    """Whatever the number of metrics per run, the parent logs 11 keys per headline metric and 3 per family."""
+    rng = np.random.default_rng(0)
+    tail = [f"eval/{s}/accuracy/{f}" for s in ("train", "val", "test") for f in ("counting", "geometric")]
+    names = ["eval/test/accuracy", "eval/test/loss", "lengen/x8/beyond/accuracy", *tail]
+    names += [f"lengen/x{f}/{k}" for f in (1, 2, 4, 8) for k in ("accuracy", "loss", "ceiling")]
+    runs = {att: [{k: float(rng.random()) for k in names} for _ in range(3)] for att in cmp.MODELS}
+    agg, diffs = cmp.aggregate(runs), cmp.differences(runs)
+    headline = ["eval/test/accuracy", "eval/test/loss", "lengen/x8/beyond/accuracy"]
+    m = keys.headline_metrics(agg, diffs, headline) | keys.family_metrics(agg, ["counting", "geometric"])
+    assert len(m) == 11 * len(headline) + 3 * 2
+    acc = agg["linear"]["eval/test/accuracy"]
+    assert (m["eval/test/accuracy/linear"], m["eval/test/accuracy/linear_ci_high"]) == (acc.mean, acc.high)
+    assert m["eval/test/accuracy/p"] == diffs["eval/test/accuracy"].p
+    assert m["eval/test/accuracy/counting/diff"] == pytest.approx(
+        agg["linear"]["eval/test/accuracy/counting"].mean - agg["softmax"]["eval/test/accuracy/counting"].mean
+    )
+    assert {k.rsplit("/", 1)[1] for k in m} <= {
+        f"{v}{s}" for v in ("softmax", "linear", "diff") for s in ("", "_ci_low", "_ci_high")
+    } | {"p", "p_tost"}
+    table = keys.table_json_safe(keys.summary_table(agg))
+    assert len(table["metric"]) == 2 * len(names) and set(table) >= {"metric", "model", "mean", "ci_low", "n"}
+    assert keys.table_json_safe({"x": [math.nan, 1.0]}) == {"x": [None, 1.0]}
+
+
+def test_report_html_inlines_figures_and_renders_tables():
+    md = "# T\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![cap [0, 1]](figures/x.png)\n\n![other](figures/missing.png)\n"
+    page = cmp.report_html(md, {"figures/x.png": b"\x89PNG fake"})
+    assert "<table>" in page and "<td>2</td>" in page
+    assert 'src="data:image/png;base64,iVBORyBmYWtl"' in page and 'alt="cap [0, 1]"' in page
+    assert 'src="figures/missing.png"' in page  # unknown paths stay links

@@ -118,6 +118,7 @@ def test_flows_without_ddp_refuse_under_torchrun(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # several processes at once: make test-integration (CI), not make test
 def test_torchrun_records_one_run_and_resumes(tmp_path: Path, migrated_store: str):
     """`torchrun -m pipelines.cli train`: one MLflow run from rank 0 with the world size, a registered
     version; then a single-process run resumed under DDP ends where a single-process resume ends."""

@@ -39,7 +39,7 @@ from picollm.text_data import (
     split_stories,
 )
 
-from .conftest import TIKTOKEN_CACHE, point_mlflow
+from .conftest import TIKTOKEN_CACHE, point_mlflow, tiktoken_missing
 
 STORIES = Path(__file__).resolve().parent / "fixtures" / "stories.jsonl"
 LN2 = math.log(2.0)
@@ -147,7 +147,9 @@ def tiny_synthetic(*overrides: str) -> DPORunConfig:
 
 @pytest.fixture(scope="module")
 def story_data():
-    """Pairs of every scheme from the fixture (built once; needs no MLflow)."""
+    """Pairs of every scheme from the fixture (built once; needs no MLflow; needs tiktoken's GPT-2 files)."""
+    if reason := tiktoken_missing():
+        pytest.skip(reason)
     cfg = tiny_text(
         f"dpo.corruptions=[{','.join(CORRUPTIONS)}]",
         "dpo.train_pairs=200",
@@ -443,6 +445,8 @@ def test_unreachable_hub_fails_fast_without_offline_mode(monkeypatch: pytest.Mon
     ],
 )
 def test_bad_data_files_are_one_line_errors(tmp_path: Path, content: str | None, name: str, match: str) -> None:
+    if name == "short.jsonl" and (reason := tiktoken_missing()):  # this check comes after tokenizing
+        pytest.skip(reason)
     path = tmp_path / name
     if content is not None:
         path.write_text(content)
@@ -489,7 +493,7 @@ def test_reference_with_another_vocabulary_is_refused_before_the_run() -> None:
 
 
 @pytest.mark.slow
-def test_story_dpo_end_to_end() -> None:
+def test_story_dpo_end_to_end(tiktoken_ranks: None) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -507,7 +511,7 @@ def test_story_dpo_end_to_end() -> None:
     history = client.get_metric_history(out.run_id, "train/loss")
     step0 = [m.value for m in history if m.step == 0]
     assert step0 and step0[0] == pytest.approx(LN2, abs=1e-4)
-    assert out.metrics["dpo.step0_loss"] == pytest.approx(LN2, abs=1e-4)
+    assert out.metrics["dpo/step0_loss"] == pytest.approx(LN2, abs=1e-4)
     for key in (
         "loss",
         "rewards/chosen",
@@ -535,6 +539,28 @@ def test_story_dpo_end_to_end() -> None:
     )
     assert mlflow.active_run() is None
 
+    # Text in, text out through pyfunc: the GPT-2 files travel with the model, tiktoken is a requirement.
+    from mlflow.exceptions import MlflowException
+
+    from picollm.prompts import Codec, continue_prompts
+
+    pyfunc = mlflow.pyfunc.load_model("models:/picollm-dpo@champion")
+    [text] = pyfunc.predict(["Once upon a time"], params={"max_new_tokens": 4})
+    assert isinstance(text, str) and text
+    assert [text] == continue_prompts(policy, ["Once upon a time"], max_new_tokens=4, codec=Codec("gpt2", 50258))
+    with pytest.raises(MlflowException, match="prompt is empty") as err:
+        pyfunc.predict([""])
+    assert err.value.get_http_status_code() == 400
+    local = Path(mlflow.artifacts.download_artifacts("models:/picollm-sft@champion"))
+    assert len(list((local / "artifacts" / "tokenizer_files").iterdir())) == 2
+    assert "tiktoken==" in (local / "requirements.txt").read_text()
+    # data statistics are params; the test metrics are linked to the logged model
+    assert parent.data.params["data.story_overlap"] == "0" and "data.train.pairs" in parent.data.params
+    assert not any(k.startswith("data") for k in parent.data.metrics)
+    [output] = parent.outputs.model_outputs
+    linked = {m.key for m in mlflow.get_logged_model(output.model_id).metrics}
+    assert {"test/loss", "test/accuracy"} <= linked
+
 
 @pytest.mark.slow
 def test_synthetic_dpo_end_to_end_and_named_reference() -> None:
@@ -545,7 +571,7 @@ def test_synthetic_dpo_end_to_end_and_named_reference() -> None:
 
     names = ("tracking.registered_model=syn-dpo", "tracking.sft_registered_model=syn-sft")
     out = run(tiny_synthetic(*names))
-    assert out.metrics["dpo.step0_loss"] == pytest.approx(LN2, abs=1e-4)
+    assert out.metrics["dpo/step0_loss"] == pytest.approx(LN2, abs=1e-4)
     assert 0.0 <= out.metrics["test/reference_accuracy/random_tokens"] <= 1.0
     assert {r.info.status for r in runs("dpo-syn")} == {"FINISHED"} and len(runs("dpo-syn")) == 2
     assert picollm.load_model("syn-dpo").cfg.vocab_size == 32

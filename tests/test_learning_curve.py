@@ -40,7 +40,7 @@ def test_learning_curve_children_and_parent_curve(migrated_store: str, monkeypat
     assert all(c.info.status == "FINISHED" and "registered_model" not in c.data.tags for c in curve.values())
     assert {c.data.params["data.n_train"] for c in curve.values()} == {"8", "16"}
     for att in ("softmax", "linear"):
-        history = client.get_metric_history(out.parent_run_id, f"learning_curve/{att}/test/accuracy_vs_ceiling")
+        history = client.get_metric_history(out.parent_run_id, f"learning_curve/test/accuracy_vs_ceiling/{att}")
         by_step = {m.step: m.value for m in history}
         assert sorted(by_step) == [8, 16]  # step = training sequences per family
         for n in (8, 16):  # one seed: the parent's point is that child's test metric

@@ -53,8 +53,8 @@ def test_run_is_tracked(use_trained, tmp_path):
     assert r.data.params["model.attention"] == "linear"
     assert r.data.params["data.vocab_size"] == "32"
     assert r.data.params["train.epochs"] == "2"
-    assert r.data.metrics["data.split_overlap"] == 0
-    assert r.data.metrics["train.epochs_run"] == 2
+    assert r.data.params["data.split_overlap"] == "0"
+    assert r.data.metrics["train/epochs_run"] == 2
     assert "val/loss" in r.data.metrics and "test/accuracy" in r.data.metrics
     assert r.data.tags["registered_model"] == f"{use_trained.name}/1"
     assert len(client.get_metric_history(out.run_id, "val/loss")) == 2  # one per epoch
@@ -135,6 +135,71 @@ def test_pyfunc_predict_on_a_dataframe(use_trained):
     model = picollm.load_model(f"{use_trained.name}@champion")
     assert got == continue_prompts(model, prompts, max_new_tokens=5)
     assert all(len(g.split()) == 5 and all(0 <= int(t) < 31 for t in g.split()) for g in got)
+
+
+def test_logged_model_is_portable_and_carries_its_test_metrics(use_trained, tmp_path):
+    """code_paths with the picollm package, pinned requirements (torch as installed, a CPU wheel
+    from PyPI), an input example, and the final test metrics linked to the LoggedModel (not data.*)."""
+    from importlib.metadata import version
+
+    client = MlflowClient()
+    out = use_trained.outcome
+    mv = client.get_model_version(use_trained.name, "1")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{use_trained.name}/1", dst_path=str(tmp_path)))
+    assert (local / "code" / "picollm" / "serving.py").is_file() and (local / "code" / "picollm" / "model.py").is_file()
+    assert not list((local / "code").rglob("__pycache__"))
+    reqs = (local / "requirements.txt").read_text().split()
+    assert f"torch=={version('torch').split('+')[0]}" in reqs and f"mlflow=={version('mlflow')}" in reqs
+    assert {r.split("==")[0] for r in reqs} >= {"numpy", "pydantic", "pyyaml", "filelock"}
+    assert not any(r.startswith("tiktoken") for r in reqs)  # an integer model needs no tokenizer
+    example = (local / "serving_input_example.json").read_text()
+    assert "2 4 6 8" in example
+    assert mlflow.pyfunc.load_model(f"models:/{use_trained.name}/1").predict(["2 4 6 8"])
+
+    run = client.get_run(out.run_id)
+    [output] = run.outputs.model_outputs
+    assert mv.source == f"models:/{output.model_id}"
+    linked = {m.key: m.value for m in mlflow.get_logged_model(output.model_id).metrics}
+    assert linked["test/accuracy"] == run.data.metrics["test/accuracy"] == out.test_metrics["test/accuracy"]
+    assert "val/loss" in linked  # the final epoch's, logged at the same step
+    assert not any(k.startswith(("data", "hardware")) for k in linked)
+    # data statistics are params, measured hardware figures metrics; `/` is the metric hierarchy
+    assert not any(k.startswith("data") for k in run.data.metrics)
+    assert run.data.params["data.train.sequences"] == "120" and "data.test.counting" in run.data.params
+    assert run.data.metrics["hardware/peak_flops"] > 0 and "hardware.peak_flops" not in run.data.params
+    assert not any("." in k.split("/")[0] for k in run.data.metrics), sorted(run.data.metrics)
+    assert re.fullmatch(r"linear-alibi-seed0-\d{4}-\d{6}", run.info.run_name)  # re-runs get their own names
+
+
+def test_system_metrics_are_opt_in(trained, migrated_store, monkeypatch):
+    import os
+
+    default = MlflowClient(trained.uri).get_run(trained.outcome.run_id).data.metrics
+    assert not any(k.startswith("system/") for k in default)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow samples every 10 s by default
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    out = run(load_tiny("train.system_metrics=true", "tracking.log_model=false", "train.epochs=1"))
+    metrics = MlflowClient().get_run(out.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    assert "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" not in os.environ  # only around that run
+
+
+def test_pyfunc_bad_prompt_names_the_problem(use_trained):
+    """What `mlflow models serve` answers with HTTP 400: an MlflowException with INVALID_PARAMETER_VALUE."""
+    from mlflow.exceptions import MlflowException
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{use_trained.name}@champion")
+    for prompt, fragment in (
+        ("1 2 99", "outside the model's values 0..30"),
+        ("one two", "is not an integer"),
+        ("", "empty"),
+    ):
+        with pytest.raises(MlflowException, match=fragment) as err:
+            pyfunc.predict([prompt])
+        assert err.value.error_code == "INVALID_PARAMETER_VALUE" and err.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match="max_new_tokens must be at least 1"):
+        pyfunc.predict(["1 2"], params={"max_new_tokens": 0})
 
 
 def test_continue_prompts_batches_like_single_prompts(use_trained):

@@ -302,6 +302,7 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(migrated_store: 
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # several processes at once: make test-integration (CI), not make test
 def test_two_workers_share_one_sqlite_study(migrated_store: str, tmp_path: Path):
     n = 6  # trials long enough (no pruning) that the second process, seconds to import, gets its share
     proc = cli("--trials", n, "--workers", 2, "--set", SLOW_TRIALS, "--set", "pruner.name=none", cwd=tmp_path)

@@ -4,7 +4,8 @@
 - `evaluation`: per-model evaluation with calibration and accuracy by position, length generalisation;
 - `efficiency`: training-step time (also used by the bench flow), per-step peak memory, generation time;
 - `plots`: the figures;
-- `report`: report.md.
+- `report`: report.md and its self-contained HTML copy (report.html);
+- `keys`: the parent run's metric keys (headline numbers, variant last) and its tables.
 
 Everything here takes plain models, splits and numbers; the flow (pipelines/compare.py) owns MLflow.
 The names the flow and the tests use are re-exported here (`from picollm import compare as cmp; cmp.X`).
@@ -43,7 +44,7 @@ from picollm.compare.plots import (
     loss_curves,
     position_accuracy,
 )
-from picollm.compare.report import ROW_COLUMNS, SPLIT_METRICS, ReportInput, md_table, render_report
+from picollm.compare.report import ROW_COLUMNS, SPLIT_METRICS, ReportInput, md_table, render_report, report_html
 from picollm.compare.stats import (
     MODELS,
     NA,
@@ -131,6 +132,7 @@ __all__ = [
     "position_accuracy",
     "predict",
     "render_report",
+    "report_html",
     "restrict_targets",
     "sequence_bootstrap_ci",
     "sequence_counts",

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 from picollm.config import ModelConfig, TrainConfig
+from picollm.decoding import Decoder
 from picollm.hardware import median_ms
-from picollm.model import LayerCache, Transformer
+from picollm.model import Transformer
 from picollm.training import lm_loss, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -54,18 +55,19 @@ class Efficiency:
     prefill_ms: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def metrics(self) -> dict[tuple[str, int], float]:
-        """{(metric name, step = length): value} for MLflow."""
+        """{(metric name, step = length): value} for MLflow: `efficiency/<measure>/<model>`, so both
+        models' curves of a measure share a chart section."""
         out: dict[tuple[str, int], float] = {}
         for att in self.step_ms:
             for n, ms in self.step_ms[att].items():
-                out[(f"efficiency/{att}/step_ms", n)] = ms
-                out[(f"efficiency/{att}/tokens_per_s", n)] = self.batches[n] * n / ms * 1000
+                out[(f"efficiency/step_ms/{att}", n)] = ms
+                out[(f"efficiency/tokens_per_s/{att}", n)] = self.batches[n] * n / ms * 1000
             for n, mem in self.memory.get(att, {}).items():
-                out[(f"efficiency/{att}/step_mb", n)] = mem["step_mb"]
-                out[(f"efficiency/{att}/peak_rss_mb", n)] = mem["peak_rss_mb"]
+                out[(f"efficiency/step_mb/{att}", n)] = mem["step_mb"]
+                out[(f"efficiency/peak_rss_mb/{att}", n)] = mem["peak_rss_mb"]
             for n, ms in self.gen_ms_per_token.get(att, {}).items():
-                out[(f"efficiency/{att}/gen_ms_per_token", n)] = ms
-                out[(f"efficiency/{att}/prefill_ms", n)] = self.prefill_ms[att][n]
+                out[(f"efficiency/gen_ms_per_token/{att}", n)] = ms
+                out[(f"efficiency/prefill_ms/{att}", n)] = self.prefill_ms[att][n]
         return out
 
 
@@ -109,20 +111,18 @@ def time_train_steps(
 def decode_timing(model: Transformer, prompt: torch.Tensor, new_tokens: int, warmup: int = 2) -> tuple[float, float]:
     """(prefill ms, median ms per generated token) of greedy decoding after `prompt` (1, C).
 
-    The loop of Transformer.generate, timed step by step: the KV cache (softmax) grows with the
-    context, the recurrent state (linear) does not."""
+    The fast path of Transformer.generate (picollm.decoding), timed step by step: the KV cache
+    (softmax) grows with the context, the recurrent state (linear) does not."""
     model.eval()
-    caches = [LayerCache() for _ in model.blocks]
-    key_mask = torch.ones_like(prompt, dtype=torch.bool)
+    decoder = Decoder(model, batch=prompt.shape[0], capacity=prompt.shape[1] + warmup + new_tokens)
     t0 = time.perf_counter()
-    logits = model(prompt, key_mask=key_mask, caches=caches)[:, -1]
+    logits = decoder.prefill(prompt, torch.ones_like(prompt, dtype=torch.bool))
     prefill = (time.perf_counter() - t0) * 1000
     times = []
     for i in range(warmup + new_tokens):
         nxt = logits.argmax(-1)
-        key_mask = torch.cat([key_mask, torch.ones_like(nxt[:, None], dtype=torch.bool)], dim=1)
         t0 = time.perf_counter()
-        logits = model(nxt[:, None], key_mask=key_mask, caches=caches)[:, -1]
+        logits = decoder.step(nxt)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return prefill, statistics.median(times) * 1000

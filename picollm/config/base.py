@@ -3,20 +3,43 @@ one-line errors, flattening for MLflow params."""
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from picollm.errors import ConfigError
+from picollm.config.yaml_safe import load_text, read_text
+from picollm.errors import ConfigError, elide
 
 FAMILIES = ("counting", "arithmetic", "geometric", "alternating", "random_walk")
 Family = Literal["counting", "arithmetic", "geometric", "alternating", "random_walk"]
 
 
+# Seeds reach numpy (non-negative, < 2^64) and torch generators (< 2^64), also as sums and products
+# (data.seed + seed, seed * 1_000_003 + epoch): 31 bits leave room for all of them.
+MAX_SEED = 2**31 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an AdamW beta of 1 or more fails inside torch, at the first step
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why MLflow's model registry would refuse `name` (its rules: not blank, no '/' or ':', a plain,
+    normalised path segment), or None; checked before training, not after it."""
+    if not name.strip():
+        return "must not be blank"
+    if "/" in name or ":" in name:
+        return "must not contain '/' or ':'"
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith(".."):
+        return "must be a plain name (no '.', '..' or redundant separators)"
+    return None
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or inf in any float: `lr: .inf` would otherwise pass and fail deep inside a run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -32,7 +55,7 @@ def _format_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
-        msg = f"{msg} (got {first['input']!r})"
+        msg = f"{msg} (got {elide(repr(first['input']), 80)})"  # a huge value must not flood the line
     msg = msg.removeprefix("Value error, ")
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
@@ -45,7 +68,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} must look like section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_text(raw, f"override {key}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -73,8 +96,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    text = read_text(path)  # size limit; not UTF-8 -> the byte offset
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_text(text, str(path)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -19,6 +19,13 @@ class BenchRunsConfig(StrictModel):
     nproc: int = Field(2, ge=2, description="DDP processes (torchrun) compared with one process")
     repeats: int = Field(2, ge=1, description="interleaved repeats of the tracking runs (the best of each counts)")
     http_server: bool = Field(True, description="also time the run against a temporary PostgreSQL-backed mlflow server")
+    breakdown_repeats: int = Field(
+        3, ge=1, description="breakdown section: whole `picollm train` processes (and reference runs), alternating"
+    )
+    reference_epochs: int = Field(
+        10, ge=0, description="breakdown section: epochs of the pinned reference loop (its default); 0 = skip it"
+    )
+    log_model: bool = Field(True, description="breakdown section: log and register the model, as `make train-linear`")
 
 
 class BenchSweepConfig(StrictModel):
@@ -30,15 +37,26 @@ class BenchSweepConfig(StrictModel):
     workers: list[int] = Field(default_factory=lambda: [1, 2], min_length=1, description="worker counts compared")
 
 
+class BenchGenerationConfig(StrictModel):
+    """Decode time per token of both attentions after contexts of several lengths: the fast path
+    (picollm.decoding) vs the general cached forward, side by side in one process."""
+
+    contexts: list[int] = Field(default_factory=lambda: [64, 256, 1024, 4096], min_length=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, description="decoded rows")
+    new_tokens: int = Field(32, ge=1, description="timed decode steps per measurement (median)")
+    repeats: int = Field(3, ge=1, description="interleaved repeats per (model, context, path): median and spread")
+
+
 class BenchConfig(StrictModel):
     """`make bench`: training-step time of both attentions vs sequence length, side by side; DDP speedup;
     MLflow's share of a training run's wall time; sweep throughput."""
 
-    sections: list[Literal["steps", "ddp", "tracking", "sweep"]] = Field(
-        default_factory=lambda: ["steps", "ddp", "tracking", "sweep"], min_length=1
+    sections: list[Literal["steps", "ddp", "tracking", "sweep", "breakdown", "generation"]] = Field(
+        default_factory=lambda: ["steps", "ddp", "tracking", "sweep", "breakdown", "generation"], min_length=1
     )
     runs: BenchRunsConfig = Field(default_factory=BenchRunsConfig)
     sweep: BenchSweepConfig = Field(default_factory=BenchSweepConfig)
+    generation: BenchGenerationConfig = Field(default_factory=BenchGenerationConfig)
     lengths: list[int] = Field(default_factory=lambda: [32, 256, 1024, 4096], min_length=1)
     tokens_per_step: int = Field(4096, ge=1, description="batch size = max(1, tokens_per_step // length)")
     warmup_steps: int = Field(2, ge=0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from picollm.config.base import StrictModel
+from picollm.config.base import Seed, StrictModel, model_name_problem
 from picollm.config.training import DataConfig, ModelConfig, OptimConfig, TrackingConfig, TrainConfig
 
 # --------------------------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ class DPODataConfig(StrictModel):
     min_continuation_tokens: int = Field(4, ge=2, description="skip stories whose continuation is shorter")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of stories in val")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of stories in test")
-    seed: int = 0
+    seed: Seed = 0
     synthetic: DataConfig = Field(default_factory=DataConfig, description="source synthetic: the sequences")
     synthetic_prompt_fraction: float = Field(0.5, gt=0, lt=1, description="source synthetic: prompt share")
 
@@ -83,7 +83,7 @@ class DPOConfig(OptimConfig):
     eval_batch_size: int = Field(32, ge=1)
     num_samples: int = Field(4, ge=0, description="test prompts continued by reference and policy")
     sample_tokens: int = Field(32, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _check(self) -> DPOConfig:
@@ -98,6 +98,13 @@ class DPOTrackingConfig(TrackingConfig):
     experiment: str = Field("picollm-dpo", min_length=1)
     registered_model: str | None = Field("picollm-dpo", description="the DPO policy; null = don't register")
     sft_registered_model: str | None = Field("picollm-sft", description="the SFT reference; null = don't register")
+
+    @field_validator("sft_registered_model")
+    @classmethod
+    def _sft_name(cls, name: str | None) -> str | None:
+        if name is not None and (problem := model_name_problem(name)):
+            raise ValueError(f"not a valid registered model name: {problem}")
+        return name
 
 
 class SFTConfig(TrainConfig):

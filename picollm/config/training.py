@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from picollm.config.base import FAMILIES, Family, StrictModel
+from picollm.config.base import FAMILIES, Beta, Family, Seed, StrictModel, model_name_problem
 
 
 class DataConfig(StrictModel):
@@ -27,7 +27,7 @@ class DataConfig(StrictModel):
         lt=0.5,
         description="share of each family's generators that val, and test, each hold (never in train)",
     )
-    seed: int = 0
+    seed: Seed = 0
     start_range: tuple[int, int] | None = Field(
         None, description="inclusive range of first values; null = every value 0..M-1"
     )
@@ -117,14 +117,14 @@ class OptimConfig(StrictModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr of the cosine as a fraction of lr")
     warmup_steps: int = Field(20, ge=0, description="linear warmup steps (at most half of all steps)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, on weight matrices only")
-    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.98), description="AdamW betas, each in [0, 1)")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null = off")
 
 
 class TrainConfig(OptimConfig):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
     early_stopping_patience: int | None = Field(
@@ -144,6 +144,9 @@ class TrainConfig(OptimConfig):
     max_skipped_batches: int = Field(
         10, ge=0, description="with nonfinite=skip_batch, stop after this many skipped batches in all"
     )
+    system_metrics: bool = Field(
+        False, description="log MLflow's system metrics (system/cpu_utilization_percentage, memory, ...) every 10 s"
+    )
 
 
 class TrackingConfig(StrictModel):
@@ -154,6 +157,26 @@ class TrackingConfig(StrictModel):
         "picollm-baseline", description="register the model under this name; null = don't register"
     )
     log_model: bool = True
+    lock_timeout_s: float = Field(
+        60.0, ge=0, description="how long a store write retries while SQLite is locked by another writer"
+    )
+    http_timeout_s: float = Field(
+        30.0, ge=3, description="how long one request to an http(s) tracking server may take, retries included"
+    )
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, name: str) -> str:
+        if len(name) > 500:  # MLflow's limit
+            raise ValueError("must be at most 500 characters")
+        return name
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registered_name(cls, name: str | None) -> str | None:
+        if name is not None and (problem := model_name_problem(name)):
+            raise ValueError(f"not a valid registered model name: {problem}")
+        return name
 
 
 def link_vocab(model: ModelConfig, data: DataConfig) -> None:
