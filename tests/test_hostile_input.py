@@ -155,7 +155,7 @@ def interrupted_after_last_epoch(migrated_store: str, monkeypatch: pytest.Monkey
             raise KeyboardInterrupt
 
     monkeypatch.setattr(MlflowCallbacks, "on_checkpoint", then_interrupted)
-    assert invoke("train", TINY, "--set", "tracking.log_model=false").exit_code == 130
+    assert invoke("train", TINY).exit_code == 130
     monkeypatch.setattr(MlflowCallbacks, "on_checkpoint", original)
     [run] = all_runs()
     assert run.info.status == "KILLED" and "test/loss" not in run.data.metrics
@@ -164,12 +164,16 @@ def interrupted_after_last_epoch(migrated_store: str, monkeypatch: pytest.Monkey
 
 def test_a_run_interrupted_after_its_last_epoch_resumes_into_what_is_left(interrupted_after_last_epoch: str):
     run_id = interrupted_after_last_epoch
-    result = invoke("train", TINY, "--set", "tracking.log_model=false", "--resume", run_id)
+    client = MlflowClient()
+    assert not client.search_model_versions(f"run_id='{run_id}'")  # stopped before its model
+    result = invoke("train", TINY, "--resume", run_id)
     assert result.exit_code == 0, result.output
-    run = MlflowClient().get_run(run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "test/loss" in run.data.metrics
-    assert len(MlflowClient().get_metric_history(run_id, "train/loss")) == 2  # no epoch trained twice
-    one_line(invoke("train", TINY, "--set", "tracking.log_model=false", "--resume", run_id), 2, "already completed")
+    assert len(client.get_metric_history(run_id, "train/loss")) == 2  # no epoch trained twice
+    [version] = client.search_model_versions(f"run_id='{run_id}'")  # the model logged and registered once
+    assert version.status == "READY"
+    one_line(invoke("train", TINY, "--resume", run_id), 2, "already completed")
 
 
 def corrupt(ckpt: dict, how: str) -> dict:
