@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from picollm.data import IGNORE_INDEX, inputs_and_targets
+from picollm.cache import cached_build_data
+from picollm.config import DataConfig
+from picollm.data import IGNORE_INDEX, inputs_and_targets, to_padded
 from picollm.hooks import act_name
 from picollm.model import Transformer
 
@@ -320,3 +322,32 @@ def mean_ablation(
         components.append(f"L{layer} MLP")
         deltas.append(family_losses(model, tokens, family_ids, n_families, hooks, batch_size) - clean)
     return AblationResult(components, clean, torch.stack(deltas))
+
+
+# --------------------------------------------------------------------------------------------------
+# The batch every section runs on
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (B, N) right-padded with the model's pad id
+    lengths: torch.Tensor  # (B,)
+    family_ids: torch.Tensor  # (B,)
+    families: list[str]
+    generators: list[dict[str, int]] = field(default_factory=list)  # (B,) e.g. {"start": 5, "step": 3}
+
+    def rows(self, family: int) -> torch.Tensor:
+        return torch.nonzero(self.family_ids == family).flatten()
+
+
+def analysis_batch(data_cfg: DataConfig, split: str, n_per_family: int, pad_id: int) -> Batch:
+    """The first `n_per_family` sequences of every family in `split` (deterministic: same seed, same data)."""
+    data = cached_build_data(data_cfg)
+    chosen = data.splits()[split]
+    padded = to_padded(chosen, pad_id, data.families)
+    assert padded.family_ids is not None
+    idx = torch.cat([torch.nonzero(padded.family_ids == f).flatten()[:n_per_family] for f in range(len(data.families))])
+    sub = padded.subset(idx)
+    assert sub.family_ids is not None
+    gens = [dict(chosen.generators[i]) for i in idx.tolist()] if chosen.generators else []
+    return Batch(sub.tokens, sub.lengths, sub.family_ids, list(data.families), gens)

@@ -3,8 +3,8 @@
 The model reference is resolved, the model loaded and the data regenerated (from the source training
 run's `config.yaml`) before the run starts, so a wrong reference or bad setting leaves no run behind.
 Every section reads the model through its hook points (picollm.analysis; patching, logit lens,
-probes, head detection and the interactive view are in pipelines/analyze_interp.py over
-picollm.interp); figures, tables and metrics are artifacts and metrics of the analysis run, which is
+probes, head detection and the interactive view are the sections of picollm/interp/sections.py
+over picollm.interp); figures, tables and metrics are artifacts and metrics of the analysis run, which is
 tagged with the model it analysed.
 """
 
@@ -22,13 +22,13 @@ import torch
 from picollm import analysis as an
 from picollm import analysis_plots as ap
 from picollm import registry, runs
+from picollm.analysis import Batch, analysis_batch
 from picollm.config import AnalysisConfig, DataConfig, apply_overrides, flatten, read_yaml, to_yaml, validate
-from picollm.data import build_data, to_padded
 from picollm.errors import ConfigError, PicollmError
 from picollm.hooks import act_name
+from picollm.interp import sections as ai
 from picollm.model import Transformer
 from picollm.runs import RunLog
-from pipelines import analyze_interp as ai
 
 log = logging.getLogger(__name__)
 
@@ -75,31 +75,6 @@ def source_data_config(source: registry.ResolvedModel, vocab_size: int) -> tuple
         return DataConfig(vocab_size=vocab_size), "defaults"
     except ValueError:
         raise ConfigError(f"no data config for a model with vocab_size {vocab_size}") from None
-
-
-@dataclass
-class Batch:
-    tokens: torch.Tensor  # (B, N) right-padded with the model's pad id
-    lengths: torch.Tensor  # (B,)
-    family_ids: torch.Tensor  # (B,)
-    families: list[str]
-    generators: list[dict[str, int]] = field(default_factory=list)  # (B,) e.g. {"start": 5, "step": 3}
-
-    def rows(self, family: int) -> torch.Tensor:
-        return torch.nonzero(self.family_ids == family).flatten()
-
-
-def analysis_batch(data_cfg: DataConfig, split: str, n_per_family: int, pad_id: int) -> Batch:
-    """The first `n_per_family` sequences of every family in `split` (deterministic: same seed, same data)."""
-    data = build_data(data_cfg)
-    chosen = data.splits()[split]
-    padded = to_padded(chosen, pad_id, data.families)
-    assert padded.family_ids is not None
-    idx = torch.cat([torch.nonzero(padded.family_ids == f).flatten()[:n_per_family] for f in range(len(data.families))])
-    sub = padded.subset(idx)
-    assert sub.family_ids is not None
-    gens = [dict(chosen.generators[i]) for i in idx.tolist()] if chosen.generators else []
-    return Batch(sub.tokens, sub.lengths, sub.family_ids, list(data.families), gens)
 
 
 # --------------------------------------------------------------------------------------------------

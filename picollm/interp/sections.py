@@ -11,11 +11,12 @@ neuron) go to tables, not metrics.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from picollm import analysis as an
+from picollm.analysis import Batch
 from picollm.config import AnalysisConfig, DataConfig
 from picollm.hooks import act_name
 from picollm.interp import head_detector as hd
@@ -23,9 +24,6 @@ from picollm.interp import html_view, logit_lens, patching, probes, prompts
 from picollm.interp import plots as ip
 from picollm.model import Transformer
 from picollm.runs import RunLog
-
-if TYPE_CHECKING:
-    from pipelines.analyze import Batch
 
 log = logging.getLogger(__name__)
 
