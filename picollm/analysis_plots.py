@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import matplotlib
 
@@ -57,28 +58,32 @@ def embeddings_pca_figure(trained: EmbeddingAnalysis, random: EmbeddingAnalysis,
     return fig
 
 
+def _scree(ax: Any, emb: EmbeddingAnalysis, name: str) -> None:
+    k = min(20, len(emb.explained))
+    ax.bar(range(1, k + 1), emb.explained[:k].numpy(), color="tab:blue")
+    ax.plot(range(1, k + 1), emb.explained[:k].cumsum(0).numpy(), color="tab:orange", marker=".", label="cumulative")
+    ax.set(
+        xlabel="principal component",
+        ylabel="explained variance ratio",
+        ylim=(0, 1.02),
+        title=f"{name}\nscree (top-2 {100 * emb.metrics['explained_var_top2']:.1f}%)",
+    )
+    ax.legend(loc="center right")
+
+
+def _cosine(fig: Figure, ax: Any, emb: EmbeddingAnalysis, name: str) -> None:
+    im = ax.imshow(emb.cosine.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    cos = emb.metrics["neighbour_cos"]
+    ax.set(xlabel="value", ylabel="value", title=f"{name}\ncentred cosine; cos(n, n+1) = {cos:.2f}")
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+
+
 def embeddings_spectrum_figure(trained: EmbeddingAnalysis, random: EmbeddingAnalysis, label: str) -> Figure:
     """Rows: the trained model, a random init. Columns: scree plot, cosine-similarity matrix (value x value)."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 9), dpi=DPI, squeeze=False)
     for row, (emb, name) in enumerate(((trained, label), (random, "random init (same config)"))):
-        m = emb.metrics
-        ax = axes[row, 0]
-        k = min(20, len(emb.explained))
-        ax.bar(range(1, k + 1), emb.explained[:k].numpy(), color="tab:blue")
-        ax.plot(
-            range(1, k + 1), emb.explained[:k].cumsum(0).numpy(), color="tab:orange", marker=".", label="cumulative"
-        )
-        ax.set(
-            xlabel="principal component",
-            ylabel="explained variance ratio",
-            ylim=(0, 1.02),
-            title=f"{name}\nscree (top-2 {100 * m['explained_var_top2']:.1f}%)",
-        )
-        ax.legend(loc="center right")
-        ax = axes[row, 1]
-        im = ax.imshow(emb.cosine.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-        ax.set(xlabel="value", ylabel="value", title=f"{name}\ncentred cosine; cos(n, n+1) = {m['neighbour_cos']:.2f}")
-        fig.colorbar(im, ax=ax, label="cosine similarity")
+        _scree(axes[row, 0], emb, name)
+        _cosine(fig, axes[row, 1], emb, name)
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.07, top=0.93, wspace=0.3, hspace=0.4)
     return fig
 
@@ -88,29 +93,13 @@ def embeddings_figure(trained: EmbeddingAnalysis, random: EmbeddingAnalysis, lab
     PC2-PC3, scree, cosine matrix. `picollm analyze` logs the two halves as separate figures."""
     fig, axes = plt.subplots(2, 4, figsize=(21, 10))
     for row, (emb, name) in enumerate(((trained, label), (random, "random init (same config)"))):
-        m = emb.metrics
         sc = _pc_scatter(axes[row, 0], emb, 0, 1, name)
         fig.colorbar(sc, ax=axes[row, 0], label="value n")
         if emb.coords.shape[1] > 2:
             sc = _pc_scatter(axes[row, 1], emb, 1, 2, name)
             fig.colorbar(sc, ax=axes[row, 1], label="value n")
-        ax = axes[row, 2]
-        k = min(20, len(emb.explained))
-        ax.bar(range(1, k + 1), emb.explained[:k].numpy(), color="tab:blue")
-        ax.plot(
-            range(1, k + 1), emb.explained[:k].cumsum(0).numpy(), color="tab:orange", marker=".", label="cumulative"
-        )
-        ax.set(
-            xlabel="principal component",
-            ylabel="explained variance ratio",
-            ylim=(0, 1.02),
-            title=f"{name}\nscree (top-2 {100 * m['explained_var_top2']:.1f}%)",
-        )
-        ax.legend(loc="center right")
-        ax = axes[row, 3]
-        im = ax.imshow(emb.cosine.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-        ax.set(xlabel="value", ylabel="value", title=f"{name}\ncentred cosine; cos(n, n+1) = {m['neighbour_cos']:.2f}")
-        fig.colorbar(im, ax=ax, label="cosine similarity")
+        _scree(axes[row, 2], emb, name)
+        _cosine(fig, axes[row, 3], emb, name)
     fig.subplots_adjust(left=0.04, right=0.98, bottom=0.06, top=0.91, wspace=0.35, hspace=0.35)  # cheaper than tight
     return fig
 

@@ -11,8 +11,8 @@ changed generator never reads an old entry. The key is also stored inside the en
 load, with a SHA-256 of the payload, so a truncated, corrupted or mislabelled file is recomputed (and
 rewritten), never trusted. Writes go to a temporary file in the same directory, then `os.replace`:
 processes racing on one key (DDP ranks, sweep workers) each write a whole file, and readers only ever
-see a whole one. Entries hold only tensors, strings and numbers, read with `torch.load(...,
-weights_only=True)`: like every other load in picollm, reading the cache never unpickles code.
+see a whole one. Entries hold only tensors, strings and numbers, read back with torch's weights-only
+loader: like every other load in picollm, reading the cache never unpickles code.
 """
 
 from __future__ import annotations
