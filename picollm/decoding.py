@@ -166,6 +166,14 @@ class Decoder:
         return F.linear(F.layer_norm(x, (x.shape[-1],), w, bias_f, eps_f), self.head_w)
 
 
+def prompt_mask(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T) True on real tokens of left-padded prompts; every prompt needs one."""
+    key_mask = tokens != model.pad_id
+    if not bool(key_mask.any(-1).all()):
+        raise PicollmError("every prompt needs at least one token")
+    return key_mask
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -183,9 +191,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        key_mask = tokens != model.pad_id
-        if not bool(key_mask.any(-1).all()):
-            raise PicollmError("every prompt needs at least one token")
+        key_mask = prompt_mask(model, tokens)
         b, t = tokens.shape
         dec = Decoder(model, b, t + max(max_new_tokens - 1, 0))
         logits = dec.prefill(tokens, key_mask)
@@ -217,9 +223,7 @@ def generate_cached(
     was_training = model.training
     model.eval()
     try:
-        key_mask = tokens != model.pad_id
-        if not bool(key_mask.any(-1).all()):
-            raise PicollmError("every prompt needs at least one token")
+        key_mask = prompt_mask(model, tokens)
         caches = [LayerCache() for _ in model.blocks]
         logits = model(tokens, key_mask=key_mask, caches=caches)[:, -1]
         out = tokens

@@ -454,19 +454,8 @@ def test_dpo_bad_data_files(migrated_store: str, tmp_path: Path, name: str, cont
     assert all_runs() == []
 
 
-@pytest.mark.parametrize(
-    "argv, fragment",
-    [
-        (["generate", "m"], "Missing argument 'prompt'"),
-        (["generate", "m", "1", "--top-k", "0"], "--top-k"),
-        (["generate", "m", "1", "-n", "x"], "--max-new-tokens"),
-        (["train", TINY, "--bogus"], "No such option"),
-        (["nosuchcommand"], "No such command"),
-    ],
-    ids=["missing-arg", "option-range", "option-type", "unknown-option", "unknown-command"],
-)
-def test_usage_errors_are_one_line(argv: list, fragment: str, monkeypatch, capsys):
-    """The real entry point (pipelines.cli:main), not CliRunner: click's usage box becomes one line."""
+def main_usage_error(argv: list, fragment: str, monkeypatch, capsys) -> None:
+    """Run the real entry point (pipelines.cli:main) on `argv`: exit 2 and one `error:` line with `fragment`."""
     from pipelines import cli
 
     monkeypatch.setattr("sys.argv", ["picollm", *map(str, argv)])
@@ -480,6 +469,22 @@ def test_usage_errors_are_one_line(argv: list, fragment: str, monkeypatch, capsy
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["generate", "m"], "Missing argument 'prompt'"),
+        (["generate", "m", "1", "--top-k", "0"], "--top-k"),
+        (["generate", "m", "1", "-n", "x"], "--max-new-tokens"),
+        (["train", TINY, "--bogus"], "No such option"),
+        (["nosuchcommand"], "No such command"),
+    ],
+    ids=["missing-arg", "option-range", "option-type", "unknown-option", "unknown-command"],
+)
+def test_usage_errors_are_one_line(argv: list, fragment: str, monkeypatch, capsys):
+    """The real entry point, not CliRunner: click's usage box becomes one line."""
+    main_usage_error(argv, fragment, monkeypatch, capsys)
 
 
 # --------------------------------------------------------------------------------------------------

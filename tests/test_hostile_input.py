@@ -5,7 +5,6 @@ raced, dead-ended or crashed. Each is one capped line and exit 2 before any work
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from picollm.errors import MAX_LINE
 from picollm.model import sample_next
 
 from .conftest import TINY
-from .test_faults import VICTIM, all_runs, invoke, one_line, statuses, victim  # noqa: F401
+from .test_faults import VICTIM, all_runs, invoke, main_usage_error, one_line, statuses, victim  # noqa: F401
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
@@ -112,19 +111,7 @@ def test_sampling_edges_are_finite_and_sane(temperature: float, top_k, top_p):
 )
 def test_generate_refuses_values_that_cannot_work(args: list[str], fragment: str, monkeypatch, capsys):
     """Through the real entry point, as tests/test_faults.py's usage errors: one line, exit 2."""
-    from pipelines import cli
-
-    monkeypatch.setattr("sys.argv", ["picollm", "generate", VICTIM, "1 2", *args])
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as exc:
-            cli.main()
-    finally:
-        for s, h in handlers.items():  # main() installs its own
-            signal.signal(s, h)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+    main_usage_error(["generate", VICTIM, "1 2", *args], fragment, monkeypatch, capsys)
 
 
 def test_generate_at_the_edges_works(victim: Path):  # noqa: F811
