@@ -28,7 +28,7 @@ PG_INSTALL = command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl
 	  else echo "PostgreSQL is missing: run 'sudo apt-get install postgresql'" >&2; exit 1; fi; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve analyze generate models ui serve test test-all lint bench sweep lock clean server server-stop test-integration
+.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve recall analyze generate models ui serve test test-all lint bench sweep lock clean server server-stop test-integration
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ compare: setup ## Softmax vs linear over 3 seeds each (configs/compare.yaml): me
 
 learning-curve: setup ## Test accuracy vs training-set size for both attentions (configs/learning_curve.yaml)
 	$(BIN)/picollm compare configs/learning_curve.yaml $(ARGS)
+
+recall: setup ## MQAR/copy recall study: 7 token mixers x 2 seeds, lr grid, accuracy vs key-value pairs (configs/recall.yaml)
+	$(BIN)/picollm compare configs/recall.yaml $(ARGS)
 
 analyze: setup ## Interpretability report of MODEL (embeddings, attention, neurons, ablation, patching, logit lens, probes, heads, HTML view)
 	$(BIN)/picollm analyze "$(MODEL)" $(ARGS)

@@ -170,6 +170,7 @@ def _data_state(data: SyntheticData) -> dict[str, Any]:
             "ceilings": _ragged(s.ceilings),
             "generators": [dict(g) for g in s.generators],
             "seen": _ragged(s.seen),
+            "answers": _ragged(s.answers),
         }
         for name, s in data.splits().items()
     }
@@ -187,6 +188,7 @@ def _data_from_state(state: dict[str, Any]) -> SyntheticData:
             ceilings=_unragged(s["ceilings"]),
             generators=[dict(g) for g in s["generators"]],
             seen=_unragged(s["seen"]),
+            answers=_unragged(s["answers"]),
         )
         for name, s in state["splits"].items()
     }

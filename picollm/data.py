@@ -11,7 +11,12 @@ Seen vs novel contexts. A val/test target x_{t+1} has a *seen context* when the 
 k = CONTEXT_K[family]: 1 for the first-order rules (counting, arithmetic, geometric, random walk), 2
 for alternating (x_{t+1} = x_{t-1}). A target with fewer than k tokens before it uses those it has
 (an alternating sequence's first target: (x_0, x_1)). A lookup table of training n-grams can answer
-a seen target; a novel one needs the rule.
+a seen target; a novel one needs the rule. The recall families (mqar, copy) use k = 1 too, but no
+n-gram answers them: a key's value, or a segment's next token, is in this sequence's context only.
+
+Recall families draw no pool from a numbered space: each sequence draws a fresh generator (its key ->
+value assignment or segment, `random_recall_generator`), and a hash of the generator says which split
+may use it (`recall_split`): a val/test generator is in no train split of any build.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ import numpy as np
 import torch
 
 from picollm.config import DataConfig
+from picollm.config.base import RECALL_FAMILIES
 from picollm.errors import PicollmError
 from picollm.generators import (  # noqa: F401 (re-exported: the data API callers already use)
     Generator,
+    answer_mask,
     ceiling_per_position,
     draw_from_generators,
     family_capacity,
@@ -36,6 +43,10 @@ from picollm.generators import (  # noqa: F401 (re-exported: the data API caller
     generator_at,
     generator_count,
     is_deterministic,
+    random_recall_generator,
+    recall_bounds,
+    recall_length,
+    recall_split,
     sequence_from_generator,
     sequences_per_generator,
 )
@@ -45,7 +56,7 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 
-CONTEXT_K = {"counting": 1, "arithmetic": 1, "geometric": 1, "alternating": 2, "random_walk": 1}
+CONTEXT_K = {"counting": 1, "arithmetic": 1, "geometric": 1, "alternating": 2, "random_walk": 1, "mqar": 1, "copy": 1}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +93,7 @@ def seen_context_flags(
 @dataclass
 class SequenceSplit:
     """One split: variable-length sequences with their family, generator and per-target ceilings, and
-    (val/test) per-target seen-context flags."""
+    (val/test) per-target seen-context flags; `answers` marks the recall answers (`answer_mask`)."""
 
     name: str
     sequences: list[np.ndarray]
@@ -90,6 +101,7 @@ class SequenceSplit:
     ceilings: list[np.ndarray]
     generators: list[Generator] = field(default_factory=list)  # e.g. {"start": 5, "step": 3}
     seen: list[np.ndarray] = field(default_factory=list)  # empty for train
+    answers: list[np.ndarray] = field(default_factory=list)  # per target bool; empty = no recall answers
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -243,6 +255,34 @@ def _draw_split(
     return out
 
 
+def _draw_recall_splits(
+    family: str, cfg: DataConfig, sizes: dict[str, int], rng: np.random.Generator, seen: set[bytes]
+) -> dict[str, list[tuple[np.ndarray, Generator]]]:
+    """`sizes[split]` sequences of new content per split, each from a freshly drawn generator that
+    hashes into that split (`recall_split`); draws for a full split are dropped."""
+    bounds = recall_bounds(sizes, cfg.held_out_share)
+    out: dict[str, list[tuple[np.ndarray, Generator]]] = {n: [] for n in sizes}
+    attempts, limit = 0, 50 * sum(sizes.values()) + 1000
+    while any(len(out[n]) < k for n, k in sizes.items()):
+        attempts += 1
+        if attempts > limit:
+            short = {n: f"{len(out[n])}/{k}" for n, k in sizes.items()}
+            raise PicollmError(
+                f"data: could not draw distinct {family!r} sequences with held-out generators ({short} after "
+                f"{limit} draws); widen mqar_key_vocab, mqar_value_vocab, copy_len or vocab_size, "
+                "or lower n_train/n_val/n_test"
+            )
+        gen = random_recall_generator(family, cfg, rng)
+        name = recall_split(family, gen, bounds)
+        if len(out[name]) >= sizes[name]:
+            continue
+        seq = sequence_from_generator(family, gen, recall_length(family, gen, cfg), cfg, rng)
+        if seq.tobytes() not in seen:
+            seen.add(seq.tobytes())
+            out[name].append((seq, gen))
+    return out
+
+
 def build_data(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: int | None = None) -> SyntheticData:
     """Generate the splits: no generator shared between splits, no content shared between or within them.
 
@@ -250,7 +290,8 @@ def build_data(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: i
     draws from its own pool (`_draw_split`), at random lengths in min_len..max_len. A draw whose content
     was already used anywhere (other families can make it: `5 6 5 6` is alternating and a walk) is
     drawn again. Too few generators for the splits is an error naming the family. Val/test sequences
-    carry their seen-context flags against train.
+    carry their seen-context flags against train. Recall families draw their own generators per split
+    (`_draw_recall_splits`) at their own lengths (max_len does not apply).
     """
     sizes = splits or {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     rng = np.random.default_rng(cfg.seed)
@@ -259,14 +300,20 @@ def build_data(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: i
     out: dict[str, SequenceSplit] = {n: SequenceSplit(n, [], [], []) for n in sizes}
     pools: dict[str, dict[str, list[Generator]]] = {n: {} for n in sizes}
     for fam in cfg.seq_types:
-        cut = cut_generators(fam, cfg, sizes, rng, cfg.min_len, hi)
-        for name, n in sizes.items():
+        if fam in RECALL_FAMILIES:
+            drawn = _draw_recall_splits(fam, cfg, sizes, rng, seen)
+            cut = {n: list({_generator_key(fam, g): g for _, g in d}.values()) for n, d in drawn.items()}
+        else:
+            cut = cut_generators(fam, cfg, sizes, rng, cfg.min_len, hi)
+            drawn = {n: _draw_split(fam, cut[n], k, n, cfg, hi, rng, seen) for n, k in sizes.items()}
+        for name in sizes:
             pools[name][fam] = cut[name]
-            for seq, gen in _draw_split(fam, cut[name], n, name, cfg, hi, rng, seen):
+            for seq, gen in drawn[name]:
                 out[name].sequences.append(seq)
                 out[name].families.append(fam)
                 out[name].generators.append(gen)
                 out[name].ceilings.append(ceiling_per_position(seq, fam, cfg))
+                out[name].answers.append(answer_mask(seq, fam))
     for name, split in out.items():
         if name != "train" and "train" in out:
             split.seen = seen_context_flags(split.sequences, split.families, out["train"].sequences)
@@ -308,6 +355,7 @@ class PaddedSplit:
     ceilings: torch.Tensor | None = None  # (N, Lmax-1) float, 0 on padding
     family_names: list[str] = field(default_factory=list)
     seen: torch.Tensor | None = None  # (N, Lmax-1) bool: the target's context occurs in train; False on padding
+    answers: torch.Tensor | None = None  # (N, Lmax-1) bool: a recall answer (`answer_mask`); False on padding
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -326,6 +374,7 @@ class PaddedSplit:
             ceilings=None if self.ceilings is None else self.ceilings[idx, : max(width - 1, 0)],
             family_names=self.family_names,
             seen=None if self.seen is None else self.seen[idx, : max(width - 1, 0)],
+            answers=None if self.answers is None else self.answers[idx, : max(width - 1, 0)],
         )
 
 
@@ -346,11 +395,8 @@ def to_padded(split: SequenceSplit, pad_id: int, families: list[str]) -> PaddedS
     ceilings = torch.zeros(len(split), max(tokens.shape[1] - 1, 0))
     for i, c in enumerate(split.ceilings):
         ceilings[i, : len(c)] = torch.as_tensor(c, dtype=torch.float32)
-    seen = None
-    if split.seen and len(split.seen) == len(split):
-        seen = torch.zeros(ceilings.shape, dtype=torch.bool)
-        for i, f in enumerate(split.seen):
-            seen[i, : len(f)] = torch.as_tensor(f, dtype=torch.bool)
+    seen = _padded_flags(split.seen, len(split), ceilings.shape)
+    answers = _padded_flags(split.answers, len(split), ceilings.shape)
     return PaddedSplit(
         tokens=tokens,
         lengths=torch.tensor([len(s) for s in split.sequences]),
@@ -359,7 +405,18 @@ def to_padded(split: SequenceSplit, pad_id: int, families: list[str]) -> PaddedS
         ceilings=ceilings,
         family_names=list(families),
         seen=seen,
+        answers=answers if answers is not None and bool(answers.any()) else None,
     )
+
+
+def _padded_flags(flags: list[np.ndarray], n: int, shape: torch.Size) -> torch.Tensor | None:
+    """Per-target bool arrays as one (N, Lmax-1) tensor, False on padding; None unless every row has one."""
+    if not flags or len(flags) != n:
+        return None
+    out = torch.zeros(shape, dtype=torch.bool)
+    for i, f in enumerate(flags):
+        out[i, : len(f)] = torch.as_tensor(f, dtype=torch.bool)
+    return out
 
 
 def inputs_and_targets(tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from torch import nn
 from picollm import optim
 from picollm.config import DPOConfig
 from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, length_bucketed_batches, pad_sequences
+from picollm.dpo_metrics import PairScores, pair_metrics, scores_metrics
 from picollm.errors import PicollmError
 from picollm.optim import EarlyStopping, NonFiniteGuard, TrainState
 from picollm.text_data import PreferencePair
@@ -27,7 +28,7 @@ from picollm.training import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 MONITOR_MODE = {"val/loss": "min", "val/accuracy": "max", "val/rewards/accuracies": "max", "val/rewards/margins": "max"}
 
 
@@ -71,6 +72,31 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024), TRL's CPOTrainer `loss_type="simpo"`: reference-free, on length-averaged
+    log-probs a = logp / length:  logits = (a_c - a_r) - gamma/beta,
+    loss = -logsigmoid(b*logits)(1-ls) - logsigmoid(-b*logits) ls;  rewards b * a, detached."""
+    avg_c = policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)
+    avg_r = policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype)
+    logits = (avg_c - avg_r) - gamma / beta
+    losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    return losses, beta * avg_c.detach(), beta * avg_r.detach()
+
+
+def rpo_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """RPO's extra term (Pang et al. 2024; TRL's `rpo_alpha`): the chosen continuation's NLL per token, per
+    pair (TRL averages over the batch's chosen tokens: the same when lengths are equal)."""
+    return -policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,17 +146,28 @@ def collate(pairs: list[PreferencePair], pad_id: int) -> PairBatch:
 
 
 def response_logps(model: nn.Module, tokens: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """`sequence_logps(model(tokens), tokens, response_mask)` without computing the logits it ignores.
+    """`sequence_logps(model(tokens), tokens, response_mask)` without computing the logits it ignores."""
+    return response_logps_and_logits(model, tokens, response_mask)[0]
 
-    With a 50k vocabulary the output head dominates the cost, so a pre-hook hands the head only the
-    positions that score a response token (no prompt, no padding); the forward pass itself is the
-    model's own. Models without a Linear `head` fall back to the full logits.
+
+def response_logps_and_logits(
+    model: nn.Module, tokens: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) response log-prob sums and (B,) mean output logit over the scoring positions (TRL's
+    `logits/chosen`: all vocabulary entries averaged), without computing the logits the sums ignore.
+
+    The output head dominates a small model's cost, so a pre-hook hands the head only the positions
+    that score a response token (no prompt, no padding); the forward pass itself is the model's own.
+    Models without a Linear `head` fall back to the full logits.
     """
     scores = torch.zeros_like(response_mask)
     scores[:, :-1] = response_mask[:, 1:]  # position t scores token t+1
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Linear):
-        return sequence_logps(model(tokens), tokens, response_mask)
+        logits = model(tokens)  # (B, W, V)
+        n = scores.sum(-1).clamp(min=1)
+        mean_logits = (logits.float().mean(-1) * scores).sum(-1).detach() / n
+        return sequence_logps(logits, tokens, response_mask), mean_logits
     handle = head.register_forward_pre_hook(lambda _mod, args: (args[0][scores],))
     try:
         logits = model(tokens)  # (n_scored, V)
@@ -139,7 +176,9 @@ def response_logps(model: nn.Module, tokens: torch.Tensor, response_mask: torch.
     targets = tokens[:, 1:][response_mask[:, 1:]]
     logp = -F.cross_entropy(logits.float(), targets, reduction="none")
     rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(scores)[scores]
-    return torch.zeros(tokens.shape[0], device=tokens.device).index_add_(0, rows, logp)
+    zeros = torch.zeros(tokens.shape[0], device=tokens.device)
+    logit_sums = zeros.index_add(0, rows, logits.detach().float().mean(-1))
+    return zeros.index_add(0, rows, logp), logit_sums / scores.sum(-1).clamp(min=1)
 
 
 def batch_logps(model: nn.Module, batch: PairBatch, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +187,16 @@ def batch_logps(model: nn.Module, batch: PairBatch, precision: str = "fp32") -> 
     with autocast(batch.tokens.device, precision):
         logps = response_logps(model, batch.tokens, batch.response_mask)
     return logps[: batch.n_pairs], logps[batch.n_pairs :]
+
+
+def batch_logps_and_logits(
+    model: nn.Module, batch: PairBatch, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`batch_logps` plus the mean response logits: (chosen logps, rejected logps, chosen logits, rejected logits)."""
+    with autocast(batch.tokens.device, precision):
+        logps, logits = response_logps_and_logits(model, batch.tokens, batch.response_mask)
+    n = batch.n_pairs
+    return logps[:n], logps[n:], logits[:n], logits[n:]
 
 
 @dataclass
@@ -223,47 +272,6 @@ def lm_metrics(
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics
-
-
-def pair_metrics(
-    prefix: str,
-    losses: torch.Tensor,
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor | None = None,
-    ref_rejected: torch.Tensor | None = None,
-    schemes: list[str] | None = None,
-) -> dict[str, float]:
-    """TRL's names under `prefix/`, plus the policy's and the reference's own ranking accuracy
-    (how often each gives the chosen continuation the higher log-prob), overall and per scheme."""
-
-    def block(sel: torch.Tensor, sfx: str) -> dict[str, float]:
-        out = {
-            f"{prefix}/loss{sfx}": float(losses[sel].mean()),
-            f"{prefix}/rewards/chosen{sfx}": float(chosen_rewards[sel].mean()),
-            f"{prefix}/rewards/rejected{sfx}": float(rejected_rewards[sel].mean()),
-            f"{prefix}/rewards/margins{sfx}": float((chosen_rewards[sel] - rejected_rewards[sel]).mean()),
-            f"{prefix}/rewards/accuracies{sfx}": float((chosen_rewards[sel] > rejected_rewards[sel]).float().mean()),
-            f"{prefix}/logps/chosen{sfx}": float(policy_chosen[sel].mean()),
-            f"{prefix}/logps/rejected{sfx}": float(policy_rejected[sel].mean()),
-            f"{prefix}/accuracy{sfx}": float((policy_chosen[sel] > policy_rejected[sel]).float().mean()),
-        }
-        if ref_chosen is not None and ref_rejected is not None:
-            out[f"{prefix}/reference_accuracy{sfx}"] = float((ref_chosen[sel] > ref_rejected[sel]).float().mean())
-        return out
-
-    metrics = block(torch.ones(len(losses), dtype=torch.bool), "")
-    for scheme in sorted(set(schemes or [])) if schemes and len(set(schemes)) > 1 else []:
-        metrics |= block(torch.tensor([s == scheme for s in schemes]), f"/{scheme}")
-    if schemes and len(set(schemes)) == 1:  # one scheme: name it too, so runs compare by key
-        metrics |= {f"{k}/{schemes[0]}": v for k, v in list(metrics.items())}
-    return metrics
-
-
-# --------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -292,19 +300,29 @@ class DPOTrainer:
             on_stop="training stopped, the policy keeps its last good weights (lower dpo.lr)", metric="DPO train/loss"
         )
 
-    def _terms(self, batch: PairBatch, ref_c: torch.Tensor, ref_r: torch.Tensor):
-        """(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, ref_c, ref_r)
-        with log-probs length-normalised when configured, so metrics match the loss."""
-        pc, pr = batch_logps(self.policy, batch, self.precision)
+    def _terms(self, batch: PairBatch, ref_c: torch.Tensor, ref_r: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, ref_c, ref_r,
+        chosen_logits, rejected_logits): pair_metrics' arguments, with log-probs length-normalised where
+        the loss uses them so (length_normalize, simpo), so the metrics match the loss."""
+        cfg = self.cfg
+        pc, pr, c_logits, r_logits = batch_logps_and_logits(self.policy, batch, self.precision)
         ref_c, ref_r = ref_c.to(self.device), ref_r.to(self.device)
-        if self.cfg.length_normalize:
-            lc, lr = batch.lengths[: batch.n_pairs].float(), batch.lengths[batch.n_pairs :].float()
+        lc, lr = batch.lengths[: batch.n_pairs].float(), batch.lengths[batch.n_pairs :].float()
+        nll = rpo_nll(pc, lc) if cfg.rpo_alpha else None
+        if cfg.loss_type == "simpo":
+            losses, cr, rr = simpo_loss(pc, pr, lc, lr, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
             pc, pr, ref_c, ref_r = pc / lc, pr / lr, ref_c / lc, ref_r / lr
-        losses, cr, rr = dpo_loss(pc, pr, ref_c, ref_r, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing)
-        return losses, cr, rr, pc, pr, ref_c, ref_r
+        else:
+            if cfg.length_normalize:
+                pc, pr, ref_c, ref_r = pc / lc, pr / lr, ref_c / lc, ref_r / lr
+            losses, cr, rr = dpo_loss(pc, pr, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        if nll is not None:
+            losses = losses + cfg.rpo_alpha * nll
+        return losses, cr, rr, pc, pr, ref_c, ref_r, c_logits, r_logits
 
     @torch.no_grad()
-    def evaluate(self, pairs: PairSet, prefix: str) -> dict[str, float]:
+    def score(self, pairs: PairSet) -> PairScores:
+        """Every pair's loss, rewards, log-probs and logits under the current policy (eval mode)."""
         assert pairs.ref_chosen is not None and pairs.ref_rejected is not None
         was_training = self.policy.training
         self.policy.eval()
@@ -315,8 +333,10 @@ class DPOTrainer:
             parts.append(tuple(t.cpu() for t in self._terms(batch, pairs.ref_chosen[idx], pairs.ref_rejected[idx])))
             schemes += batch.schemes
         self.policy.train(was_training)
-        cols = [torch.cat(c) for c in zip(*parts, strict=True)]
-        return pair_metrics(prefix, *cols, schemes=schemes)
+        return PairScores(*(torch.cat(c) for c in zip(*parts, strict=True)), schemes=schemes)
+
+    def evaluate(self, pairs: PairSet, prefix: str) -> dict[str, float]:
+        return scores_metrics(prefix, self.score(pairs))
 
     def fit(
         self,
@@ -381,8 +401,8 @@ class DPOTrainer:
             terms = self._terms(train.batch(idx).to(self.device), train.ref_chosen[idx], train.ref_rejected[idx])
             loss = terms[0].mean()
             self.guard.check(loss, state)  # raises before backward: the weights never see a bad loss
-            optim.update(loss, self.policy, self.optimizer, self.scheduler, cfg.grad_clip)
-            window.append(pair_metrics("train", *(t.detach().cpu() for t in terms)))
+            grad_norm = self._update(loss)
+            window.append(pair_metrics("train", *(t.detach().cpu() for t in terms)) | {"grad_norm": grad_norm})
             if state.step % cfg.log_every == 0 or last:
                 avg = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                 avg["lr"] = self.scheduler.get_last_lr()[0]
@@ -393,6 +413,16 @@ class DPOTrainer:
             if last:
                 break
         return False
+
+    def _update(self, loss: torch.Tensor) -> float:
+        """optim.update, but returning the gradient norm before clipping (TRL's `grad_norm`)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf  # inf: measure, never clip
+        norm = nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(norm)
 
     def _eval_step(self, val: PairSet, state: TrainState, on_eval: Callable[[int, dict[str, float]], None]) -> bool:
         """Evaluate on val, keep the best policy; True when early stopping says stop."""

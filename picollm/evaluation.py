@@ -1,5 +1,5 @@
-"""Next-token evaluation: loss, accuracy overall / per family / on predictable positions / on seen and
-novel contexts, ceilings."""
+"""Next-token evaluation: loss, accuracy overall / per family / on predictable positions / on recall
+answers / on seen and novel contexts, ceilings."""
 
 from __future__ import annotations
 
@@ -47,7 +47,11 @@ def accuracy_metrics(split: PaddedSplit, correct: torch.Tensor, nll: torch.Tenso
     """Aggregate per-target results into `{prefix}/loss`, `{prefix}/accuracy`, per family, etc.
 
     `ceiling` is the Bayes-optimal expected accuracy on the same targets; `accuracy_predictable`
-    counts only targets the ideal predictor gets right with certainty (ceiling 1 there). Where the
+    counts only targets the ideal predictor gets right with certainty (ceiling 1 there).
+    `accuracy_answer` counts only the recall answers (`answer_mask`: the value after each mqar query,
+    the repeated half of a copy sequence), e.g. `test/accuracy_answer/mqar`, Zoology's MQAR accuracy;
+    unlike `accuracy_predictable/mqar` it leaves out the last query (certain once every other key was
+    asked, but no recall). Where the
     split has seen-context flags (val/test, see picollm.data), `accuracy/seen_context[/family]` and
     `accuracy/novel_context[/family]` split the accuracy by whether the target's context occurs in
     training, and `novel_context_fraction[/family]` is the share of novel targets.
@@ -72,6 +76,8 @@ def accuracy_metrics(split: PaddedSplit, correct: torch.Tensor, nll: torch.Tenso
             out[f"{prefix}/accuracy_vs_ceiling{name}"] = float(correct[v].float().mean()) / max(
                 float(ceil[v].mean()), 1e-12
             )
+        if split.answers is not None and bool((answer := v & split.answers[:, : v.shape[1]]).any()):
+            out[f"{prefix}/accuracy_answer{name}"] = float(correct[answer].float().mean())
         if split.seen is not None:
             seen = split.seen[:, : v.shape[1]]
             out[f"{prefix}/novel_context_fraction{name}"] = float((v & ~seen).sum()) / n
@@ -92,6 +98,7 @@ SPLIT_METRICS = (
     "accuracy",
     "ceiling",
     "accuracy_predictable",
+    "accuracy_answer",
     "accuracy_vs_ceiling",
     "novel_context_fraction",
     "accuracy/seen_context",

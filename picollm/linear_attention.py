@@ -2,7 +2,8 @@
 
     y_i = sum_{j<=i} g^(i-j) phi(q_i).phi(k_j) v_j / (sum_{j<=i} g^(i-j) phi(q_i).phi(k_j) + eps)
 
-with phi(x) = elu(x) + 1 and g = exp(-m_h) (the ALiBi slope of head h; g = 1 without decay).
+with phi(x) = elu(x) + 1 (or another map of picollm.feature_maps) and g = exp(-m_h) (the ALiBi slope of
+head h; g = 1 without decay). eps=None drops the denominator (the numerator alone, for an output RMSNorm).
 Three forms of one computation, tested against each other:
   quadratic   masked (N, N) kernel matrix: fastest at short lengths, and gives the pattern
   chunkwise   quadratic inside chunks of C, a (d, d) state carried between chunks: O(N C d + N d^2)
@@ -15,9 +16,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from picollm.feature_maps import feature_map
 
-def feature_map(x: torch.Tensor) -> torch.Tensor:
-    return F.elu(x.float()) + 1.0
+__all__ = [  # feature_map re-exported: callers build phi here as before
+    "chunkwise",
+    "decay_matrix",
+    "feature_map",
+    "final_state",
+    "kernel_pattern",
+    "normalise",
+    "quadratic",
+    "recurrent",
+    "recurrent_step",
+]
 
 
 def decay_matrix(n: int, log_decay: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -29,14 +40,20 @@ def decay_matrix(n: int, log_decay: torch.Tensor, device: torch.device | None = 
     return w * causal
 
 
-def kernel_pattern(fq: torch.Tensor, fk: torch.Tensor, log_decay: torch.Tensor, eps: float) -> torch.Tensor:
+def normalise(scores: torch.Tensor, eps: float | None) -> torch.Tensor:
+    return scores if eps is None else scores / (scores.sum(-1, keepdim=True) + eps)
+
+
+def kernel_pattern(fq: torch.Tensor, fk: torch.Tensor, log_decay: torch.Tensor, eps: float | None) -> torch.Tensor:
     """Normalised kernel weights A_ij (B, H, N, N) such that y = A @ v exactly."""
     n = fq.shape[-2]
     scores = (fq @ fk.transpose(-1, -2)) * decay_matrix(n, log_decay, fq.device)
-    return scores / (scores.sum(-1, keepdim=True) + eps)
+    return normalise(scores, eps)
 
 
-def quadratic(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, eps: float) -> torch.Tensor:
+def quadratic(
+    fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, eps: float | None
+) -> torch.Tensor:
     """fq, fk: (B, H, N, dk) fp32 features (fk already zeroed on padding); v: (B, H, N, dv)."""
     return kernel_pattern(fq, fk, log_decay, eps) @ v.float()
 
@@ -46,7 +63,7 @@ def chunkwise(
     fk: torch.Tensor,
     v: torch.Tensor,
     log_decay: torch.Tensor,
-    eps: float,
+    eps: float | None,
     chunk_size: int,
 ) -> torch.Tensor:
     b, h, n, dk = fq.shape
@@ -78,7 +95,7 @@ def chunkwise(
     from_start = torch.exp(ld * (pos + 1)).unsqueeze(-1)  # g^(i+1): chunk start to query i
     num = num + from_start * (fq @ state)
     den = den + from_start.squeeze(-1) * (fq @ z.unsqueeze(-1)).squeeze(-1)
-    y = num / (den.unsqueeze(-1) + eps)
+    y = num if eps is None else num / (den.unsqueeze(-1) + eps)
     return y.reshape(b, h, nc * c, dv)[:, :, :n]
 
 
@@ -96,24 +113,29 @@ def recurrent_step(
     fk: torch.Tensor,
     v: torch.Tensor,
     state: torch.Tensor,
-    z: torch.Tensor,
+    z: torch.Tensor | None,
     log_decay: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One position. fq, fk: (B, H, dk), v: (B, H, dv); state (B, H, dk, dv), z (B, H, dk)."""
+    eps: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One position. fq, fk: (B, H, dk), v: (B, H, dv); state (B, H, dk, dv), z (B, H, dk) or None
+    (eps=None: no denominator, no z)."""
     g = torch.exp(log_decay.float()).view(1, -1, 1)
     state = g.unsqueeze(-1) * state + fk.unsqueeze(-1) * v.float().unsqueeze(-2)
+    num = (fq.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, dv)
+    if eps is None:
+        return num, state, None
     z = g * z + fk
-    num = torch.einsum("bhd,bhde->bhe", fq, state)
     den = (fq * z).sum(-1, keepdim=True)
     return num / (den + eps), state, z
 
 
-def recurrent(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, eps: float) -> torch.Tensor:
+def recurrent(
+    fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, eps: float | None
+) -> torch.Tensor:
     """Reference loop over positions (used by tests and generation)."""
     b, h, n, dk = fq.shape
     state = fq.new_zeros(b, h, dk, v.shape[-1])
-    z = fq.new_zeros(b, h, dk)
+    z = None if eps is None else fq.new_zeros(b, h, dk)
     out = []
     for i in range(n):
         y, state, z = recurrent_step(fq[:, :, i], fk[:, :, i], v[:, :, i], state, z, log_decay, eps)

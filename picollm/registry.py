@@ -2,8 +2,9 @@
 
 A logged model is an MLflow models-from-code pyfunc (`picollm/serving.py`) whose artifacts are
 `weights.pt` (a state dict, loaded with weights_only=True), `model_config.json` and `tokenizer.json`
-(plus tiktoken's GPT-2 files for text models). It carries the picollm package (`code_paths`), pinned
-requirements and an input example: it loads and serves in an environment that never installed picollm.
+(plus tiktoken's GPT-2 files for text models, and `vocab.json`, the GPT-2 id map, for compact-vocabulary
+ones). It carries the picollm package (`code_paths`), pinned requirements and an input example: it loads
+and serves in an environment that never installed picollm.
 `load_model` accepts:  NAME (latest version), NAME@ALIAS, NAME/VERSION, models:/..., runs:/RUN_ID[/model]
 and a bare run id.
 """
@@ -41,6 +42,7 @@ CHAMPION = "champion"
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.json"  # {"kind": "integers" | "gpt2"}: how the pyfunc reads prompts
+VOCAB_FILE = "vocab.json"  # text models on a compact vocabulary: their GPT-2 id map (picollm/text_vocab.py)
 SOURCE_CONFIG = "config.yaml"  # the resolved config a training run logs beside its model
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -87,7 +89,11 @@ def save_files(model: Transformer, directory: Path) -> dict[str, str]:
     weights, config = directory / WEIGHTS_FILE, directory / CONFIG_FILE
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
     config.write_text(model.cfg.model_dump_json(indent=2))
-    return {"weights": str(weights), "config": str(config)}
+    files = {"weights": str(weights), "config": str(config)}
+    if (vocab := getattr(model, "text_vocab", None)) is not None:  # the id map travels with the model
+        (directory / VOCAB_FILE).write_text(vocab.to_json())
+        files["vocab"] = str(directory / VOCAB_FILE)
+    return files
 
 
 def load_state_dict(path: str | Path) -> dict[str, Any]:
@@ -150,7 +156,23 @@ def build_from_state(state: dict[str, Any], cfg: ModelConfig, source: str = "wei
     return model.eval()
 
 
-def load_from_files(weights: str | Path, config: str | Path) -> Transformer:
+def load_from_files(weights: str | Path, config: str | Path, vocab: str | Path | None = None) -> Transformer:
+    """The model from its files; a compact-vocabulary text model gets its id map as `model.text_vocab`
+    (from `vocab`, by default the VOCAB_FILE beside `config` where there is one)."""
+    vocab = Path(config).with_name(VOCAB_FILE) if vocab is None else Path(vocab)
+    model = _load_from_files(weights, config)
+    if vocab.is_file():
+        from picollm.text_vocab import CompactVocab
+
+        model.text_vocab = CompactVocab.from_file(vocab)
+        if model.text_vocab.vocab_size != model.cfg.vocab_size:
+            raise PicollmError(
+                f"{vocab.name} maps {model.text_vocab.vocab_size} ids but the model has {model.cfg.vocab_size}"
+            )
+    return model
+
+
+def _load_from_files(weights: str | Path, config: str | Path) -> Transformer:
     try:
         cfg = ModelConfig.model_validate_json(Path(config).read_text())
     except ValidationError as e:
@@ -215,7 +237,7 @@ def log_model(model: Transformer, registered_name: str | None, tokenizer: str = 
             pip_requirements=pip_requirements(tokenizer),
             signature=signature(tokenizer),
             input_example=example_prompts(tokenizer, model.cfg.vocab_size),
-            metadata={"picollm.tokenizer": tokenizer},
+            metadata={"picollm.tokenizer": tokenizer, "picollm.vocab": "compact" if "vocab" in files else "full"},
             registered_model_name=registered_name,
             step=step,
         )

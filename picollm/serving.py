@@ -1,7 +1,8 @@
 """MLflow models-from-code entry point: `mlflow.pyfunc.load_model(...)` runs this file.
 
 The logged model holds only a state dict (loaded with weights_only=True), a JSON config and the kind
-of tokenizer, so loading it never unpickles code; the picollm package travels with it (`code_paths`).
+of tokenizer (and, for a compact-vocabulary text model, its GPT-2 id map `vocab.json`), so loading it
+never unpickles code; the picollm package travels with it (`code_paths`).
 predict() takes prompts and returns their continuations in the same format: space-separated integers
 for the synthetic models, text (GPT-2 BPE) for the DPO/SFT ones. A bad prompt or setting is an
 MlflowException with INVALID_PARAMETER_VALUE, which `mlflow models serve` answers as HTTP 400 with
@@ -29,10 +30,15 @@ class PicoLLMPyfunc(PythonModel):
         from picollm.registry import load_from_files
 
         art = context.artifacts
-        self.model = load_from_files(art["weights"], art["config"])
+        self.model = load_from_files(art["weights"], art["config"], art.get("vocab"))
         kind = json.loads(Path(art["tokenizer"]).read_text())["kind"] if "tokenizer" in art else "integers"
         assert self.model.cfg.vocab_size is not None
-        self.codec = Codec(kind, self.model.cfg.vocab_size, art.get("tokenizer_files"))
+        if (vocab := getattr(self.model, "text_vocab", None)) is not None:  # text -> GPT-2 ids -> compact ids
+            from picollm.text_vocab import compact_codec
+
+            self.codec = compact_codec(vocab, art.get("tokenizer_files"))
+        else:
+            self.codec = Codec(kind, self.model.cfg.vocab_size, art.get("tokenizer_files"))
 
     # No type hints: MLflow would build a stricter schema from them; the signature is explicit.
     def predict(self, context, model_input, params=None):  # noqa: ANN001

@@ -14,36 +14,29 @@ continuation comes from one of the corruption schemes below, each the same lengt
   other_story        the continuation of another story of the same split, cut to the same length
   replace_words      `replace_k` names / content words replaced by others of the same kind and token count
 Schemes return None where they cannot apply (a one-sentence continuation cannot be shuffled); such a
-pair is simply not made.
+pair is simply not made. Stories are read by picollm/stories.py; with `data.vocab: compact` every id is
+mapped to the compact vocabulary (picollm/text_vocab.py) once the pairs are made.
 """
 
 from __future__ import annotations
 
-import glob
-import itertools
 import logging
-import os
 import re
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from picollm.config import CORRUPTIONS, DPOConfig, DPODataConfig
 from picollm.errors import PicollmError
+from picollm.stories import FILE_SUFFIXES, HUB_HINT, load_stories, resolve_files  # noqa: F401  (re-exported)
+from picollm.text_vocab import CompactVocab, compact_examples
 
 log = logging.getLogger(__name__)
 
-FILE_SUFFIXES = (".txt", ".jsonl")
-HUB_HINT = "use local stories instead: data.source: files with data.path: a .txt/.jsonl file"
 # A sentence ends at . ! ? (runs allowed), optionally followed by closing quotes/brackets, before whitespace.
 _SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s)")
-_STORY_SEPARATOR = re.compile(r"<\|endoftext\|>|\n\s*\n")
 _WORD = re.compile(r"[A-Za-z]+")
 _STOPWORDS = frozenset(  # function words: replacing them tests grammar, not content
     """the and was were are for you your with they them their there then that this these those have has had
@@ -59,6 +52,8 @@ _STOPWORDS = frozenset(  # function words: replacing them tests grammar, not con
 
 class StoryTokenizer:
     """GPT-2 BPE (tiktoken) plus one pad token as the last id: vocab 50258, pad 50257."""
+
+    VOCAB_SIZE = 50258
 
     def __init__(self) -> None:
         import tiktoken
@@ -93,141 +88,6 @@ def split_sentences(text: str) -> list[str]:
     if text[prev:].strip():
         out.append(text[prev:])
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading stories
-
-
-@contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """datasets logs an ERROR line before raising on a bad file; the PicollmError says it once."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    logger = logging.getLogger("datasets")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _hub_offline() -> bool:
-    """Offline as the hub libraries see it (they read HF_HUB_OFFLINE once, at import): then
-    load_dataset fails at once or uses the local cache; otherwise it would retry for half a minute."""
-    import datasets.config
-    from huggingface_hub import constants
-
-    return bool(datasets.config.HF_HUB_OFFLINE or constants.HF_HUB_OFFLINE)
-
-
-def _probe_hub(timeout: float = 5.0) -> None:
-    """Fail in seconds, not after datasets' half-minute of retries, when the hub is unreachable."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    try:
-        with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        return  # the server answered: reachable
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise PicollmError(f"the Hugging Face hub ({endpoint}) is unreachable ({reason}); {HUB_HINT}") from None
-
-
-def _hub_stories(cfg: DPODataConfig) -> list[str]:
-    import datasets
-    from datasets.exceptions import DatasetsError
-
-    if not _hub_offline():
-        _probe_hub()
-    try:
-        with _quiet_datasets():
-            ds = datasets.load_dataset(cfg.dataset, split=cfg.split, streaming=True)  # no full download
-            if cfg.limit is not None:
-                ds = ds.take(cfg.limit)
-            rows = [row.get(cfg.text_field) for row in ds]
-    except (OSError, DatasetsError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise PicollmError(f"cannot load {cfg.dataset!r} from the Hugging Face hub ({first}); {HUB_HINT}") from None
-    return _texts(rows, cfg.dataset, cfg.text_field)
-
-
-def resolve_files(path: str) -> list[Path]:
-    """A file, a directory (its .txt/.jsonl files) or a glob -> the story files, checked."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in FILE_SUFFIXES and f.is_file())
-        if not files:
-            raise PicollmError(f"data.path: directory {p} holds no .txt or .jsonl files")
-    elif glob.has_magic(path):
-        files = sorted(Path(f) for f in glob.glob(os.path.expanduser(path)) if Path(f).is_file())
-        if not files:
-            raise PicollmError(f"data.path: no files match {path}")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise PicollmError(f"data.path: {p} not found")
-    bad = [f.name for f in files if f.suffix not in FILE_SUFFIXES]
-    if bad:
-        raise PicollmError(f"data.path: {bad[0]} is neither .txt nor .jsonl")
-    for f in files:
-        if f.stat().st_size == 0:
-            raise PicollmError(f"data.path: {f} is empty")
-    return files
-
-
-def _file_stories(cfg: DPODataConfig) -> list[str]:
-    import datasets
-
-    assert cfg.path is not None
-    stories: list[str] = []
-    for f in resolve_files(cfg.path):
-        left = None if cfg.limit is None else cfg.limit - len(stories)
-        try:
-            # Streamed and cut at data.limit, so a large file is neither cached nor read whole.
-            with _quiet_datasets():
-                if f.suffix == ".jsonl":
-                    ds = datasets.load_dataset("json", data_files=str(f), split="train", streaming=True)
-                    rows = [row.get(cfg.text_field) for row in itertools.islice(ds, left)]
-                    stories += _texts(rows, str(f), cfg.text_field)
-                else:  # stories separated by blank lines or <|endoftext|>
-                    ds = datasets.load_dataset(
-                        "text", data_files=str(f), split="train", streaming=True, sample_by="paragraph"
-                    )
-                    for row in ds:
-                        stories += [s for s in _STORY_SEPARATOR.split(row["text"]) if s.strip()]
-                        if cfg.limit is not None and len(stories) >= cfg.limit:
-                            break
-        except PicollmError:
-            raise
-        except Exception as e:  # pyarrow/datasets raise many types for a malformed file
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise PicollmError(f"data.path: cannot read {f}: {first}") from None
-        if cfg.limit is not None and len(stories) >= cfg.limit:
-            break
-    return stories[: cfg.limit] if cfg.limit is not None else stories
-
-
-def _texts(rows: list[object], source: str, text_field: str) -> list[str]:
-    if rows and all(r is None for r in rows):
-        raise PicollmError(f"{source}: rows have no {text_field!r} field (set data.text_field)")
-    bad = next((r for r in rows if r is not None and not isinstance(r, str)), None)
-    if bad is not None:
-        raise PicollmError(f"{source}: field {text_field!r} holds {type(bad).__name__}, not text")
-    return [r for r in rows if isinstance(r, str) and r.strip()]
-
-
-def load_stories(cfg: DPODataConfig) -> list[str]:
-    """Story texts from the hub (streamed, at most data.limit) or local files; deduplicated."""
-    stories = _hub_stories(cfg) if cfg.source == "tinystories" else _file_stories(cfg)
-    unique = list(dict.fromkeys(s.strip() for s in stories))
-    where = cfg.dataset if cfg.source == "tinystories" else cfg.path
-    if not unique:
-        raise PicollmError(f"data: no stories in {where}")
-    log.info("loaded %d stories (%d duplicates dropped) from %s", len(unique), len(stories) - len(unique), where)
-    return unique
 
 
 def split_stories(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
@@ -325,6 +185,7 @@ class Corruptor:
     replace_k: int = 2
     encode: Callable[[str], list[int]] | None = None  # text sources
     pools: WordPools | None = None
+    values: list[int] | None = None  # random_tokens draws from these (a compact vocabulary's ids), not 0..n_values-1
 
     def __call__(self, scheme: str, ex: Example, split: list[Example], rng: np.random.Generator) -> list[int] | None:
         if scheme not in CORRUPTIONS:
@@ -336,6 +197,8 @@ class Corruptor:
         return out
 
     def _random_tokens(self, ex: Example, split: list[Example], rng: np.random.Generator) -> list[int]:
+        if self.values is not None:
+            return [self.values[i] for i in rng.integers(0, len(self.values), size=len(ex.chosen)).tolist()]
         return rng.integers(0, self.n_values, size=len(ex.chosen)).tolist()
 
     def _swap_tokens(self, ex: Example, split: list[Example], rng: np.random.Generator) -> list[int] | None:
@@ -456,6 +319,8 @@ class PreferenceData:
     examples: dict[str, list[Example]]
     pairs: dict[str, list[PreferencePair]] = field(default_factory=dict)
     n_stories: dict[str, int] = field(default_factory=dict)
+    vocab: CompactVocab | None = None  # text with data.vocab compact: ids are compact ids
+    train_ids: set[int] = field(default_factory=set)  # GPT-2 ids of the training stories (text sources)
 
     def sft_sequences(self, split: str) -> list[list[int]]:
         """Prompt + chosen continuation of every example: the SFT reference learns the preferred text."""
@@ -468,6 +333,10 @@ class PreferenceData:
 
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {"data.story_overlap": float(self.story_overlap())}
+        out["data.vocab_size"] = float(self.vocab_size)  # the model's
+        if self.source == "text":  # both sizes, whichever the model uses
+            out["data.vocab_size_gpt2"] = float(StoryTokenizer.VOCAB_SIZE)
+            out["data.vocab_size_compact"] = float(self.vocab.vocab_size if self.vocab else len(self.train_ids) + 2)
         for name in ("train", "val", "test"):
             out[f"data.{name}.stories"] = float(self.n_stories.get(name, 0))
             out[f"data.{name}.examples"] = float(len(self.examples.get(name, [])))
@@ -478,6 +347,9 @@ class PreferenceData:
             if ps:
                 out[f"data.{name}.prompt_tokens_mean"] = float(np.mean([len(p.prompt) for p in ps]))
                 out[f"data.{name}.response_tokens_mean"] = float(np.mean([len(p.chosen) for p in ps]))
+                if self.vocab is not None:  # tokens the training stories never used
+                    unk = sum(t == self.vocab.unk_id for p in ps for t in p.prompt + p.chosen)
+                    out[f"data.{name}.unk_rate"] = unk / max(1, sum(len(p.prompt) + len(p.chosen) for p in ps))
         return out
 
 
@@ -487,6 +359,7 @@ def _text_examples(cfg: DPODataConfig) -> tuple[PreferenceData, WordPools, Story
     splits = split_stories(len(stories), cfg.val_fraction, cfg.test_fraction, cfg.seed)
     examples: dict[str, list[Example]] = {}
     train_sentences: list[list[str]] = []
+    train_ids: set[int] = set()
     for name, idx in splits.items():
         examples[name] = []
         for uid in idx:
@@ -497,8 +370,15 @@ def _text_examples(cfg: DPODataConfig) -> tuple[PreferenceData, WordPools, Story
                 examples[name].append(ex)
             if name == "train":
                 train_sentences.append(sentences)
+                train_ids.update(t for ids in encoded for t in ids)
     data = PreferenceData(
-        "text", tok.vocab_size, tok.pad_id, tok.decode, examples, n_stories={n: len(i) for n, i in splits.items()}
+        "text",
+        tok.vocab_size,
+        tok.pad_id,
+        tok.decode,
+        examples,
+        n_stories={n: len(i) for n, i in splits.items()},
+        train_ids=train_ids,
     )
     return data, WordPools.from_sentences(train_sentences), tok
 
@@ -532,14 +412,21 @@ def _synthetic_examples(cfg: DPODataConfig) -> PreferenceData:
     )
 
 
-def build_preference_data(cfg: DPODataConfig, dpo: DPOConfig) -> PreferenceData:
-    """Load, split by story, and build the train/val/test pairs. Raises PicollmError on bad input."""
+def build_preference_data(cfg: DPODataConfig, dpo: DPOConfig, vocab: CompactVocab | None = None) -> PreferenceData:
+    """Load, split by story, and build the train/val/test pairs. Raises PicollmError on bad input.
+
+    Text with `cfg.vocab` compact: ids are mapped to `vocab` (a reference model's) or, when None, to a
+    compact vocabulary of the training stories' GPT-2 ids, built here."""
+    vocab_ = None
     if cfg.source == "synthetic":
         data = _synthetic_examples(cfg)
         corruptor = Corruptor(cfg.synthetic.modulus, dpo.swap_k, dpo.replace_k)
     else:
         data, pools, tok = _text_examples(cfg)
-        corruptor = Corruptor(tok.pad_id, dpo.swap_k, dpo.replace_k, tok.encode, pools)
+        if cfg.vocab == "compact":
+            vocab_ = vocab or CompactVocab(tuple(sorted(data.train_ids)))
+        values = list(vocab_.gpt2_ids) if vocab_ is not None else None
+        corruptor = Corruptor(tok.pad_id, dpo.swap_k, dpo.replace_k, tok.encode, pools, values)
     sizes = {"train": dpo.train_pairs, "val": dpo.val_pairs, "test": dpo.test_pairs}
     for i, (name, n) in enumerate(sizes.items()):
         if not data.examples[name]:
@@ -554,4 +441,9 @@ def build_preference_data(cfg: DPODataConfig, dpo: DPOConfig) -> PreferenceData:
             log.warning(
                 "%s: %d pairs (asked for %d): too few stories for more distinct pairs", name, len(data.pairs[name]), n
             )
+    if vocab_ is not None:
+        compact_examples(data.examples, data.pairs, vocab_)
+        gpt2_decode = data.decode
+        data.vocab, data.vocab_size, data.pad_id = vocab_, vocab_.vocab_size, vocab_.pad_id
+        data.decode = lambda ids: vocab_.decode_text(ids, gpt2_decode)
     return data

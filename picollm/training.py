@@ -23,6 +23,7 @@ from picollm import optim
 from picollm.config import TrainConfig
 from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, iter_batches
 from picollm.distributed import DistContext, all_reduce_sum, any_rank, broadcast_json
+from picollm.errors import PicollmError
 from picollm.optim import EarlyStopping, NonFiniteGuard, TrainState, lr_lambda, make_optimizer
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "lm_loss",
     "lr_lambda",
     "make_optimizer",
+    "predictable_targets",
     "resolve_precision",
 ]
 
@@ -70,9 +72,20 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def lm_loss(model: nn.Module, tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over non-pad targets, and the number of those targets."""
+def predictable_targets(targets: torch.Tensor, ceilings: torch.Tensor) -> torch.Tensor:
+    """`targets` with IGNORE_INDEX wherever the Bayes ceiling is below 1 (`train.loss_on: predictable`:
+    e.g. only the mqar answers count, as in Zoology); ceilings are (N, >= L-1), targets (N, L-1)."""
+    return targets.masked_fill(ceilings[:, : targets.shape[1]].to(targets.device) < 1 - 1e-9, IGNORE_INDEX)
+
+
+def lm_loss(
+    model: nn.Module, tokens: torch.Tensor, pad_id: int, ceilings: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over non-pad targets (with `ceilings`, only those of ceiling 1),
+    and the number of those targets."""
     inputs, targets = inputs_and_targets(tokens, pad_id)
+    if ceilings is not None:
+        targets = predictable_targets(targets, ceilings)
     logits = model(inputs)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
     return loss, int((targets != IGNORE_INDEX).sum())
@@ -152,8 +165,13 @@ class Trainer:
         return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
 
     def _forward(self, batch: PaddedSplit) -> tuple[torch.Tensor, int]:
-        """This rank's summed next-token loss over its rows, and the global batch's target count."""
+        """This rank's summed next-token loss over its rows, and the global batch's count of the
+        targets in the loss (`train.loss_on`)."""
         inputs, targets = inputs_and_targets(batch.tokens, batch.pad_id)
+        if self.cfg.loss_on == "predictable":
+            if batch.ceilings is None:
+                raise PicollmError("train.loss_on=predictable needs data with Bayes ceilings (the synthetic families)")
+            targets = predictable_targets(targets, batch.ceilings)
         n_tok = int((targets != IGNORE_INDEX).sum())
         rows = self.dist.shard(len(inputs))
         inputs = inputs[rows].to(self.device, non_blocking=True)
@@ -224,7 +242,8 @@ class Trainer:
         assert self.scheduler is not None
         self.train_model.train()
         t0 = time.perf_counter()
-        tokens_seen = 0  # global (all ranks) non-pad targets this epoch
+        tokens_seen = 0  # global (all ranks) targets in the loss this epoch
+        targets_seen = 0  # global non-pad targets this epoch, in the loss or not: the throughput
         loss_sum = torch.zeros((), device=self.device)  # this rank's summed token losses
         window_sum = torch.zeros((), device=self.device)
         window_tokens = 0
@@ -239,6 +258,7 @@ class Trainer:
             loss = loss_tokens * (self.dist.world_size / max(n_tok, 1))
             optim.update(loss, self.model, self.optimizer, self.scheduler, cfg.grad_clip)
             tokens_seen += n_tok
+            targets_seen += batch.n_target_tokens
             d = loss_tokens.detach()
             loss_sum += d
             window_sum += d
@@ -251,14 +271,16 @@ class Trainer:
                 window_sum.zero_()
                 window_tokens = 0
             cb.on_step(state.step, logged)
-        return self._epoch_metrics(loss_sum, tokens_seen, time.perf_counter() - t0)
+        return self._epoch_metrics(loss_sum, tokens_seen, targets_seen, time.perf_counter() - t0)
 
-    def _epoch_metrics(self, loss_sum: torch.Tensor, tokens_seen: int, train_time: float) -> dict[str, float]:
+    def _epoch_metrics(
+        self, loss_sum: torch.Tensor, tokens_seen: int, targets_seen: int, train_time: float
+    ) -> dict[str, float]:
         [epoch_loss] = all_reduce_sum(self.dist, loss_sum)
         metrics = {"epoch": float(self.state.epoch + 1), "train/loss": epoch_loss / max(tokens_seen, 1)}
         if self.state.skipped_batches:
             metrics["train/skipped_batches"] = float(self.state.skipped_batches)
-        metrics["throughput/tokens_per_s"] = tokens_seen / train_time
+        metrics["throughput/tokens_per_s"] = targets_seen / train_time
         metrics["throughput/epoch_seconds"] = train_time
         if self.flops_per_token and self.peak_flops:
             metrics["throughput/mfu"] = metrics["throughput/tokens_per_s"] * self.flops_per_token / self.peak_flops

@@ -1,13 +1,13 @@
 """Flow: benchmarks, logged as one MLflow run.
 
-- steps: training-step time of softmax vs linear attention (and the linear forms alone) at several sequence
-  lengths, in one process, interleaved so machine noise hits both alike;
+- steps: training-step time of every variant (`variants`: softmax and linear by default; the linear forms
+  alone too) at several sequence lengths, in one process, interleaved so machine noise hits them alike;
 - ddp: training throughput of one process vs `torchrun` DDP processes on this machine;
 - tracking: MLflow's share of a training run's wall time (no-op vs SQLite vs an HTTP server);
 - sweep: trials per minute of a `picollm sweep` study with 1 and 2 workers, and the per-trial overhead;
 - breakdown: where a whole `picollm train` process's wall time goes (its logged `time/*` metrics), and
   its wall time side by side with the pinned reference training loop (picollm.bench_reference);
-- generation: decode ms per token of both attentions vs context, fast path vs the general cached forward."""
+- generation: decode ms per token of every variant vs context, fast path vs the general cached forward."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
         report: list[str] = []
         by_length: dict[int, dict[str, float]] = {}
         if "steps" in cfg.sections:
-            progress("steps: softmax vs linear training steps at each length")
+            progress(f"steps: training steps of {', '.join(v.name for v in cfg.variants)} at each length")
             by_length = time_steps(cfg)
             for n, row in by_length.items():
                 results.update({f"{k}@{n}": v for k, v in row.items()})
@@ -106,7 +106,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
         if "generation" in cfg.sections:
             progress("generation: ms per token, fast path vs cached forward, at each context")
             gen_rows = time_generation(cfg)
-            report += generation_table(cfg.generation, gen_rows)
+            report += generation_table(cfg.generation, gen_rows, [v.name for v in cfg.variants])
 
         with s.run(cfg.tracking.run_name or "bench", config=cfg, params={"torch_threads": threads}) as tracked:
             # `/` is the metric hierarchy in every flow (the result keys keep their dotted names for the report)
@@ -128,20 +128,28 @@ def _needs_runs(cfg: BenchConfig) -> bool:
     return bool({"ddp", "tracking"} & set(cfg.sections))
 
 
-def time_steps(cfg: BenchConfig) -> dict[int, dict[str, float]]:
-    """Per length: median training-step time of both attentions (same process, same inputs, interleaved:
-    the comparison's own timer) and, with `kernels`, of the linear-attention forms alone."""
+def _models(cfg: BenchConfig, max_seq_len: int) -> dict[str, Transformer]:
+    """A fresh model per variant (the same seed), learned positions widened to `max_seq_len`."""
     models = {}
-    for att in ("softmax", "linear"):
+    for v in cfg.variants:
         torch.manual_seed(0)
-        models[att] = Transformer(cfg.model.model_copy(update={"attention": att, "max_seq_len": max(cfg.lengths) + 1}))
+        models[v.name] = Transformer(cfg.variant_model(v, max_seq_len=max(max_seq_len, cfg.model.max_seq_len)))
+    return models
+
+
+def time_steps(cfg: BenchConfig) -> dict[int, dict[str, float]]:
+    """Per length: median training-step time of every variant (same process, same inputs, interleaved:
+    the comparison's own timer), its ratio to the first variant's and, with `kernels`, the linear-attention
+    forms alone."""
+    models = _models(cfg, max(cfg.lengths) + 1)
+    base, *others = list(models)
     step_ms = time_train_steps(models, cfg.lengths, cfg.tokens_per_step, cfg.warmup_steps, cfg.timed_steps)
     out: dict[int, dict[str, float]] = {}
     for n in cfg.lengths:
         batch = max(1, cfg.tokens_per_step // n)
         row = {f"step_ms.{att}": step_ms[att][n] for att in models}
         row |= {f"tokens_per_s.{att}": batch * n / step_ms[att][n] * 1000 for att in models}
-        row["ratio.linear_over_softmax"] = row["step_ms.linear"] / row["step_ms.softmax"]
+        row |= {f"ratio.{v}_over_{base}": row[f"step_ms.{v}"] / row[f"step_ms.{base}"] for v in others}
         if cfg.kernels:
             row |= _time_kernels(cfg, n, batch)
         out[n] = row
@@ -170,12 +178,14 @@ def _time_kernels(cfg: BenchConfig, n: int, batch: int) -> dict[str, float]:
 
 
 def steps_table(cfg: BenchConfig, results: dict[str, float]) -> list[str]:
-    lines = ["| N | batch | softmax ms/step | linear ms/step | linear/softmax |", "|---|---|---|---|---|"]
+    base, *others = [v.name for v in cfg.variants]
+    header = ["N", "batch", *(f"{v} ms/step" for v in (base, *others)), *(f"{v}/{base}" for v in others)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for n in cfg.lengths:
-        lines.append(
-            f"| {n} | {max(1, cfg.tokens_per_step // n)} | {results[f'step_ms.softmax@{n}']:.1f} | "
-            f"{results[f'step_ms.linear@{n}']:.1f} | {results[f'ratio.linear_over_softmax@{n}']:.2f} |"
-        )
+        cells = [str(n), str(max(1, cfg.tokens_per_step // n))]
+        cells += [f"{results[f'step_ms.{v}@{n}']:.1f}" for v in (base, *others)]
+        cells += [f"{results[f'ratio.{v}_over_{base}@{n}']:.2f}" for v in others]
+        lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -477,16 +487,13 @@ def breakdown_table(rc: BenchRunsConfig, r: dict[str, float]) -> list[str]:
 
 
 def time_generation(cfg: BenchConfig) -> dict[int, dict[str, float]]:
-    """{context: {`gen_ms.<att>.<path>.b<batch>`: median ms per decode step, `..._min`/`_max`, and
-    `gen_speedup.<att>.b<batch>` = cached / fast}}: both attentions, fast path and cached forward,
+    """{context: {`gen_ms.<variant>.<path>.b<batch>`: median ms per decode step, `..._min`/`_max`, and
+    `gen_speedup.<variant>.b<batch>` = cached / fast}}: every variant, fast path and cached forward,
     interleaved per context, `repeats` times (fresh caches each). Batches above 1 only at contexts up to
     1024: the cached forward's prefill builds a (B, H, N, N) bias."""
     g: BenchGenerationConfig = cfg.generation
     longest = max(g.contexts) + g.new_tokens + 8
-    models = {}
-    for att in ("softmax", "linear"):
-        torch.manual_seed(0)
-        models[att] = Transformer(cfg.model.model_copy(update={"attention": att, "max_seq_len": longest}))
+    models = _models(cfg, longest)
     samples: dict[tuple[int, str], list[float]] = {}
     for _ in range(g.repeats):
         for c in g.contexts:
@@ -509,23 +516,27 @@ def time_generation(cfg: BenchConfig) -> dict[int, dict[str, float]]:
     return out
 
 
-def generation_table(g: BenchGenerationConfig, rows: dict[int, dict[str, float]]) -> list[str]:
+def generation_table(
+    g: BenchGenerationConfig, rows: dict[int, dict[str, float]], variants: list[str] | None = None
+) -> list[str]:
+    names = variants or ["softmax", "linear"]
     lines: list[str] = []
     for b in g.batch_sizes:
+        header = ["context", *(f"{a} {p}" for a in names for p in ("cached", "fast")), *(f"{a} gain" for a in names)]
         lines += [
             f"Decode ms per step at batch {b}: median (min-max) of {g.repeats}, each a median of {g.new_tokens} steps",
             "",
-            "| context | softmax cached | softmax fast | linear cached | linear fast | softmax gain | linear gain |",
-            "|---|---|---|---|---|---|---|",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
         ]
         for c, r in rows.items():
-            if f"gen_ms.linear.fast.b{b}" not in r:
+            if f"gen_ms.{names[-1]}.fast.b{b}" not in r:
                 continue
             cells = [
                 f"{r[k]:.3f} [{r[k + '_min']:.3f}-{r[k + '_max']:.3f}]"
-                for k in (f"gen_ms.{a}.{p}.b{b}" for a in ("softmax", "linear") for p in ("cached", "fast"))
+                for k in (f"gen_ms.{a}.{p}.b{b}" for a in names for p in ("cached", "fast"))
             ]
-            sp = [f"{r[f'gen_speedup.{a}.b{b}']:.1f}x" for a in ("softmax", "linear")]
+            sp = [f"{r[f'gen_speedup.{a}.b{b}']:.1f}x" for a in names]
             lines.append(f"| {c} | {' | '.join(cells)} | {' | '.join(sp)} |")
         lines.append("")
     return lines

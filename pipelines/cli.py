@@ -243,18 +243,33 @@ def compare(
     config: Annotated[Path, typer.Argument(help="Compare config")] = Path("configs/compare.yaml"),
     overrides: SetOpt = None,
 ) -> None:
-    """Softmax vs linear attention: train (or load) both over seeds, evaluate, report with CIs (MLflow)."""
+    """Attention variants against a baseline: train (or load) each over seeds, evaluate, report with CIs (MLflow)."""
     cfg = load_config(CompareConfig, config, overrides)
     from pipelines import compare as flow
 
     out = flow.run(cfg, progress=progress_line)
-    n = {att: sum(m.attention == att for m in out.members) for att in ("softmax", "linear")}
-    table = Table(title=f"softmax (n={n['softmax']}) vs linear (n={n['linear']}): mean ± CI, p Holm-adjusted")
-    for col in ("metric", "softmax", "linear", "linear − softmax", "p", "p TOST", "verdict"):
-        table.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
-    for r in out.rows:
-        table.add_row(r["metric"], r["softmax"], r["linear"], r["diff"], r["p"], r["p_tost"], r["verdict"])
+    n = {v: sum(m.variant == v for m in out.members) for v in out.variants}
+    base, *others = out.variants
+    runs = " vs ".join(f"{v} (n={k})" for v, k in n.items())
+    table = Table(title=f"{runs}: mean ± CI, p Holm-adjusted")
+    if len(others) == 1:  # one row per metric: both values, the difference and its tests
+        columns = ["metric", base, others[0], f"{others[0]} − {base}", "p", "p TOST", "verdict"]
+        cells = [[r["metric"], r[base], r[others[0]], r["diff"], r["p"], r["p_tost"], r["verdict"]] for r in out.rows]
+    else:  # one row per (metric, variant): the variant against the baseline
+        columns = ["metric", "variant", base, "value", f"− {base}", "p", "p TOST", "verdict"]
+        cells = [
+            [r["metric"], r["variant"], r["base_value"], r["value"], r["diff"], r["p"], r["p_tost"], r["verdict"]]
+            for r in out.rows
+        ]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("metric", "variant", "verdict") else "right")
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
+    if out.lrs:
+        console.print(
+            "lr per variant (grid on validation data): " + ", ".join(f"{v} {lr:g}" for v, lr in out.lrs.items())
+        )
     console.print(
         f"parent run {out.parent_run_id} ({out.mode}, {len(out.members)} child runs), report.md and "
         f"{len(out.artifacts) - 4} figures logged (report.html renders in the MLflow UI), {out.seconds:.0f} s",

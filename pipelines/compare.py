@@ -1,16 +1,19 @@
-"""Flow: softmax vs linear attention, side by side, as one parent MLflow run with a child per model run.
+"""Flow: N attention variants side by side, as one parent MLflow run with a child per model run.
 
-Train mode (compare.baseline/linear null): for every seed, both models are trained (picollm.train_run)
-as nested child runs, on the same data, with the same seed and the same architecture apart from the
-attention (so equal parameter counts and the same positional prior). Registry mode: the models
-named by compare.baseline / compare.linear are loaded and only evaluated, each in its own child run,
-on the data of their training runs.
+Train mode: for every seed, every variant of `compare.variants` is trained (picollm.train_run) as a nested
+child run, on the same data with the same seed; only what the variant overrides differs. The first variant is
+the baseline every other is tested against (paired by seed). With `compare.lr_grid`, each variant first trains
+on one seed per lr (children tagged `compare.lr_grid`) and its seeded runs use the lr with the best validation
+score (picollm.compare.lr_grid). Registry mode: each variant's `models` are loaded and only evaluated, each in
+its own child run, on the data of their training runs.
 
-Every child is then evaluated the same way (eval/..., lengen/...: overall numbers as metrics, everything
-in tables/evaluation.json); the parent logs the headline numbers (means, CIs, differences and tests, variant
-last: picollm.compare.keys), the efficiency sweep and curves as metrics, every metric's aggregate and test as
-tables, the figures, report.md and its self-contained report.html. Everything that can fail on the user's
-input (config, references, data) is checked before the parent run starts.
+Every child is then evaluated the same way (eval/..., lengen/..., recall/...: overall numbers as metrics,
+everything in tables/evaluation.json); the parent logs the headline numbers (means, CIs, differences and tests,
+variant last: picollm.compare.keys), the efficiency sweep, the recall curves and the position curves as metrics,
+every metric's aggregate and test as tables, the figures, report.md and its self-contained report.html. With
+data that includes mqar and `compare.recall_pairs`, the recall study (accuracy on answer positions vs number of
+key-value pairs, and vs d_model with `compare.d_models`) is added. Everything that can fail on the user's input
+(config, references, data) is checked before the parent run starts.
 """
 
 from __future__ import annotations
@@ -27,43 +30,18 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from picollm import compare as cmp
-from picollm import registry, runs, train_run
-from picollm.compare import keys
+from picollm import runs, train_run
+from picollm.compare import keys, lr_grid, recall
+from picollm.compare.inputs import EvalSet, Inputs, Member, build_inputs, child_config, data_seed
 from picollm.compare.plots import learning_curve as learning_curve_figure
-from picollm.config import (
-    CompareConfig,
-    DataConfig,
-    ModelConfig,
-    TrackingConfig,
-    TrainRunConfig,
-    flatten,
-    to_yaml,
-    validate,
-)
-from picollm.data import PaddedSplit, build_data, to_padded
-from picollm.errors import PicollmError
+from picollm.compare.summary import ByVariant, Summary, ci_text, recall_key, setup_lines, summarise
+from picollm.config import CompareConfig, ModelConfig, flatten, to_yaml
 from picollm.hardware import torch_threads
-from picollm.model import Transformer
 from picollm.runs import RunLog, Session
 
 log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
-
-
-@dataclass
-class Member:
-    """One model run of the comparison: a child run, its model and what it measured."""
-
-    attention: str
-    label: str  # seed<k> or the model reference
-    model: Transformer
-    run_id: str = ""
-    data_seed: int = 0  # the data it was trained and is evaluated on
-    source_run_id: str | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    curves: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,59 +53,9 @@ class CompareOutcome:
     report: str
     metrics: dict[str, float]
     seconds: float
+    variants: list[str] = field(default_factory=list)
     artifacts: list[str] = field(default_factory=list)
-
-
-@dataclass
-class EvalSet:
-    """One data draw (one data seed): the splits and long sequences its models are evaluated on."""
-
-    data_cfg: DataConfig
-    families: list[str]
-    splits: dict[str, PaddedSplit]
-    long: dict[int, PaddedSplit]  # length factor -> sequences of factor x data.max_len
-    coverage: dict[str, dict[str, float]]
-    cov_long: dict[int, dict[str, float]]
-
-
-@dataclass
-class Inputs:
-    """Everything the comparison needs, built and checked before the parent run exists. The report's
-    coverage, figures and data description use the first data seed's draw (`first`)."""
-
-    mode: str
-    members: list[Member]  # registry mode: loaded; train mode: filled as children finish
-    child_cfgs: dict[tuple[str, int], TrainRunConfig]
-    data_source: str
-    evalsets: dict[int, EvalSet]  # data seed -> its draw
-
-    @property
-    def first(self) -> EvalSet:
-        return next(iter(self.evalsets.values()))
-
-    @property
-    def data_cfg(self) -> DataConfig:
-        return self.first.data_cfg
-
-    @property
-    def families(self) -> list[str]:
-        return self.first.families
-
-    @property
-    def splits(self) -> dict[str, PaddedSplit]:
-        return self.first.splits
-
-    @property
-    def coverage(self) -> dict[str, dict[str, float]]:
-        return self.first.coverage
-
-    @property
-    def cov_long(self) -> dict[int, dict[str, float]]:
-        return self.first.cov_long
-
-    @property
-    def train_len(self) -> int:
-        return self.data_cfg.max_len
+    lrs: dict[str, float] = field(default_factory=dict)  # the lr each variant's seeded runs used
 
 
 class _EpochLines:
@@ -153,125 +81,23 @@ class _EpochLines:
 
 
 # --------------------------------------------------------------------------------------------------
-# Inputs: the models (registry mode) or the child configs (train mode), and the data
-
-
-def _load_members(cfg: CompareConfig) -> tuple[list[Member], dict[int, DataConfig], str]:
-    """The referenced models, each with the data config of its training run (they may differ in
-    data.seed only: each model is evaluated on the draw it was trained on)."""
-    members: list[Member] = []
-    data_cfgs: dict[str, DataConfig] = {}
-    for att, refs in (("softmax", cfg.compare.baseline), ("linear", cfg.compare.linear)):
-        key = "baseline" if att == "softmax" else "linear"
-        for ref in refs or []:
-            source = registry.resolve(ref)
-            label = source.label.replace(" ", "-")
-            model = source.load()  # not registry.load_model: that resolves the store anew, ignoring tracking.uri
-            if model.cfg.attention != att:
-                raise PicollmError(f"compare.{key}: {ref} is a {model.cfg.attention}-attention model, expected {att}")
-            trained = source.training_config()
-            seed = trained.data.seed if trained is not None else cfg.data.seed
-            history = source.training_history()
-            members.append(Member(att, label, model, data_seed=seed, source_run_id=source.run_id, history=history))
-            if trained is not None:
-                data_cfgs[label] = trained.data
-    if len({d.model_copy(update={"seed": 0}).model_dump_json() for d in data_cfgs.values()}) > 1:
-        raise PicollmError(
-            "compare: the referenced models were trained on different data ("
-            + ", ".join(data_cfgs)
-            + "); compare models trained on the same data config"
-        )
-    if data_cfgs:
-        base, data_source = next(iter(data_cfgs.values())), "the referenced models' training runs"
-    else:
-        log.warning("no training config found for the referenced models: using the data section of the config")
-        base, data_source = cfg.data, "the compare config (no training config found)"
-    by_seed = {m.data_seed: base.model_copy(update={"seed": m.data_seed}) for m in members}
-    _check_members(cfg, members, base)
-    return members, by_seed, data_source
-
-
-def _check_members(cfg: CompareConfig, members: list[Member], data_cfg: DataConfig) -> None:
-    longest = max(cfg.compare.length_factors) * data_cfg.max_len
-    for m in members:
-        if m.model.cfg.vocab_size != data_cfg.vocab_size:
-            raise PicollmError(
-                f"compare: {m.label} has vocab_size {m.model.cfg.vocab_size}, its data {data_cfg.vocab_size}"
-            )
-        if m.model.cfg.pos_encoding == "learned" and longest > m.model.cfg.max_seq_len:
-            raise PicollmError(
-                f"compare: {m.label} has learned positions up to {m.model.cfg.max_seq_len}, "
-                f"length generalisation needs {longest}"
-            )
-
-
-def data_seed(cfg: CompareConfig, seed: int) -> int:
-    """The data draw of a seed's pair: its own (data.seed + seed) unless compare.resample_data is off."""
-    return cfg.data.seed + seed if cfg.compare.resample_data else cfg.data.seed
-
-
-def _child_train_config(cfg: CompareConfig, att: str, seed: int) -> TrainRunConfig:
-    raw = {
-        "data": {**cfg.data.model_dump(mode="json"), "seed": data_seed(cfg, seed)},
-        "model": {**cfg.model.model_dump(mode="json"), "attention": att},
-        "train": {**cfg.train.model_dump(mode="json"), "seed": seed},
-        "tracking": TrackingConfig(
-            uri=cfg.tracking.uri,
-            experiment=cfg.tracking.experiment,
-            run_name=f"{att}-seed{seed}",
-            registered_model=f"{cfg.tracking.registered_model}-{att}" if cfg.tracking.registered_model else None,
-            log_model=cfg.tracking.log_model,
-        ).model_dump(mode="json"),
-    }
-    return validate(TrainRunConfig, raw, source=f"child config {att}-seed{seed}")
-
-
-def _inputs(cfg: CompareConfig, say: Say) -> Inputs:
-    cc = cfg.compare
-    mode = "registry" if cc.baseline else "train"
-    child_cfgs: dict[tuple[str, int], TrainRunConfig] = {}
-    if mode == "registry":
-        members, data_cfgs, data_source = _load_members(cfg)
-    else:
-        members, data_source = [], "the compare config"
-        child_cfgs = {(att, s): _child_train_config(cfg, att, s) for s in cc.seeds for att in cmp.MODELS}
-        data_cfgs = {data_seed(cfg, s): child_cfgs[("softmax", s)].data for s in cc.seeds}
-    say(f"drawing length-generalisation sequences ({', '.join(f'{f}x' for f in cc.length_factors)})")
-    evalsets = {seed: _evalset(cfg, d) for seed, d in data_cfgs.items()}
-    return Inputs(mode, members, child_cfgs, data_source, evalsets)
-
-
-def _evalset(cfg: CompareConfig, data_cfg: DataConfig) -> EvalSet:
-    """The splits of one data draw, its long sequences (content-disjoint from every split) and coverage."""
-    cc = cfg.compare
-    data = build_data(data_cfg)
-    families, train_len, pad = data.families, data_cfg.max_len, data_cfg.pad_id
-    splits = {name: to_padded(s, pad, families) for name, s in data.splits().items()}
-    used = {s.tobytes() for split in data.splits().values() for s in split.sequences}
-    held_out = {fam: data.generator_pool("test", fam) for fam in families}  # no training generator
-    long_raw = {
-        f: cmp.long_sequences(data_cfg, f * train_len, cc.n_long, used, held_out) for f in sorted(cc.length_factors)
-    }
-    cov_long = {f: cmp.coverage(data.train, s, data_cfg.modulus) for f, s in long_raw.items()}
-    coverage = {"test split": cmp.coverage(data.train, data.test, data_cfg.modulus)}
-    coverage |= {f"{f}× ({f * train_len})": c for f, c in cov_long.items()}
-    for name, c in coverage.items():
-        if c["value_coverage"] < 1:  # e.g. a narrow data.start_range: long sequences reach unseen values
-            log.warning("%s: only %.1f%% of the values occur in training", name, 100 * c["value_coverage"])
-    long = {f: to_padded(s, pad, families) for f, s in long_raw.items()}
-    return EvalSet(data_cfg, families, splits, long, coverage, cov_long)
-
-
-# --------------------------------------------------------------------------------------------------
 # The child runs: trained (train mode) or loaded (registry mode), each evaluated the same way
 
 
-def _evaluate(member: Member, run: RunLog, cfg: CompareConfig, inp: Inputs) -> None:
+def _evaluate(
+    member: Member, run: RunLog, cfg: CompareConfig, inp: Inputs, recall_sets: dict[int, dict[int, recall.RecallSet]]
+) -> None:
     bs = cfg.train.eval_batch_size
     ev = inp.evalsets[member.data_seed]
     metrics, curves = cmp.evaluate_model(member.model, ev.splits, bs, cfg.compare.calibration_bins)
     lg_metrics, lg_curves = cmp.length_generalisation(member.model, ev.long, inp.train_len, bs)
     member.metrics = {**metrics, **lg_metrics, "model/num_params": float(member.model.num_params())}
+    if recall_sets:
+        accs = recall.recall_metrics(member.model, recall_sets[member.data_seed], bs)
+        member.metrics |= {recall_key(n): a for n, a in accs.items()}
+        for n, a in accs.items():  # one chart: answer accuracy against the number of pairs
+            if math.isfinite(a):
+                run.log_metrics({"recall/accuracy": a}, step=n)
     member.curves = {**curves, **lg_curves}
     # The overall numbers as metrics; every per-family tail (of every split and length) in the table.
     logged, table = keys.child_split(member.metrics, ev.families)
@@ -283,59 +109,127 @@ def _evaluate(member: Member, run: RunLog, cfg: CompareConfig, inp: Inputs) -> N
                 run.log_metrics({name: float(v)}, step=i + 1)
 
 
-def _train_children(s: Session, cfg: CompareConfig, inp: Inputs, parent_id: str, say: Say) -> None:
-    for seed in cfg.compare.seeds:  # both models of a seed back to back: machine load hits them alike
-        for att in cmp.MODELS:
+def _lr_grid(s: Session, cfg: CompareConfig, inp: Inputs, say: Say) -> tuple[dict[str, float], list[dict]]:
+    """Each variant trained on the first seed at every lr of compare.lr_grid (nested runs, not registered),
+    scored on validation data; returns ({variant: best lr}, the grid's rows)."""
+    cc = cfg.compare
+    seed, epochs = cc.seeds[0], cc.lr_grid_epochs or cfg.train.epochs
+    name, higher = lr_grid.score_name(inp.families, cc.lr_grid_metric)
+    best, rows = {}, []
+    for v in cc.variants:
+        scores = {}
+        for lr in cc.lr_grid:
+            child = child_config(cfg, v, seed, f"{v.name}-lr{lr:g}", register=False, lr=lr, epochs=epochs)
+            say(f"lr grid: {v.name} lr={lr:g} ({epochs} epoch(s), seed {seed})")
+            tags = {"compare.lr_grid": "true", "compare.model": v.name}
+            out = train_run.train(s, child, nested=True, tags=tags)
+            scores[lr] = lr_grid.grid_score(out.history, name)
+            rows.append({"variant": v.name, "lr": lr, "score": scores[lr], "metric": name, "run_id": out.run_id})
+        best[v.name] = lr_grid.best_lr(scores, higher)
+        for row in rows:
+            if row["variant"] == v.name:
+                row["chosen"] = row["lr"] == best[v.name]
+        say(f"lr grid: {v.name} uses lr {best[v.name]:g} ({name} {scores[best[v.name]]:.4f})")
+    return best, rows
+
+
+def _train_children(
+    s: Session,
+    cfg: CompareConfig,
+    inp: Inputs,
+    parent_id: str,
+    lrs: dict[str, float],
+    recall_sets: dict[int, dict[int, recall.RecallSet]],
+    say: Say,
+) -> None:
+    cc = cfg.compare
+    for seed in cc.seeds:  # every variant of a seed back to back: machine load hits them alike
+        for v in cc.variants:
             label = f"seed{seed}"
-            say(f"training {att} {label} ({len(inp.members) + 1}/{len(inp.child_cfgs)})")
-            out = train_run.train(s, inp.child_cfgs[(att, seed)], ui=_EpochLines(say, f"{att} {label}"), nested=True)
+            say(f"training {v.name} {label} ({len(inp.members) + 1}/{len(inp.child_cfgs)})")
+            child = inp.child_cfgs[(v.name, seed)]
+            if v.name in lrs:
+                child = child.model_copy(update={"train": child.train.model_copy(update={"lr": lrs[v.name]})})
+            out = train_run.train(s, child, ui=_EpochLines(say, f"{v.name} {label}"), nested=True)
             assert out.model is not None
             seed_data = data_seed(cfg, seed)
-            member = Member(att, label, out.model.cpu(), out.run_id, seed_data, history=out.history)
-            tags = {"compare.model": att, "compare.run": label, "compare.parent": parent_id}
+            member = Member(v.name, label, out.model.cpu(), out.run_id, seed_data, seed, history=out.history)
+            tags = {"compare.model": v.name, "compare.run": label, "compare.parent": parent_id}
             tags["compare.data_seed"] = str(seed_data)
-            with s.run(run_id=out.run_id, nested=True, tags=tags) as child:
-                _evaluate(member, child, cfg, inp)
+            with s.run(run_id=out.run_id, nested=True, tags=tags) as child_run:
+                _evaluate(member, child_run, cfg, inp, recall_sets)
             inp.members.append(member)
 
 
-def _evaluate_loaded(s: Session, cfg: CompareConfig, inp: Inputs, say: Say) -> None:
+def _evaluate_loaded(
+    s: Session, cfg: CompareConfig, inp: Inputs, recall_sets: dict[int, dict[int, recall.RecallSet]], say: Say
+) -> None:
     client = MlflowClient()
     for member in inp.members:
-        say(f"evaluating {member.attention} {member.label}")
-        tags = {"compare.model": member.attention, "compare.run": member.label, "model.attention": member.attention}
+        say(f"evaluating {member.variant} {member.label}")
+        att = member.model.cfg.attention
+        tags = {"compare.model": member.variant, "compare.run": member.label, "model.attention": att}
         if member.source_run_id:
             tags["compare.source_run"] = member.source_run_id
-        with s.run(f"{member.attention}-{member.label}", tags=tags, nested=True) as child:
+        with s.run(f"{member.variant}-{member.label}", tags=tags, nested=True) as child:
             member.run_id = child.run_id
             child.log_params(flatten(member.model.cfg.model_dump(mode="json"), prefix="model."))
-            _evaluate(member, child, cfg, inp)
+            _evaluate(member, child, cfg, inp, recall_sets)
             if member.source_run_id:  # what the training run logged, beside what we measured
                 logged = client.get_run(member.source_run_id).data.metrics
                 child.log_metrics({f"source/{k}": logged[k] for k in ("test/loss", "test/accuracy") if k in logged})
 
 
+def _recall_by_width(
+    s: Session,
+    cfg: CompareConfig,
+    by_variant: ByVariant,
+    lrs: dict[str, float],
+    recall_sets: dict[int, dict[int, recall.RecallSet]],
+    say: Say,
+) -> recall.RecallValues:
+    """Recall accuracy of every variant and seed at every compare.d_models width: the seeded runs where the
+    width is the variant's own, else a nested run trained at that width (not registered)."""
+    cc = cfg.compare
+    values: recall.RecallValues = {}
+    for v in cc.variants:
+        own = cfg.variant_model(v).d_model
+        for d in cc.d_models:
+            for i, seed in enumerate(cc.seeds):
+                if d == own:
+                    accs = {n: by_variant[v.name][i].metrics.get(recall_key(n), math.nan) for n in cc.recall_pairs}
+                else:
+                    extra = {"lr": lrs[v.name]} if v.name in lrs else {}
+                    child = child_config(cfg, v, seed, f"{v.name}-d{d}-seed{seed}", False, d, **extra)
+                    say(f"recall vs width: {v.name} d_model={d} seed{seed}")
+                    out = train_run.train(s, child, nested=True, tags={"compare.d_model": str(d)})
+                    assert out.model is not None
+                    sets = recall_sets[data_seed(cfg, seed)]
+                    accs = recall.recall_metrics(out.model, sets, cfg.train.eval_batch_size)
+                for n, a in accs.items():
+                    values.setdefault((v.name, d, n), []).append(a)
+    return values
+
+
 def _learning_curve(s: Session, cfg: CompareConfig, parent: RunLog, say: Say) -> list[tuple[str, str]]:
-    """Both models trained at every `learning_curve.n_train` (nested runs, nothing registered); the parent
-    logs `learning_curve/test/accuracy_vs_ceiling[/<family>]/<model>` with step = n_train, the rows as a
+    """Every variant trained at every `learning_curve.n_train` (nested runs, nothing registered); the parent
+    logs `learning_curve/test/accuracy_vs_ceiling[/<family>]/<variant>` with step = n_train, the rows as a
     table and the figure. Returns the figure as (caption, path)."""
     lc = cfg.learning_curve
     rows: list[dict[str, Any]] = []
     for n in lc.n_train:
         for seed in lc.seeds if lc.seeds is not None else cfg.compare.seeds:
-            for att in cmp.MODELS:
-                child = _child_train_config(cfg, att, seed)
+            for v in cfg.compare.variants:
+                child = child_config(cfg, v, seed, f"{v.name}-n{n}-seed{seed}", register=False)
                 child.data.n_train = n
-                child.tracking.run_name = f"{att}-n{n}-seed{seed}"
-                child.tracking.registered_model, child.tracking.log_model = None, False
-                say(f"learning curve: {att} n_train={n} seed{seed}")
+                say(f"learning curve: {v.name} n_train={n} seed{seed}")
                 out = train_run.train(s, child, nested=True)
                 m = out.test_metrics
                 for group in ("all", *out.families):
                     sfx = "" if group == "all" else f"/{group}"
                     rows.append(
                         {
-                            "model": att,
+                            "model": v.name,
                             "n_train": n,
                             "seed": seed,
                             "family": group,
@@ -361,25 +255,47 @@ def _learning_curve(s: Session, cfg: CompareConfig, parent: RunLog, say: Say) ->
 def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
     start = time.perf_counter()
     say: Say = progress or (lambda msg: log.info("%s", msg))
+    cc = cfg.compare
     with runs.session("compare", cfg.tracking, device=cfg.train.device, num_threads=cfg.train.num_threads) as s:
-        inp = _inputs(cfg, say)
+        inp = build_inputs(cfg, say)
+        recall_sets = (
+            {seed: recall.recall_splits(ev.data_cfg, cc.recall_pairs) for seed, ev in inp.evalsets.items()}
+            if cc.recall_pairs
+            else {}
+        )
         run_name = cfg.tracking.run_name or runs.unique_name(f"compare-{inp.mode}")
-        tags = {"compare.mode": inp.mode, "data.source": inp.data_source}
+        tags = {"compare.mode": inp.mode, "data.source": inp.data_source, "compare.baseline": cc.baseline}
+        lrs: dict[str, float] = {}
         with s.run(run_name, config=cfg, tags=tags) as parent:
             parent.log_text(to_yaml(inp.data_cfg), "data_config.yaml")
+            extra: list[str] = []
             if inp.mode == "train":
-                _train_children(s, cfg, inp, parent.run_id, say)
+                if cc.lr_grid:
+                    lrs, grid_rows = _lr_grid(s, cfg, inp, say)
+                    parent.log_params({f"compare.lr.{v}": lr for v, lr in lrs.items()})
+                    parent.log_table({k: [r[k] for r in grid_rows] for k in grid_rows[0]}, "tables/lr_grid.json")
+                    extra.append(cmp.lr_grid_section(grid_rows, lrs, cc.lr_grid_epochs or cfg.train.epochs))
+                _train_children(s, cfg, inp, parent.run_id, lrs, recall_sets, say)
             else:
-                _evaluate_loaded(s, cfg, inp, say)
-            by_model = {att: [m for m in inp.members if m.attention == att] for att in cmp.MODELS}
-            summary = _log_summary(parent, cfg, inp, by_model)
-            efficiency = _efficiency(parent, cfg, {att: ms[0].model.cfg for att, ms in by_model.items()}, say)
+                _evaluate_loaded(s, cfg, inp, recall_sets, say)
+            by_variant = {n: [m for m in inp.members if m.variant == n] for n in cc.names}
+            summary = _log_summary(parent, cfg, inp, by_variant)
             say("drawing figures")
-            figures = _figures(parent, cfg, by_model, summary.agg, inp, efficiency)
+            figures = _figures(parent, cfg, by_variant, summary.agg, inp)
+            if recall_sets:
+                width = _recall_by_width(s, cfg, by_variant, lrs, recall_sets, say) if cc.d_models else {}
+                section, recall_figs = _log_recall(parent, cfg, summary, width)
+                extra.append(section)
+                figures += recall_figs
+            efficiency = _efficiency(parent, cfg, {n: ms[0].model.cfg for n, ms in by_variant.items()}, say)
+            if efficiency is not None:
+                path = "figures/efficiency.png"
+                parent.log_figure(cmp.efficiency_figure(efficiency), path)
+                figures.append(("Efficiency vs sequence / context length", path))
             if cfg.learning_curve.n_train:
                 figures += _learning_curve(s, cfg, parent, say)
             seconds = time.perf_counter() - start
-            report = _report(cfg, inp, by_model, summary, efficiency, figures, parent.run_id, seconds)
+            report = _report(cfg, inp, by_variant, summary, efficiency, figures, parent.run_id, seconds, extra, lrs)
             parent.log_text(report, "report.md")
             # MLflow's artifact viewer shows markdown as text: the HTML copy, with the figures inlined, is
             # the one it renders (images and all).
@@ -387,118 +303,100 @@ def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
             parent.log_metrics({"compare/seconds": seconds})
     artifacts = ["config.yaml", "data_config.yaml", "report.md", "report.html", *(path for _, path in figures)]
     return CompareOutcome(
-        parent.run_id, inp.mode, inp.members, summary.rows, report, parent.metrics, seconds, artifacts
+        parent.run_id, inp.mode, inp.members, summary.rows, report, parent.metrics, seconds, cc.names, artifacts, lrs
     )
 
 
-@dataclass
-class Summary:
-    agg: Any  # cmp.Aggregate
-    diffs: dict[str, cmp.Difference]
-    rows: list[dict[str, str]]
-    metrics: dict[str, float]
-    params: dict[str, int]
-    paired: bool  # the runs pair up by seed (train mode, the same seeds in the same order)
-    seq_ci: cmp.SeqIntervals = field(default_factory=dict)
-
-
-def _log_summary(parent: RunLog, cfg: CompareConfig, inp: Inputs, by_model: dict[str, list[Member]]) -> Summary:
-    """Mean and CI of every metric over the runs, the difference linear - softmax with its paired (or
-    Welch) test and TOST, sequence-bootstrap intervals for a model with one run, and the mean position
-    curves with bands."""
+def _log_summary(parent: RunLog, cfg: CompareConfig, inp: Inputs, by_variant: ByVariant) -> Summary:
+    """The summary's headline numbers as the parent's metrics (metric first, variant last: compare.keys),
+    the mean position curves with bands, and every metric's aggregate and test as tables."""
     cc = cfg.compare
-    runs_by_model = {att: [m.metrics for m in ms] for att, ms in by_model.items()}
-    agg = cmp.aggregate(runs_by_model, cc.confidence, cc.ci, cc.bootstrap_samples)
-    labels = {att: [m.label for m in ms] for att, ms in by_model.items()}
-    paired = inp.mode == "train" and labels["softmax"] == labels["linear"]  # registry mode: unpaired
-    margins = cc.equivalence_margins
-    diffs = cmp.differences(runs_by_model, cc.confidence, cc.equivalence_margin, margins, cc.test, paired)
-    seq_ci = _sequence_intervals(cfg, inp, by_model) if any(len(ms) == 1 for ms in by_model.values()) else {}
-    headline = cmp.headline_keys(cc.length_factors)
-    rows = cmp.summary_rows(agg, diffs, headline, cc.alpha, seq_ci)
-    # The parent's metrics: the headline numbers only, metric first and variant last (see compare.keys);
-    # every metric of every split, family and length goes to the tables below and to the report.
-    metrics = keys.headline_metrics(agg, diffs, [k for k, _, _ in headline], seq_ci)
-    metrics |= keys.family_metrics(agg, inp.families)
-    params = {att: int(ms[0].model.num_params()) for att, ms in by_model.items()}
-    metrics |= {f"model/num_params/{att}": float(n) for att, n in params.items()}
+    summary = summarise(cfg, inp, by_variant)
+    names = list(by_variant)
+    headline = [k for k, _, _ in summary.headline]
+    if keys.compact(names):  # many variants: the parent keeps the main numbers, the tables keep the rest
+        headline = [k for k in headline if k in keys.COMPACT_HEADLINE or k == headline[-1]]
+    metrics = keys.headline_metrics(summary.agg, summary.diffs, headline, summary.seq_ci, names)
+    metrics |= keys.family_metrics(summary.agg, inp.families, variants=names)
+    metrics |= {f"model/num_params/{v}": float(n) for v, n in summary.params.items()}
     parent.log_metrics(metrics)
-    curves = {att: {name: [m.curves[name] for m in ms] for name in ms[0].curves} for att, ms in by_model.items()}
-    charted = ["eval/test/accuracy_by_position", f"lengen/x{max(cc.length_factors)}/accuracy_by_position"]
+    curves = {v: {name: [m.curves[name] for m in ms] for name in ms[0].curves} for v, ms in by_variant.items()}
+    charted = ["eval/test/accuracy_by_position"]
+    charted += [f"lengen/x{max(cc.length_factors)}/accuracy_by_position"] if cc.length_factors else []
     for step, point in keys.curve_steps(curves, charted):  # step = position
         parent.log_metrics(point, step)
     parent.flush()
     tables = {
-        "tables/summary.json": keys.summary_table(agg),
-        "tables/differences.json": keys.differences_table(diffs),
+        "tables/summary.json": keys.summary_table(summary.agg),
+        "tables/differences.json": keys.differences_table(summary.diffs),
         "tables/position_curves.json": keys.curves_table(curves, cc.confidence),
-        "tables/coverage.json": keys.coverage_table(inp.coverage),
+        "tables/coverage.json": keys.coverage_table(inp.first.coverage),
     }
     for path, columns in tables.items():
         parent.log_table(keys.table_json_safe(columns), path)
-    return Summary(agg, diffs, rows, metrics, params, paired, seq_ci)
+    return summary
 
 
-def _sequence_intervals(cfg: CompareConfig, inp: Inputs, by_model: dict[str, list[Member]]) -> cmp.SeqIntervals:
-    """For a model with one run: sequence-bootstrap intervals of its test accuracy (all and predictable
-    targets) and accuracy beyond the training length, on its fixed sequences; of the difference as well
-    when both models have one run on the same data (per-sequence correct_linear - correct_softmax)."""
-    cc, bs = cfg.compare, cfg.train.eval_batch_size
-    counts = {
-        att: _accuracy_counts(ms[0].model, inp.evalsets[ms[0].data_seed], inp.train_len, bs)
-        for att, ms in by_model.items()
-        if len(ms) == 1
+def _log_recall(
+    parent: RunLog, cfg: CompareConfig, summary: Summary, width: recall.RecallValues
+) -> tuple[str, list[tuple[str, str]]]:
+    """The recall curves (`recall/accuracy/<variant>`, step = pairs), the table, the figures and the section."""
+    cc = cfg.compare
+    per_variant = {
+        v: {n: iv for n in cc.recall_pairs if (iv := summary.agg[v].get(recall_key(n))) is not None}
+        for v in summary.agg
     }
-    out: cmp.SeqIntervals = {
-        att: {k: cmp.sequence_bootstrap_ci(c, t, cc.confidence, cc.bootstrap_samples) for k, (c, t) in per.items()}
-        for att, per in counts.items()
+    for v, per in per_variant.items():
+        for n, iv in per.items():
+            if math.isfinite(iv.mean):
+                parent.log_metrics({f"recall/accuracy/{v}": iv.mean}, step=n)
+    rows = [(v, n, iv) for v, per in per_variant.items() for n, iv in per.items()]
+    columns = {"variant": [v for v, _, _ in rows], "pairs": [n for _, n, _ in rows]}
+    columns |= {
+        k: [getattr(iv, a) for _, _, iv in rows]
+        for k, a in (("mean", "mean"), ("ci_low", "low"), ("ci_high", "high"), ("n", "n"))
     }
-    if len(counts) == 2 and by_model["softmax"][0].data_seed == by_model["linear"][0].data_seed:
-        a, b = counts["softmax"], counts["linear"]
-        out["diff"] = {
-            k: cmp.sequence_bootstrap_ci(b[k][0] - a[k][0], b[k][1], cc.confidence, cc.bootstrap_samples)
-            for k in sorted(a.keys() & b.keys())
-        }
-    return out
-
-
-def _accuracy_counts(
-    model: Transformer, ev: EvalSet, train_len: int, batch_size: int
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """metric -> (correct, targets) per sequence, for the accuracies a sequence bootstrap can resample."""
-    test = ev.splits["test"]
-    correct, _, _ = cmp.predict(model, test, batch_size)
-    valid = cmp.valid_targets(test)
-    out = {"eval/test/accuracy": cmp.sequence_counts(correct, valid)}
-    if test.ceilings is not None and bool((sure := valid & (test.ceilings >= 1 - 1e-9)).any()):
-        out["eval/test/accuracy_predictable"] = cmp.sequence_counts(correct, sure)
-    for f, split in ev.long.items():
-        correct, _, _ = cmp.predict(model, split, batch_size)
-        beyond = cmp.valid_targets(split) & (torch.arange(1, split.tokens.shape[1]) >= train_len)[None, :]
-        if bool(beyond.any()):
-            out[f"lengen/x{f}/beyond/accuracy"] = cmp.sequence_counts(correct, beyond)
-    return out
+    parent.log_table(keys.table_json_safe(columns), "tables/recall.json")
+    figures = []
+    path = "figures/recall_vs_pairs.png"
+    parent.log_figure(cmp.recall_curves(per_variant), path)
+    figures.append(("MQAR answer accuracy vs number of key-value pairs (one line per variant, CI over seeds)", path))
+    width_ivs: dict[int, dict[str, dict[int, cmp.Interval]]] = {}
+    if width:
+        table = recall.recall_table(width, cc.confidence, cc.ci)
+        parent.log_table(keys.table_json_safe(table), "tables/recall_vs_d_model.json")
+        for v, d, n, mean, low, high, k in zip(*table.values(), strict=True):
+            width_ivs.setdefault(n, {}).setdefault(v, {})[d] = cmp.Interval(mean, low, high, math.nan, k)
+        path = "figures/recall_vs_d_model.png"
+        parent.log_figure(cmp.recall_vs_width(width_ivs), path)
+        figures.append(("MQAR answer accuracy vs d_model per number of pairs (Zoology's figure)", path))
+    section = cmp.recall_section(per_variant, width_ivs, summary.diffs, cfg.compare.alpha, list(summary.agg))
+    return section, figures
 
 
 def _report(
     cfg: CompareConfig,
     inp: Inputs,
-    by_model: dict[str, list[Member]],
+    by_variant: ByVariant,
     summary: Summary,
     efficiency: cmp.Efficiency | None,
     figures: list[tuple[str, str]],
     parent_id: str,
     seconds: float,
+    extra: list[str],
+    lrs: dict[str, float],
 ) -> str:
     cc = cfg.compare
+    names = list(by_variant)
+    title = f"picollm: {' vs '.join(names)}" if len(names) <= 3 else f"picollm: {len(names)} attention variants"
     return cmp.render_report(
         cmp.ReportInput(
-            title="picollm: softmax vs linear attention",
+            title=title,
             mode=inp.mode,
             parent_run_id=parent_id,
             seconds=seconds,
-            setup=_setup_lines(cfg, inp.mode, inp.data_cfg, inp.data_source, by_model, summary.params),
-            runs={att: [m.label for m in ms] for att, ms in by_model.items()},
+            setup=setup_lines(cfg, inp, by_variant, summary.params, lrs),
+            runs={v: [m.label for m in ms] for v, ms in by_variant.items()},
             families=inp.families,
             factors=cc.length_factors,
             train_len=inp.train_len,
@@ -506,11 +404,11 @@ def _report(
             diffs=summary.diffs,
             rows=summary.rows,
             alpha=cc.alpha,
-            ci_text=_ci_text(cfg),
-            coverage=inp.coverage,
+            ci_text=ci_text(cfg),
+            coverage=inp.first.coverage,
             efficiency=efficiency,
             figures=figures,
-            extra=_reproduction_section(inp.members) if inp.mode == "registry" else [],
+            extra=[*extra, *(_reproduction_section(inp.members) if inp.mode == "registry" else [])],
             test=cc.test,
             seq_ci=summary.seq_ci,
         )
@@ -518,7 +416,8 @@ def _report(
 
 
 def _efficiency(parent: RunLog, cfg: CompareConfig, archs: dict[str, ModelConfig], say: Say) -> cmp.Efficiency | None:
-    """Both attentions timed side by side (training steps, generation, peak memory), logged by length."""
+    """Every variant timed side by side (training steps, generation, peak memory) and its generation state
+    size, logged by length."""
     e = cfg.efficiency
     if not e.enabled:
         return None
@@ -527,30 +426,24 @@ def _efficiency(parent: RunLog, cfg: CompareConfig, archs: dict[str, ModelConfig
         models = cmp.efficiency_models(archs, longest)
         batches = {n: max(1, e.tokens_per_step // n) for n in e.lengths}
         eff = cmp.Efficiency(e.lengths, batches, e.gen_contexts, torch.get_num_threads())
+        eff.state_floats = cmp.state_sizes(archs, sorted(set(e.lengths) | set(e.gen_contexts)))
         say(f"efficiency: training steps at N = {e.lengths}")
         eff.step_ms = cmp.time_train_steps(models, e.lengths, e.tokens_per_step, e.warmup_steps, e.timed_steps)
         say(f"efficiency: generation at contexts {e.gen_contexts}")
         eff.prefill_ms, eff.gen_ms_per_token = cmp.time_generation(models, e.gen_contexts, e.gen_tokens)
         if e.memory:
-            say("efficiency: peak memory, one fresh process per (model, length)")
+            say("efficiency: peak memory, one fresh process per (variant, length)")
             eff.memory = {
                 att: {n: cmp.measure_step_memory(m.cfg, n, batches[n]) for n in e.lengths} for att, m in models.items()
             }
-    for (name, step), value in eff.metrics().items():
+    for (name, step), value in eff.metrics(keys.compact(list(archs))).items():
         if math.isfinite(value):
             parent.log_metrics({name: value}, step)
     parent.flush()
     return eff
 
 
-def _figures(
-    parent: RunLog,
-    cfg: CompareConfig,
-    by_model: dict[str, list[Member]],
-    agg: Any,
-    inp: Inputs,
-    efficiency: cmp.Efficiency | None,
-) -> list[tuple[str, str]]:
+def _figures(parent: RunLog, cfg: CompareConfig, by_variant: ByVariant, agg: Any, inp: Inputs) -> list[tuple[str, str]]:
     """The comparison's figures, logged to the parent run: [(caption, artifact path)]."""
     cc = cfg.compare
     families, train_len = inp.families, inp.train_len
@@ -560,103 +453,51 @@ def _figures(
         parent.log_figure(fig, path)
         out.append((caption, path))
 
-    histories = {att: [m.history for m in ms if m.history] for att, ms in by_model.items()}
+    histories = {v: [m.history for m in ms if m.history] for v, ms in by_variant.items()}
     if any(histories.values()):
         put(cmp.loss_curves(histories), "figures/loss_curves.png", "Loss curves (seeds shaded min–max)")
     put(cmp.family_accuracy_ci(agg, families), "figures/accuracy_per_family.png", "Test accuracy per family, with CIs")
     put(
         cmp.position_accuracy(
-            {att: [m.curves["eval/test/accuracy_by_position"] for m in ms] for att, ms in by_model.items()},
+            {v: [m.curves["eval/test/accuracy_by_position"] for m in ms] for v, ms in by_variant.items()},
             cc.confidence,
             train_len,
         ),
         "figures/accuracy_by_position.png",
         "Test accuracy by position",
     )
-    big = max(cc.length_factors)
-    pos = {att: [m.curves[f"lengen/x{big}/accuracy_by_position"] for m in ms] for att, ms in by_model.items()}
-    put(
-        cmp.length_curves(agg, cc.length_factors, train_len, families, pos, cc.confidence),
-        "figures/length_generalisation.png",
-        "Length generalisation (training length marked)",
-    )
-    if efficiency is not None:
-        put(cmp.efficiency_figure(efficiency), "figures/efficiency.png", "Efficiency vs sequence / context length")
-    first = {att: ms[0].model for att, ms in by_model.items()}
+    if cc.length_factors:
+        big = max(cc.length_factors)
+        pos = {v: [m.curves[f"lengen/x{big}/accuracy_by_position"] for m in ms] for v, ms in by_variant.items()}
+        put(
+            cmp.length_curves(agg, cc.length_factors, train_len, families, pos, cc.confidence),
+            "figures/length_generalisation.png",
+            "Length generalisation (training length marked)",
+        )
+    first = {v: ms[0].model for v, ms in by_variant.items()}
     family = families[0]
-    for att, fig in cmp.attention_figures(
-        first, inp.splits["test"], family, cc.attention_positions, cfg.train.eval_batch_size
-    ).items():
+    test = inp.first.splits["test"]
+    for v, fig in cmp.attention_figures(first, test, family, cc.attention_positions, cfg.train.eval_batch_size).items():
         put(
             fig,
-            f"figures/attention_{att}.png",
-            f"Attention of the {att} model ({by_model[att][0].label}), test sequences of family '{family}' "
-            "(same sequences for both models, colour scale fixed to [0, 1])",
+            f"figures/attention_{v}.png",
+            f"Mixing pattern of the {v} model ({by_variant[v][0].label}), test sequences of family '{family}' "
+            "(same sequences for every variant, colour scale fixed to [0, 1])",
         )
     figs, emb = cmp.embedding_figures(first)
-    parent.log_metrics({f"embeddings/{k}/{att}": v for att, m in emb.items() for k, v in m.items() if math.isfinite(v)})
-    for att, fig in figs.items():
+    emb_metrics = {f"embeddings/{k}/{v}": x for v, m in emb.items() for k, x in m.items() if math.isfinite(x)}
+    if keys.compact(list(by_variant)):  # many variants: a table, not a chart section per statistic
+        items = sorted(emb_metrics.items())
+        parent.log_table({"metric": [k for k, _ in items], "value": [x for _, x in items]}, "tables/embeddings.json")
+    else:
+        parent.log_metrics(emb_metrics)
+    for v, fig in figs.items():
         put(
             fig,
-            f"figures/embeddings_{att}.png",
-            f"Embedding PCA of the {att} model ({by_model[att][0].label}) beside a random init",
+            f"figures/embeddings_{v}.png",
+            f"Embedding PCA of the {v} model ({by_variant[v][0].label}) beside a random init",
         )
     return out
-
-
-def _ci_text(cfg: CompareConfig) -> str:
-    c = cfg.compare
-    pct = f"{100 * c.confidence:g} %"
-    if c.ci == "t":
-        return f"{pct} Student-t interval (mean ± t·s/√n)"
-    return f"{pct} percentile bootstrap interval of the mean ({c.bootstrap_samples} resamples)"
-
-
-def _setup_lines(
-    cfg: CompareConfig,
-    mode: str,
-    d: DataConfig,
-    data_source: str,
-    by_model: dict[str, list[Member]],
-    params: dict[str, int],
-) -> list[str]:
-    archs = {att: ms[0].model.cfg for att, ms in by_model.items()}
-    a, b = archs["softmax"], archs["linear"]
-    same_prior = a.pos_encoding == b.pos_encoding
-    seeds = sorted({m.data_seed for ms in by_model.values() for m in ms})
-    draws = f"data seed {seeds[0]}" if len(seeds) == 1 else f"data seeds {seeds} (each pair on its own draw)"
-    lines = [
-        f"Data (from {data_source}): families {', '.join(d.seq_types)}; {d.n_train}/{d.n_val}/{d.n_test} sequences "
-        f"per family (train/val/test), lengths {d.min_len}–{d.max_len}, values mod {d.modulus}, {draws}; "
-        "generator-disjoint splits.",
-        f"Architecture: d_model {a.d_model}, {a.n_layers} layer(s), {a.n_heads} heads"
-        + (
-            ""
-            if (a.d_model, a.n_layers, a.n_heads) == (b.d_model, b.n_layers, b.n_heads)
-            else f" (linear: d_model {b.d_model}, {b.n_layers} layer(s), {b.n_heads} heads)"
-        )
-        + ".",
-        f"Parameters: softmax {params['softmax']:,}, linear {params['linear']:,}"
-        + (" (matched)." if params["softmax"] == params["linear"] else " (NOT matched)."),
-        f"Positional prior: softmax {a.pos_encoding}, linear {b.pos_encoding}"
-        + (
-            " (the same prior: ALiBi slopes m_h for softmax, decay exp(-m_h) for linear)."
-            if same_prior and a.pos_encoding == "alibi"
-            else " (the same)."
-            if same_prior
-            else " (DIFFERENT)."
-        ),
-    ]
-    if mode == "train":
-        t = cfg.train
-        lines.append(
-            f"Training: {t.epochs} epochs, batch {t.batch_size}, lr {t.lr}, seeds {cfg.compare.seeds} "
-            "(both models get each seed)."
-        )
-    else:
-        for att, ms in by_model.items():
-            lines.append(f"{att}: " + ", ".join(m.label for m in ms) + " (loaded, evaluated only).")
-    return lines
 
 
 def _reproduction_section(members: list[Member]) -> list[str]:
@@ -670,15 +511,12 @@ def _reproduction_section(members: list[Member]) -> list[str]:
             if key in logged:
                 now = m.metrics.get(f"eval/{key}", math.nan)
                 rows.append(
-                    [
-                        f"{m.attention} {m.label}",
-                        key,
-                        f"{logged[key]:.6f}",
-                        f"{now:.6f}",
-                        f"{abs(now - logged[key]):.2e}",
-                    ]
+                    [f"{m.variant} {m.label}", key, f"{logged[key]:.6f}", f"{now:.6f}", f"{abs(now - logged[key]):.2e}"]
                 )
     if not rows:
         return []
     table = cmp.md_table(["model", "metric", "logged by its training run", "measured here", "|difference|"], rows)
     return ["## Reproduction of the training runs' metrics\n\n" + "\n".join(table)]
+
+
+__all__ = ["CompareOutcome", "EvalSet", "run"]

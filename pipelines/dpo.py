@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from picollm import registry, runs
-from picollm.config import DPORunConfig, flatten
+from picollm.config import GPT2_VOCAB, DPORunConfig, flatten
 from picollm.data import PaddedSplit, pad_sequences
 from picollm.dpo import (
     DPOTrainer,
@@ -32,6 +32,7 @@ from picollm.dpo import (
     response_logps,
     sequence_logps,
 )
+from picollm.dpo_metrics import gain_metrics, gain_table, scores_metrics
 from picollm.errors import PicollmError
 from picollm.hardware import measure_matmul_peak, resolve_device, torch_threads
 from picollm.model import Transformer
@@ -70,9 +71,20 @@ def _padded(seqs: list[list[int]], pad_id: int) -> PaddedSplit:
     return PaddedSplit(pad_sequences(seqs, pad_id), torch.tensor([len(s) for s in seqs]), pad_id)
 
 
-def _load_reference(cfg: DPORunConfig, data: PreferenceData) -> Transformer:
+def _load_reference(cfg: DPORunConfig) -> Transformer:
+    """The named reference, checked against data.vocab before any data is read."""
     assert cfg.dpo.reference is not None
     model = registry.resolve(cfg.dpo.reference).load()
+    compact = getattr(model, "text_vocab", None) is not None
+    if cfg.data.source != "synthetic" and compact != (cfg.data.vocab == "compact"):
+        has = "a compact vocabulary" if compact else "the full GPT-2 vocabulary"
+        raise PicollmError(
+            f"dpo.reference {cfg.dpo.reference!r} has {has}: set data.vocab {'compact' if compact else 'gpt2'}"
+        )
+    return model
+
+
+def _check_reference(cfg: DPORunConfig, model: Transformer, data: PreferenceData) -> None:
     if model.cfg.vocab_size != data.vocab_size or model.pad_id != data.pad_id:
         raise PicollmError(
             f"dpo.reference {cfg.dpo.reference!r} has vocabulary {model.cfg.vocab_size} (pad {model.pad_id}), "
@@ -80,7 +92,6 @@ def _load_reference(cfg: DPORunConfig, data: PreferenceData) -> Transformer:
         )
     if model.cfg.pos_encoding == "learned" and cfg.data.seq_max_len > model.cfg.max_seq_len:
         raise PicollmError(f"data.seq_max_len exceeds the reference's max_seq_len ({model.cfg.max_seq_len})")
-    return model
 
 
 def _train_sft(
@@ -99,10 +110,12 @@ def _train_sft(
         **flatten({"train": cfg.sft.model_dump(mode="json")}),
         "model.num_params": model.num_params(),
         "data.source": cfg.data.source,
+        **{k: v for k, v in data_params(data.stats()).items() if k.startswith("data.vocab_size")},
     }
     with s.run(f"{run_name}-sft", params=params, tags={"picollm.flow": "sft"}, nested=True) as run:
         evaluate = lambda m: lm_metrics(m, val_split, "val", cfg.sft.eval_batch_size)  # noqa: E731
         result = trainer.fit(train_split, evaluate, MlflowCallbacks(run, ui, checkpoints=False))
+        trainer.model.text_vocab = data.vocab  # None for GPT-2 ids; logged with the model (vocab.json)
         test_split = _padded(data.sft_sequences("test"), data.pad_id)
         test = lm_metrics(trainer.model, test_split, "test", cfg.sft.eval_batch_size)
         run.log_metrics({**test, "train/epochs_run": float(result.epochs_run)}, step=SINGLE_VALUE_STEP)
@@ -150,8 +163,13 @@ def run(
     t_start = time.perf_counter()
     with runs.session("dpo", cfg.tracking, device=cfg.sft.device, num_threads=cfg.sft.num_threads) as s:
         # Everything that can fail on the user's input happens before the run starts.
-        data = build_preference_data(cfg.data, cfg.dpo)
-        reference = _load_reference(cfg, data) if cfg.dpo.reference else None
+        reference = _load_reference(cfg) if cfg.dpo.reference else None
+        data = build_preference_data(cfg.data, cfg.dpo, getattr(reference, "text_vocab", None))
+        if reference is not None:
+            _check_reference(cfg, reference, data)
+        if cfg.model.vocab_size is None:  # a compact vocabulary: its size is known now
+            cfg = cfg.model_copy(deep=True)
+            cfg.model.vocab_size = data.vocab_size
         schemes = list(cfg.dpo.corruptions)
         base_name = f"dpo-{cfg.data.source}-{'+'.join(schemes)}-{cfg.dpo.loss_type}"
         run_name = cfg.tracking.run_name or unique_name(base_name)
@@ -172,6 +190,7 @@ def run(
             run.log_metrics(summary, SINGLE_VALUE_STEP, flush=True)  # one value each: bar charts
 
             samples = generate_samples(reference, policy, data, cfg.dpo.num_samples, cfg.dpo.sample_tokens)
+            policy.text_vocab = data.vocab  # logged with the model (vocab.json)
             if samples:
                 run.log_table(samples, "samples/generations.json")
                 run.log_text(_samples_markdown(samples), "samples/generations.md")
@@ -215,8 +234,14 @@ def _optimise(
         )
 
     result = trainer.fit(sets["train"], sets["val"], on_log=lambda st, m: run.log_metrics(m, st), on_eval=on_eval)
+    scores = trainer.score(sets["test"])
+    table = gain_table(scores, seed=cfg.dpo.seed)  # per scheme: reference vs DPO accuracy, gain and its CI
+    run.log_table(table, "test/per_scheme.json")
+    for line in _table_lines(table):
+        echo(line)
     summary = {
-        **trainer.evaluate(sets["test"], "test"),
+        **scores_metrics("test", scores),
+        **gain_metrics("test", table),
         **timings,
         "time/dpo_s": result.seconds,
         "dpo/steps": float(result.steps),
@@ -225,6 +250,18 @@ def _optimise(
         "dpo/stopped_early": float(result.stopped_early),
     }
     return policy, summary, result.steps
+
+
+def _table_lines(table: dict[str, list]) -> list[str]:
+    lines = ["test pairs  scheme             reference  DPO    gain [95% paired-bootstrap CI]  logps/chosen ref -> DPO"]
+    for i, scheme in enumerate(table["scheme"]):
+        lines.append(
+            f"  {table['pairs'][i]:>4}       {scheme:<18} {table['reference_accuracy'][i]:.3f}      "
+            f"{table['accuracy'][i]:.3f}  {table['gain'][i]:+.3f} [{table['gain_ci_low'][i]:+.3f}, "
+            f"{table['gain_ci_high'][i]:+.3f}]          {table['reference_logps_chosen'][i]:.2f} -> "
+            f"{table['logps_chosen'][i]:.2f}"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,7 +284,7 @@ def bench_step(cfg: DPORunConfig, warmup_steps: int = 2, timed_steps: int = 5) -
 def _bench_step(cfg: DPORunConfig, device: torch.device, warmup_steps: int, timed_steps: int) -> dict[str, float]:
     # Long, but reads better whole: the four step variants are meant to be compared side by side.
     torch.manual_seed(cfg.dpo.seed)
-    vocab = cfg.data.vocab_size
+    vocab = cfg.model.vocab_size or GPT2_VOCAB  # compact: the model's size once set (else GPT-2's, an upper bound)
     pad = vocab - 1
     n_prompt, n_resp = max(1, cfg.data.seq_max_len // 4), max(2, cfg.data.seq_max_len // 2)
     g = torch.Generator().manual_seed(0)

@@ -138,3 +138,41 @@ def test_generation_section_logs_ms_per_token_by_context(migrated_store: str):
     history = client.get_metric_history(out.run_id, "gen_ms/linear/fast/b1")
     assert sorted(m.step for m in history) == [8, 16]  # step = context
     assert "gen_speedup/softmax/b2" in client.get_run(out.run_id).data.metrics
+
+
+def test_steps_and_generation_time_every_variant():
+    cfg = tiny_bench(
+        "model.d_model=16",
+        "model.n_heads=2",
+        "variants=[{name: softmax}, {name: lin, model: {attention: linear}},"
+        " {name: delta, model: {attention: deltanet}}]",
+        "generation.contexts=[8]",
+        "generation.batch_sizes=[1]",
+        "generation.new_tokens=2",
+        "generation.repeats=1",
+        "kernels=false",
+    )
+    rows = bench.time_steps(cfg)
+    assert set(rows[8]) == {
+        *(f"{k}.{v}" for k in ("step_ms", "tokens_per_s") for v in ("softmax", "lin", "delta")),
+        "ratio.lin_over_softmax",
+        "ratio.delta_over_softmax",
+    }
+    assert rows[16]["ratio.delta_over_softmax"] == pytest.approx(
+        rows[16]["step_ms.delta"] / rows[16]["step_ms.softmax"]
+    )
+    results = {f"{k}@{n}": v for n, row in rows.items() for k, v in row.items()}
+    assert (
+        "| N | batch | softmax ms/step | lin ms/step | delta ms/step | lin/softmax | delta/softmax |"
+        in bench.steps_table(cfg, results)
+    )
+    gen = bench.time_generation(cfg)
+    assert {"gen_ms.delta.fast.b1", "gen_speedup.lin.b1"} <= set(gen[8])
+    assert "delta fast" in "\n".join(bench.generation_table(cfg.generation, gen, ["softmax", "lin", "delta"]))
+
+
+def test_bench_variants_are_checked():
+    from picollm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="variant b: model.feature_map"):
+        tiny_bench("variants=[{name: a}, {name: b, model: {feature_map: nope}}]")

@@ -34,6 +34,11 @@ CHANGED = {
     "arithmetic_steps": [2, 3],
     "geometric_ratios": [2],
     "walk_steps": [-2, 2],
+    "mqar_pairs": [2, 3],
+    "mqar_key_vocab": 8,
+    "mqar_value_vocab": 8,
+    "mqar_queries": 1,
+    "copy_len": [3],
 }
 
 
@@ -49,6 +54,7 @@ def same_data(a, b) -> bool:
         len(x.sequences) == len(y.sequences)
         and all(np.array_equal(s, t) for s, t in zip(x.sequences, y.sequences, strict=True))
         and all(np.array_equal(s, t) for s, t in zip(x.ceilings, y.ceilings, strict=True))
+        and all(np.array_equal(s, t) for s, t in zip(x.answers, y.answers, strict=True))
         and x.families == y.families
         and x.generators == y.generators
         for x, y in zip(a.splits().values(), b.splits().values(), strict=True)
@@ -77,6 +83,14 @@ def test_cached_data_equals_a_fresh_build_and_a_changed_config_rebuilds(cache_di
     assert same_data(cache.cached_build_data(changed), build_data(changed))
     assert not same_data(cache.cached_build_data(changed), first)
     assert len(list((cache_dir / "data").glob("*.pt"))) == 2
+
+
+def test_cached_recall_data_keeps_its_answers(cache_dir: Path):
+    cfg = DataConfig(**SMALL, seq_types=["mqar", "copy", "counting"], mqar_pairs=[2], mqar_key_vocab=6, copy_len=[4])
+    first = cache.cached_build_data(cfg)
+    again = cache.cached_build_data(cfg)  # read back
+    assert same_data(first, again) and same_data(again, build_data(cfg))
+    assert sum(int(a.sum()) for a in again.train.answers) == 12 * 2 + 12 * 4  # 2 answers per mqar, 4 per copy
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "other_key"])

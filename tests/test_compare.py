@@ -573,7 +573,7 @@ def test_report_states_test_margin_and_holm():
         ]
         for att in cmp.MODELS
     }
-    agg, diffs = cmp.aggregate(runs), cmp.differences(runs)
+    agg, diffs = cmp.aggregate(runs), cmp.differences_vs_baseline(runs)
     r = cmp.ReportInput(
         title="t",
         mode="train",
@@ -586,7 +586,7 @@ def test_report_states_test_margin_and_holm():
         train_len=8,
         agg=agg,
         diffs=diffs,
-        rows=cmp.summary_rows(agg, diffs, keys, 0.05),
+        rows=cmp.comparison_rows(agg, diffs, keys, 0.05),
         alpha=0.05,
         ci_text="95 % Student-t interval",
         coverage={},
@@ -600,7 +600,9 @@ def test_report_states_test_margin_and_holm():
     assert f"Holm-adjusted within this table of {len(keys)} tests" in headline and "alpha = 0.05" in headline
     assert "How to read the verdicts" in headline and "within noise" not in text.lower()
     assert "p-values Holm-adjusted within this table of 1 tests" in text  # per family: its own table of one
-    welch = cmp.render_report(dataclasses.replace(r, mode="registry", diffs=cmp.differences(runs, paired=False)))
+    welch = cmp.render_report(
+        dataclasses.replace(r, mode="registry", diffs=cmp.differences_vs_baseline(runs, paired=False))
+    )
     assert "Welch's unequal-variance t-test" in welch and "the runs are not paired: registry mode" in welch
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from picollm.config import FAMILIES, DataConfig
+from picollm.config import DataConfig
+from picollm.config.base import RULE_FAMILIES
 from picollm.data import (
     IGNORE_INDEX,
     PaddedSplit,
@@ -104,8 +105,8 @@ def test_sequences_follow_their_family_rule(cfg):
 
 def test_per_family_counts(small_data):
     for split, n in ((small_data.train, 30), (small_data.val, 10), (small_data.test, 10)):
-        assert len(split) == n * len(FAMILIES)
-        for fam in FAMILIES:
+        assert len(split) == n * len(RULE_FAMILIES)
+        for fam in RULE_FAMILIES:
             assert split.families.count(fam) == n
     stats = small_data.stats()
     assert stats["data.split_overlap"] == 0
@@ -148,7 +149,7 @@ def _generator_keys(split: SequenceSplit, family: str) -> set[tuple]:
     return {tuple(sorted(g.items())) for g, f in zip(split.generators, split.families, strict=True) if f == family}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", RULE_FAMILIES)
 @pytest.mark.parametrize("cfg", [SMALL, TINY_VOCAB, DataConfig()], ids=["vocab32", "vocab16", "default"])
 @pytest.mark.parametrize("seed", [0, 1, 5])
 def test_no_generator_is_in_two_splits(family, cfg, seed):
@@ -213,7 +214,7 @@ def test_too_few_generators_is_a_one_line_error(cfg):
 
 def test_generator_spaces_at_the_defaults():
     cfg = DataConfig()
-    sizes = {f: generator_count(f, cfg) for f in FAMILIES}
+    sizes = {f: generator_count(f, cfg) for f in RULE_FAMILIES}
     assert sizes == {
         "counting": 127,
         "arithmetic": 127 * 4,
@@ -221,7 +222,7 @@ def test_generator_spaces_at_the_defaults():
         "alternating": 127 * 126,
         "random_walk": 127,
     }
-    for fam in FAMILIES:
+    for fam in RULE_FAMILIES:
         gens = [generator_at(fam, i, cfg) for i in range(sizes[fam])]
         assert len({tuple(sorted(g.items())) for g in gens}) == sizes[fam]
     assert generator_at("alternating", 0, cfg) == {"a": 0, "b": 1}
@@ -231,7 +232,7 @@ def test_generator_spaces_at_the_defaults():
 def test_draw_from_generators_stays_in_the_pool():
     data = build_data(SMALL)
     rng = np.random.default_rng(0)
-    for fam in FAMILIES:
+    for fam in RULE_FAMILIES:
         pool = data.generator_pool("test", fam)
         for _ in range(5):
             seq, gen = draw_from_generators(fam, pool, 40, SMALL, rng)
@@ -447,13 +448,13 @@ def test_built_splits_carry_seen_flags_through_padding(small_data):
     for split in (small_data.val, small_data.test):
         again = seen_context_flags(split.sequences, split.families, small_data.train.sequences)
         assert [f.tolist() for f in split.seen] == [f.tolist() for f in again]
-        padded = to_padded(split, SMALL.pad_id, list(FAMILIES))
+        padded = to_padded(split, SMALL.pad_id, list(RULE_FAMILIES))
         for i, f in enumerate(split.seen):
             assert padded.seen[i, : len(f)].tolist() == f.tolist()
             assert not padded.seen[i, len(f) :].any()
         sub = padded.subset(torch.tensor([0, 3]))
         assert sub.seen.shape == (2, sub.tokens.shape[1] - 1)
-    assert to_padded(small_data.train, SMALL.pad_id, list(FAMILIES)).seen is None
+    assert to_padded(small_data.train, SMALL.pad_id, list(RULE_FAMILIES)).seen is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,7 +503,7 @@ def test_inputs_and_targets_ignore_padding():
 
 
 def test_to_padded_and_subset(small_data):
-    split = to_padded(small_data.val, SMALL.pad_id, list(FAMILIES))
+    split = to_padded(small_data.val, SMALL.pad_id, list(RULE_FAMILIES))
     assert split.tokens.shape == (50, max(len(s) for s in small_data.val.sequences))
     for i, s in enumerate(small_data.val.sequences):
         assert split.tokens[i, : len(s)].tolist() == s.tolist()

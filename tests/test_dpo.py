@@ -220,6 +220,44 @@ def test_dpo_loss_length_normalised(loss_type: str, expected: float) -> None:
     assert float(rejected) == pytest.approx(0.5 * (-0.75 + 0.625))
 
 
+def test_simpo_loss_hand_computed() -> None:
+    from picollm.dpo import simpo_loss
+
+    # lengths 2 and 4: averages -0.5 and -0.75, beta 2, gamma 0.3: logits = 0.25 - 0.15 = 0.1, beta*logits 0.2
+    pc, pr = _logps(-1.0, -3.0)
+    lengths = torch.tensor([2]), torch.tensor([4])
+    losses, chosen, rejected = simpo_loss(pc, pr, *lengths, beta=2.0, gamma=0.3)
+    assert float(losses) == pytest.approx(math.log1p(math.exp(-0.2)), abs=1e-6)
+    assert float(chosen) == pytest.approx(-1.0) and float(rejected) == pytest.approx(-1.5)  # beta * average
+    smoothed, _, _ = simpo_loss(pc, pr, *lengths, beta=2.0, gamma=0.3, label_smoothing=0.1)
+    assert float(smoothed) == pytest.approx(0.9 * math.log1p(math.exp(-0.2)) + 0.1 * math.log1p(math.exp(0.2)))
+    losses.sum().backward()  # reference-free: the gradient only reaches the policy's log-probs
+    s = 1 / (1 + math.exp(0.2))  # -d/dx logsigmoid(x) at 0.2
+    assert float(pc.grad) == pytest.approx(-s * 2.0 / 2) and float(pr.grad) == pytest.approx(s * 2.0 / 4)
+
+
+def test_rpo_term_and_simpo_in_the_trainer() -> None:
+    from picollm.dpo import rpo_nll
+
+    assert rpo_nll(torch.tensor([-6.0, -2.0]), torch.tensor([3, 4])).tolist() == [2.0, 0.5]  # NLL per token
+    torch.manual_seed(0)
+    reference = Transformer(tiny_synthetic().model).eval()
+    pairs = PairSet([PreferencePair(i, "x", [1, 2], [3, 4, 5], [5, 4, 3]) for i in range(4)], 31)
+    compute_reference_logps(reference, pairs, 4, torch.device("cpu"))
+    pc = float(pairs.ref_chosen[0])
+    for over, expected in [
+        (["dpo.rpo_alpha=0.5"], LN2 - 0.5 * pc / 3),  # policy == reference: ln 2 + alpha * NLL per token
+        (["dpo.loss_type=simpo", "dpo.beta=2.0", "dpo.simpo_gamma=0.4"], None),
+    ]:
+        cfg = tiny_synthetic(*over).dpo
+        m = DPOTrainer(copy.deepcopy(reference), cfg, torch.device("cpu")).evaluate(pairs, "val")
+        if expected is None:  # SimPO: -logsigmoid(beta * (avg_c - avg_r) - gamma), rewards beta * avg log-probs
+            margin = (pc - float(pairs.ref_rejected[0])) / 3
+            expected = math.log1p(math.exp(-(2.0 * margin - 0.4)))
+            assert m["val/rewards/chosen"] == pytest.approx(2.0 * pc / 3, abs=1e-4)
+        assert m["val/loss"] == pytest.approx(expected, abs=1e-4)
+
+
 def test_dpo_loss_rejects_unknown_type() -> None:
     with pytest.raises(PicollmError, match="loss_type"):
         dpo_loss(*_logps(0.0, 0.0, 0.0, 0.0), 0.1, "kto")
@@ -340,9 +378,10 @@ def test_prompt_plus_continuation_encodes_like_the_joined_text(story_data) -> No
             assert tok.encode(prompt) + tok.encode(cont) == tok.encode(prompt + cont)
         assert [t for s in sentences for t in tok.encode(s)] == tok.encode(story.strip())
     _, data = story_data
+    assert data.vocab is not None  # data.vocab compact by default: ids are compact ids
     for ex in data.examples["train"]:
-        joined = tok.decode(ex.prompt) + tok.decode(ex.chosen)
-        assert ex.prompt + ex.chosen == tok.encode(joined)
+        joined = data.decode(ex.prompt) + data.decode(ex.chosen)
+        assert ex.prompt + ex.chosen == data.vocab.encode(tok.encode(joined))
         assert len(ex.prompt) + len(ex.chosen) <= 96
 
 
@@ -485,6 +524,15 @@ def test_reference_with_another_vocabulary_is_refused_before_the_run() -> None:
         log_model(Transformer(ModelConfig(d_model=8, n_layers=1, n_heads=2, vocab_size=16)), "tiny-16")
     with pytest.raises(PicollmError, match="vocabulary"):
         run(tiny_synthetic("dpo.reference=tiny-16", "tracking.experiment=dpo-vocab"))
+    # a compact-vocabulary reference brings its id map (vocab.json); data.vocab gpt2 contradicts it
+    from picollm.text_vocab import CompactVocab
+
+    compact = Transformer(ModelConfig(d_model=8, n_layers=1, n_heads=2, vocab_size=5))
+    compact.text_vocab = CompactVocab((1, 2, 3))
+    with tracked_run("other"):
+        log_model(compact, "tiny-compact")
+    with pytest.raises(PicollmError, match="compact vocabulary: set data.vocab compact"):
+        run(tiny_text("dpo.reference=tiny-compact", "data.vocab=gpt2", "tracking.experiment=dpo-vocab"))
     assert runs("dpo-vocab") == []
 
 
@@ -525,15 +573,24 @@ def test_story_dpo_end_to_end(tiktoken_ranks: None) -> None:
     ):
         assert f"test/{key}" in parent.data.metrics and f"val/{key}" in parent.data.metrics
     assert "test/reference_accuracy/other_story" in parent.data.metrics
+    for key in ("test/logits/chosen", "test/logits/rejected", "test/gain", "test/gain_ci_low", "val/logits/chosen"):
+        assert key in parent.data.metrics, key
+    assert any(m.step > 0 for m in client.get_metric_history(out.run_id, "grad_norm"))
     assert "val/loss" in children[0].data.metrics
     assert parent.data.tags["reference"] == "picollm-sft/1"
     arts = {a.path for a in client.list_artifacts(out.run_id, "samples")}
     assert {"samples/generations.json", "samples/generations.md"} <= arts
+    table = json.loads(
+        Path(mlflow.artifacts.download_artifacts(run_id=out.run_id, artifact_path="test/per_scheme.json")).read_text()
+    )
+    assert "all" in str(table) and "gain_ci_low" in table["columns"]
     assert len(out.samples["policy"]) == 2
-    for name in ("picollm-dpo", "picollm-sft"):
-        model = picollm.load_model(name)
-        assert model.cfg.vocab_size == 50258
     policy, sft = picollm.load_model("picollm-dpo@champion"), picollm.load_model("picollm-sft@champion")
+    # the compact vocabulary travels with both models (vocab.json) and is the one the data used
+    for model in (policy, sft):
+        assert model.text_vocab.vocab_size == model.cfg.vocab_size == int(parent.data.params["data.vocab_size"])
+    assert int(parent.data.params["data.vocab_size_gpt2"]) == 50258
+    assert int(parent.data.params["data.vocab_size_compact"]) == policy.cfg.vocab_size < 50258
     assert any(
         not torch.equal(a, b) for a, b in zip(policy.state_dict().values(), sft.state_dict().values(), strict=True)
     )
@@ -542,17 +599,20 @@ def test_story_dpo_end_to_end(tiktoken_ranks: None) -> None:
     # Text in, text out through pyfunc: the GPT-2 files travel with the model, tiktoken is a requirement.
     from mlflow.exceptions import MlflowException
 
-    from picollm.prompts import Codec, continue_prompts
+    from picollm.prompts import continue_prompts
+    from picollm.text_vocab import compact_codec
 
     pyfunc = mlflow.pyfunc.load_model("models:/picollm-dpo@champion")
     [text] = pyfunc.predict(["Once upon a time"], params={"max_new_tokens": 4})
     assert isinstance(text, str) and text
-    assert [text] == continue_prompts(policy, ["Once upon a time"], max_new_tokens=4, codec=Codec("gpt2", 50258))
+    codec = compact_codec(policy.text_vocab)
+    assert [text] == continue_prompts(policy, ["Once upon a time"], max_new_tokens=4, codec=codec)
     with pytest.raises(MlflowException, match="prompt is empty") as err:
         pyfunc.predict([""])
     assert err.value.get_http_status_code() == 400
     local = Path(mlflow.artifacts.download_artifacts("models:/picollm-sft@champion"))
     assert len(list((local / "artifacts" / "tokenizer_files").iterdir())) == 2
+    assert (local / "artifacts" / "vocab.json").is_file()
     assert "tiktoken==" in (local / "requirements.txt").read_text()
     # data statistics are params; the test metrics are linked to the logged model
     assert parent.data.params["data.story_overlap"] == "0" and "data.train.pairs" in parent.data.params

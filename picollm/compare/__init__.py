@@ -1,10 +1,16 @@
 """Computations behind `picollm compare`, one module per concern:
 
 - `stats`: Student-t intervals, paired t / Welch tests, TOST, Holm, sequence bootstrap, aggregation, verdicts;
+- `table`: every variant against the baseline, metric by metric: differences, adjusted p-values, table rows;
+- `inputs`: the child training configs (or loaded models) and data draws of a comparison;
+- `summary`: aggregates, differences and headline rows over the members; the report's set-up text;
 - `evaluation`: per-model evaluation with calibration and accuracy by position, length generalisation;
-- `efficiency`: training-step time (also used by the bench flow), per-step peak memory, generation time;
+- `recall`: MQAR answer accuracy against the number of key-value pairs;
+- `lr_grid`: each variant's learning rate from a grid, on validation data;
+- `efficiency`: training-step time (also used by the bench flow), per-step peak memory, generation time,
+  generation state size;
 - `plots`: the figures;
-- `report`: report.md and its self-contained HTML copy (report.html);
+- `report`, `report_studies`: report.md (and its self-contained HTML copy, report.html);
 - `keys`: the parent run's metric keys (headline numbers, variant last) and its tables.
 
 Everything here takes plain models, splits and numbers; the flow (pipelines/compare.py) owns MLflow.
@@ -19,6 +25,7 @@ from picollm.compare.efficiency import (
     efficiency_models,
     measure_step_memory,
     memory_worker,
+    state_sizes,
     time_generation,
     time_train_steps,
 )
@@ -43,8 +50,11 @@ from picollm.compare.plots import (
     length_curves,
     loss_curves,
     position_accuracy,
+    recall_curves,
+    recall_vs_width,
 )
 from picollm.compare.report import ROW_COLUMNS, SPLIT_METRICS, ReportInput, md_table, render_report, report_html
+from picollm.compare.report_studies import lr_grid_section, recall_section
 from picollm.compare.stats import (
     MODELS,
     NA,
@@ -57,12 +67,8 @@ from picollm.compare.stats import (
     aggregate_metrics,
     band,
     betainc,
-    diff_cells,
     difference,
     differences,
-    fmt_interval,
-    fmt_p,
-    headline_keys,
     holm,
     holm_table,
     mean_ci,
@@ -71,8 +77,6 @@ from picollm.compare.stats import (
     paired_stat,
     sequence_bootstrap_ci,
     sequence_counts,
-    side,
-    summary_rows,
     t_ppf,
     t_sf,
     tost_p,
@@ -80,6 +84,19 @@ from picollm.compare.stats import (
     verdict,
     welch_p,
     welch_stat,
+)
+from picollm.compare.table import (
+    Comparisons,
+    comparison_rows,
+    diff_cells,
+    diff_side,
+    differences_vs_baseline,
+    fmt_interval,
+    fmt_p,
+    headline_keys,
+    holm_grid,
+    side,
+    summary_rows,
 )
 
 __all__ = [
@@ -89,6 +106,7 @@ __all__ = [
     "ROW_COLUMNS",
     "SPLIT_METRICS",
     "Aggregate",
+    "Comparisons",
     "Difference",
     "Efficiency",
     "Interval",
@@ -102,11 +120,14 @@ __all__ = [
     "band",
     "betainc",
     "close",
+    "comparison_rows",
     "coverage",
     "decode_timing",
     "diff_cells",
+    "diff_side",
     "difference",
     "differences",
+    "differences_vs_baseline",
     "efficiency_figure",
     "efficiency_models",
     "embedding_figures",
@@ -117,11 +138,13 @@ __all__ = [
     "fmt_p",
     "headline_keys",
     "holm",
+    "holm_grid",
     "holm_table",
     "length_curves",
     "length_generalisation",
     "long_sequences",
     "loss_curves",
+    "lr_grid_section",
     "md_table",
     "mean_ci",
     "measure_step_memory",
@@ -131,12 +154,16 @@ __all__ = [
     "paired_stat",
     "position_accuracy",
     "predict",
+    "recall_curves",
+    "recall_section",
+    "recall_vs_width",
     "render_report",
     "report_html",
     "restrict_targets",
     "sequence_bootstrap_ci",
     "sequence_counts",
     "side",
+    "state_sizes",
     "summary_rows",
     "t_ppf",
     "t_sf",

@@ -53,22 +53,36 @@ class Efficiency:
     memory: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     gen_ms_per_token: dict[str, dict[int, float]] = field(default_factory=dict)
     prefill_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    state_floats: dict[str, dict[int, float]] = field(default_factory=dict)  # per layer, after N tokens
 
-    def metrics(self) -> dict[tuple[str, int], float]:
-        """{(metric name, step = length): value} for MLflow: `efficiency/<measure>/<model>`, so both
-        models' curves of a measure share a chart section."""
+    def metrics(self, compact: bool = False) -> dict[tuple[str, int], float]:
+        """{(metric name, step = length): value} for MLflow: `efficiency/<measure>/<variant>`, so every
+        variant's curve of a measure shares a chart section. `compact` (many variants): step time, step
+        memory, generation time and state size only."""
         out: dict[tuple[str, int], float] = {}
         for att in self.step_ms:
             for n, ms in self.step_ms[att].items():
                 out[(f"efficiency/step_ms/{att}", n)] = ms
-                out[(f"efficiency/tokens_per_s/{att}", n)] = self.batches[n] * n / ms * 1000
+                if not compact:
+                    out[(f"efficiency/tokens_per_s/{att}", n)] = self.batches[n] * n / ms * 1000
             for n, mem in self.memory.get(att, {}).items():
                 out[(f"efficiency/step_mb/{att}", n)] = mem["step_mb"]
-                out[(f"efficiency/peak_rss_mb/{att}", n)] = mem["peak_rss_mb"]
+                if not compact:
+                    out[(f"efficiency/peak_rss_mb/{att}", n)] = mem["peak_rss_mb"]
             for n, ms in self.gen_ms_per_token.get(att, {}).items():
                 out[(f"efficiency/gen_ms_per_token/{att}", n)] = ms
-                out[(f"efficiency/prefill_ms/{att}", n)] = self.prefill_ms[att][n]
+                if not compact:
+                    out[(f"efficiency/prefill_ms/{att}", n)] = self.prefill_ms[att][n]
+            for n, floats in self.state_floats.get(att, {}).items():
+                out[(f"efficiency/state_floats/{att}", n)] = floats
         return out
+
+
+def state_sizes(configs: dict[str, ModelConfig], contexts: list[int]) -> dict[str, dict[int, float]]:
+    """{variant: {N: floats one layer keeps to generate after N tokens}} (picollm.model.state_floats)."""
+    from picollm.model import state_floats
+
+    return {att: {n: float(state_floats(mc, n)) for n in contexts} for att, mc in configs.items()}
 
 
 def efficiency_models(configs: dict[str, ModelConfig], longest: int) -> dict[str, Transformer]:
@@ -111,8 +125,8 @@ def time_train_steps(
 def decode_timing(model: Transformer, prompt: torch.Tensor, new_tokens: int, warmup: int = 2) -> tuple[float, float]:
     """(prefill ms, median ms per generated token) of greedy decoding after `prompt` (1, C).
 
-    The fast path of Transformer.generate (picollm.decoding), timed step by step: the KV cache
-    (softmax) grows with the context, the recurrent state (linear) does not."""
+    The fast path of Transformer.generate (picollm.decoding), timed step by step: a KV cache grows with
+    the context, a recurrent state does not."""
     model.eval()
     decoder = Decoder(model, batch=prompt.shape[0], capacity=prompt.shape[1] + warmup + new_tokens)
     t0 = time.perf_counter()

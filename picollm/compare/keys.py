@@ -2,13 +2,17 @@
 
 MLflow draws one chart per metric key and groups the charts into sections by the key's prefix (all
 but the last `/` part), and the run page gets slow with thousands of keys. So the parent holds a
-bounded set of keys, each named metric first and variant last, so that softmax, linear and their
-difference sit side by side in one section:
+bounded set of keys, each named metric first and variant last, so that every variant and the differences
+sit side by side in one section. With two variants (baseline softmax, variant linear):
 
     eval/test/accuracy/softmax     eval/test/accuracy/softmax_ci_low   ...softmax_ci_high
     eval/test/accuracy/linear      eval/test/accuracy/linear_ci_low    ...linear_ci_high
     eval/test/accuracy/diff        eval/test/accuracy/diff_ci_low      ...diff_ci_high
     eval/test/accuracy/p           eval/test/accuracy/p_tost
+
+With more (`compact`), means, differences and p only, for the `COMPACT_HEADLINE` metrics:
+
+    eval/test/accuracy/<variant>   eval/test/accuracy/<variant>_diff   eval/test/accuracy/<variant>_p
 
 for every headline metric (`stats.headline_keys`), the per-family test accuracy (`.../<family>/<variant>`),
 the mean position curves (step = position), the efficiency sweep (step = length), the parameter counts
@@ -20,14 +24,18 @@ to the report.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from picollm.compare.stats import MODELS, Aggregate, Difference, SeqIntervals, band
+from picollm.compare.table import Comparisons
 
 MAX_PARENT_KEYS = 150  # the readable budget of the parent run (its chart view renders every key)
+# With more than two variants the parent keeps these headline metrics (and the last headline row: the
+# largest recall set, or the longest length); the others are in the tables and the report.
+COMPACT_HEADLINE = ("eval/test/loss", "eval/test/accuracy", "eval/test/accuracy_predictable")
 
 Columns = dict[str, list[Any]]
 
@@ -36,36 +44,70 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
 
 
+def compact(variants: Sequence[str]) -> bool:
+    """More than two variants: the parent keeps means, differences and p only (intervals go to tables)."""
+    return len(variants) > 2
+
+
+def diff_key(metric: str, variant: str, variants: Sequence[str], what: str = "diff") -> str:
+    """The parent key of `variant` - baseline (`what`: diff, diff_ci_low, diff_ci_high, p or p_tost):
+    `<metric>/<what>` with two variants (the one difference), `<metric>/<variant>_<what>` with more."""
+    return f"{metric}/{what}" if len(variants) == 2 else f"{metric}/{variant}_{what}"
+
+
 def headline_metrics(
-    agg: Aggregate, diffs: dict[str, Difference], keys: Iterable[str], seq_ci: SeqIntervals | None = None
+    agg: Aggregate,
+    diffs: Comparisons | dict[str, Difference],
+    keys: Iterable[str],
+    seq_ci: SeqIntervals | None = None,
+    variants: Sequence[str] = MODELS,
 ) -> dict[str, float]:
-    """Means with intervals of each variant and the difference with its tests, for `keys`."""
+    """Means with intervals of each variant and each variant's difference from the baseline (`variants[0]`)
+    with its tests, for `keys`. `diffs`: variant -> metric -> Difference (a flat metric -> Difference is the
+    two-model form, linear - softmax). More than two variants (`compact`): means, differences and p only."""
+    if diffs and all(isinstance(d, Difference) for d in diffs.values()):
+        diffs = {variants[-1]: diffs}  # type: ignore[dict-item]
+    small = not compact(variants)
+    base = variants[0]
     out: dict[str, float] = {}
     for k in keys:
-        for att in MODELS:
+        for att in variants:
             iv = agg.get(att, {}).get(k)
             if iv is not None:
-                out |= {f"{k}/{att}": iv.mean, f"{k}/{att}_ci_low": iv.low, f"{k}/{att}_ci_high": iv.high}
-        if k in agg.get("softmax", {}) and k in agg.get("linear", {}):
-            out[f"{k}/diff"] = agg["linear"][k].mean - agg["softmax"][k].mean
-        if (d := diffs.get(k)) is not None:
-            out |= {f"{k}/diff": d.mean, f"{k}/diff_ci_low": d.low, f"{k}/diff_ci_high": d.high}
-            out |= {f"{k}/p": d.p, f"{k}/p_tost": d.p_tost}
-        for side, per in (seq_ci or {}).items():  # single runs: sequence-bootstrap intervals instead
-            if (iv := per.get(k)) is not None:
-                out |= {f"{k}/{side}_seq_ci_low": iv.low, f"{k}/{side}_seq_ci_high": iv.high}
+                out[f"{k}/{att}"] = iv.mean
+                if small:
+                    out |= {f"{k}/{att}_ci_low": iv.low, f"{k}/{att}_ci_high": iv.high}
+        for v in variants[1:]:
+            if k in agg.get(base, {}) and k in agg.get(v, {}):
+                out[diff_key(k, v, variants)] = agg[v][k].mean - agg[base][k].mean
+            if (d := diffs.get(v, {}).get(k)) is not None:  # type: ignore[union-attr]
+                out |= {diff_key(k, v, variants): d.mean, diff_key(k, v, variants, "p"): d.p}
+                if small:
+                    out |= {
+                        diff_key(k, v, variants, "diff_ci_low"): d.low,
+                        diff_key(k, v, variants, "diff_ci_high"): d.high,
+                    }
+                    out[diff_key(k, v, variants, "p_tost")] = d.p_tost
+        if small:
+            for name, per in (seq_ci or {}).items():  # single runs: sequence-bootstrap intervals instead
+                side_name = "diff" if name.startswith("diff") else name
+                if (iv := per.get(k)) is not None:
+                    out |= {f"{k}/{side_name}_seq_ci_low": iv.low, f"{k}/{side_name}_seq_ci_high": iv.high}
     return _finite(out)
 
 
-def family_metrics(agg: Aggregate, families: list[str], prefix: str = "eval/test/accuracy") -> dict[str, float]:
-    """Per-family means of each variant and their difference: `<prefix>/<family>/<variant|diff>`."""
+def family_metrics(
+    agg: Aggregate, families: list[str], prefix: str = "eval/test/accuracy", variants: Sequence[str] = MODELS
+) -> dict[str, float]:
+    """Per-family means of each variant and their difference from the baseline: `<prefix>/<family>/<variant>`
+    and (two variants only) `<prefix>/<family>/diff`."""
     out: dict[str, float] = {}
     for fam in families:
         k = f"{prefix}/{fam}"
-        means = {att: agg[att][k].mean for att in MODELS if k in agg.get(att, {})}
+        means = {att: agg[att][k].mean for att in variants if k in agg.get(att, {})}
         out |= {f"{k}/{att}": v for att, v in means.items()}
-        if len(means) == 2:
-            out[f"{k}/diff"] = means["linear"] - means["softmax"]
+        if len(variants) == 2 and len(means) == 2:
+            out[f"{k}/diff"] = means[variants[1]] - means[variants[0]]
     return _finite(out)
 
 
@@ -115,11 +157,12 @@ def summary_table(agg: Aggregate) -> Columns:
     }
 
 
-def differences_table(diffs: dict[str, Difference]) -> Columns:
-    """linear - softmax of every metric: interval, the test used and its p-values (unadjusted)."""
-    items = sorted(diffs.items())
+def differences_table(diffs: Comparisons) -> Columns:
+    """Every variant - baseline of every metric: interval, the test used and its p-values (unadjusted)."""
+    items = [(k, d) for per in diffs.values() for k, d in sorted(per.items())]
     return {
         "metric": [k for k, _ in items],
+        "variant": [v for v, per in diffs.items() for _ in per],
         "test": [d.test for _, d in items],
         "diff": [d.mean for _, d in items],
         "ci_low": [d.low for _, d in items],

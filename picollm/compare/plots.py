@@ -18,11 +18,25 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
 from picollm.compare.efficiency import Efficiency  # noqa: E402
-from picollm.compare.stats import MODELS, Aggregate, band, quiet_nan  # noqa: E402
+from picollm.compare.stats import Aggregate, Interval, band, quiet_nan  # noqa: E402
 from picollm.data import PaddedSplit  # noqa: E402
 from picollm.model import Transformer  # noqa: E402
 
 COLORS = {"softmax": "tab:blue", "linear": "tab:orange"}
+_PALETTE = ["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+
+
+class _Colors(dict):
+    """A variant's colour: softmax and linear keep theirs, every other name the next free one of the palette."""
+
+    def __missing__(self, name: str) -> str:
+        taken = set(self.values())
+        colour = next((c for c in _PALETTE if c not in taken), _PALETTE[len(self) % len(_PALETTE)])
+        self[name] = colour
+        return colour
+
+
+COLORS = _Colors(COLORS)
 
 
 def close(fig: Figure) -> None:
@@ -60,8 +74,9 @@ def learning_curve(rows: list[dict[str, Any]], families: list[str]) -> Figure:
     nrows = math.ceil(len(groups) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), sharey=True, squeeze=False)
     sizes = sorted({r["n_train"] for r in rows})
+    variants = list(dict.fromkeys(r["model"] for r in rows))
     for ax, group in zip(axes.flat, groups, strict=False):
-        for att in MODELS:
+        for att in variants:
             vals = [
                 [r["vs_ceiling"] for r in rows if (r["model"], r["n_train"], r["family"]) == (att, n, group)]
                 for n in sizes
@@ -87,18 +102,21 @@ def learning_curve(rows: list[dict[str, Any]], families: list[str]) -> Figure:
 
 
 def family_accuracy_ci(agg: Aggregate, families: list[str], prefix: str = "eval/test") -> Figure:
-    """Accuracy per family (and overall) of both models with CI error bars; the Bayes ceiling as a tick."""
+    """Accuracy per family (and overall) of every variant with CI error bars; the Bayes ceiling as a tick."""
     groups = [*families, "all"]
-    fig, ax = plt.subplots(figsize=(1.5 * len(groups) + 3, 4.2))
+    variants = list(agg)
+    width = 0.76 / len(variants)
+    fig, ax = plt.subplots(figsize=(0.6 * len(groups) * max(2, len(variants)) + 3, 4.2))
     xs = np.arange(len(groups))
-    for j, att in enumerate(MODELS):
+    for j, att in enumerate(variants):
         ivs = [agg[att].get(f"{prefix}/accuracy" + ("" if g == "all" else f"/{g}")) for g in groups]
         mean = np.array([iv.mean if iv else np.nan for iv in ivs])
         err = np.array(
             [[iv.mean - iv.low, iv.high - iv.mean] if iv and math.isfinite(iv.low) else [0, 0] for iv in ivs]
         ).T
-        ax.bar(xs + (j - 0.5) * 0.38, mean, width=0.38, yerr=err, capsize=4, color=COLORS[att], label=att)
-    ceil = [agg["softmax"].get(f"{prefix}/ceiling" + ("" if g == "all" else f"/{g}")) for g in groups]
+        offset = (j - (len(variants) - 1) / 2) * width
+        ax.bar(xs + offset, mean, width=width, yerr=err, capsize=4, color=COLORS[att], label=att)
+    ceil = [agg[variants[0]].get(f"{prefix}/ceiling" + ("" if g == "all" else f"/{g}")) for g in groups]
     ax.scatter(
         xs, [c.mean if c else np.nan for c in ceil], marker="_", s=900, color="black", zorder=3, label="Bayes ceiling"
     )
@@ -168,7 +186,7 @@ def _length_panel(ax, agg: Aggregate, factors: list[int], train_len: int, group:
     """One panel of `length_curves`: accuracy vs length of one family (or "all") for both models."""
     lengths = [f * train_len for f in sorted(factors)]
     sfx = "" if group == "all" else f"/{group}"
-    for att in MODELS:
+    for att in agg:
         for kind, ls in (("", "-"), ("/beyond", "--")):
             ivs = [agg[att].get(f"lengen/x{f}{kind}/accuracy{sfx}") for f in sorted(factors)]
             pts = [(n, iv) for n, iv in zip(lengths, ivs, strict=True) if iv is not None]
@@ -189,7 +207,7 @@ def _length_panel(ax, agg: Aggregate, factors: list[int], train_len: int, group:
                 color=COLORS[att],
                 label=f"{att}{' beyond' if kind else ''}",
             )
-    ceil = [agg["softmax"].get(f"lengen/x{f}/beyond/ceiling{sfx}") for f in sorted(factors)]
+    ceil = [next(iter(agg.values())).get(f"lengen/x{f}/beyond/ceiling{sfx}") for f in sorted(factors)]
     pts = [(n, c.mean) for n, c in zip(lengths, ceil, strict=True) if c is not None]
     if pts:
         ax.plot(*zip(*pts, strict=True), ls=":", color="black", label="ceiling beyond")
@@ -272,3 +290,41 @@ def embedding_figures(models: dict[str, Transformer], seed: int = 0) -> tuple[di
         figs[att] = ap.embeddings_figure(trained, rnd, f"{att} attention")
         metrics[att] = trained.metrics
     return figs, metrics
+
+
+def recall_curves(values: dict[str, dict[int, Interval]], title: str = "MQAR answer accuracy") -> Figure:
+    """Recall accuracy against the number of key-value pairs, a line per variant with its CI over seeds."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    _recall_panel(ax, values, "key-value pairs")
+    ax.set(title=f"{title} vs number of key-value pairs (mean, CI over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def recall_vs_width(values: dict[int, dict[str, dict[int, Interval]]]) -> Figure:
+    """Zoology's figure: per number of pairs a panel of recall accuracy against d_model, a line per variant.
+    `values`: pairs -> variant -> d_model -> interval over seeds."""
+    pairs = sorted(values)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False, sharey=True)
+    for ax, n in zip(axes[0], pairs, strict=True):
+        _recall_panel(ax, values[n], "d_model")
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"{n} key-value pairs")
+    axes[0][0].set_ylabel("answer accuracy")
+    fig.suptitle("MQAR answer accuracy vs model width (mean, CI over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def _recall_panel(ax, values: dict[str, dict[int, Interval]], xlabel: str) -> None:
+    for att, per in values.items():
+        xs = sorted(per)
+        mean = np.array([per[x].mean for x in xs])
+        err = np.array(
+            [[per[x].mean - per[x].low, per[x].high - per[x].mean] if math.isfinite(per[x].low) else [0, 0] for x in xs]
+        ).T  # (2, points): below and above the mean, as errorbar wants
+        ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, color=COLORS[att], label=att)
+        ax.set_xticks(xs, [str(x) for x in xs])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set(xlabel=xlabel, ylabel="answer accuracy", ylim=(-0.02, 1.05))
+    ax.legend(fontsize=7)

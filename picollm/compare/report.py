@@ -1,6 +1,8 @@
 """report.md of `picollm compare`: one function per section (setup, headline, every split, per family,
 length generalisation with coverage, efficiency, figures), assembled by `render_report`. Pure text from a
-`ReportInput`; the flow logs it.
+`ReportInput`; the flow logs it. Every table compares each variant with the baseline (the first): with two
+variants a value column each and the test columns of their difference, with more a value column per variant
+and one column per other variant holding its difference, adjusted p and verdict.
 """
 
 from __future__ import annotations
@@ -13,16 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from picollm.compare.efficiency import Efficiency
-from picollm.compare.stats import (
-    MODELS,
-    Aggregate,
-    Difference,
-    SeqIntervals,
-    diff_cells,
-    fmt_interval,
-    holm_table,
-    side,
-)
+from picollm.compare.stats import Aggregate, SeqIntervals
+from picollm.compare.table import Comparisons, diff_cells, fmt_interval, holm_grid, side
 
 
 @dataclass
@@ -32,13 +26,13 @@ class ReportInput:
     parent_run_id: str
     seconds: float
     setup: list[str]  # bullet lines
-    runs: dict[str, list[str]]  # model -> labels of its runs (seeds or references)
+    runs: dict[str, list[str]]  # variant -> labels of its runs (seeds or references); the first is the baseline
     families: list[str]
     factors: list[int]
     train_len: int
     agg: Aggregate
-    diffs: dict[str, Difference]  # metric -> linear - softmax with unadjusted p-values
-    rows: list[dict[str, str]]  # the headline table (stats.summary_rows)
+    diffs: Comparisons  # variant -> metric -> variant - baseline with unadjusted p-values
+    rows: list[dict[str, str]]  # the headline table (table.comparison_rows)
     alpha: float
     ci_text: str
     coverage: dict[str, dict[str, float]]  # "test split" and "<f>x" -> coverage()
@@ -48,53 +42,99 @@ class ReportInput:
     test: str = "paired"  # compare.test: the test asked for
     seq_ci: SeqIntervals = field(default_factory=dict)  # sequence-bootstrap intervals of single runs
 
+    @property
+    def variants(self) -> list[str]:
+        return list(self.runs)
+
+    @property
+    def base(self) -> str:
+        return self.variants[0]
+
+    @property
+    def others(self) -> list[str]:
+        return self.variants[1:]
+
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-ROW_COLUMNS = [
+ROW_COLUMNS = [  # the two-variant headline: (row key, header); the variant columns take their names
     ("metric", "metric"),
-    ("softmax", "softmax"),
-    ("linear", "linear"),
-    ("diff", "linear − softmax"),
+    ("base_value", "{base}"),
+    ("value", "{variant}"),
+    ("diff", "{variant} − {base}"),
     ("p", "p"),
     ("p_tost", "p TOST"),
     ("verdict", "verdict"),
 ]
-TEST_HEADER = ["linear − softmax", "p", "p TOST", "verdict"]  # the test columns of every compared table
+
+Item = tuple[str, str, bool | None]  # (metric key, label, higher is better; None: no direction, not tested)
 
 
-def _tested(r: ReportInput, items: list[tuple[str, str, bool | None]]) -> list[tuple[str, str, bool | None, dict]]:
-    """(key, label, higher_better, cells) of the items either model reports; `cells` are the test columns
-    (stats.diff_cells) with p-values Holm-adjusted within these items (higher_better None: not tested)."""
-    present = [(k, label, hb) for k, label, hb in items if k in r.agg["softmax"] or k in r.agg["linear"]]
-    adjusted = holm_table(r.diffs, [k for k, _, hb in present if hb is not None])
-    out = []
+def _header(r: ReportInput, first: str) -> list[str]:
+    """Two variants: value, value, difference, p, p TOST, verdict; more: each variant's value, then one
+    `v − base` column per other variant (difference, adjusted p and verdict in one cell)."""
+    if len(r.variants) == 2:
+        v = r.others[0]
+        return [first, r.base, v, f"{v} − {r.base}", "p", "p TOST", "verdict"]
+    return [first, *r.variants, *(f"{v} − {r.base}" for v in r.others)]
+
+
+def _compared(r: ReportInput, items: list[Item], extra: dict[str, list[str]] | None = None) -> tuple[list, int, dict]:
+    """The rows of a compared table over `items` that some variant reports (`extra`: cells after the label,
+    by key), the number of tests in it and the verdicts {(variant, label): verdict}; p-values Holm-adjusted
+    over every test of the table."""
+    present = [(k, label, hb) for k, label, hb in items if any(k in r.agg.get(v, {}) for v in r.variants)]
+    adjusted = holm_grid(r.diffs, [k for k, _, hb in present if hb is not None])
+    rows, verdicts = [], {}
     for key, label, hb in present:
-        if hb is None or key not in adjusted:
-            a, b = r.agg["softmax"].get(key), r.agg["linear"].get(key)
-            diff = f"{b.mean - a.mean:+.3f}" if a and b and math.isfinite(b.mean - a.mean) else "-"
-            cells = {"diff": diff, "p": "-", "p_tost": "-", "verdict": "-" if hb is None else "n/a"}
+        values = [fmt_interval(side(r.agg, r.seq_ci, v, key)) for v in r.variants]
+        cells_of = {}
+        for v in r.others:
+            if hb is None or (v, key) not in adjusted:
+                a, b = r.agg.get(r.base, {}).get(key), r.agg.get(v, {}).get(key)
+                diff = f"{b.mean - a.mean:+.3f}" if a and b and math.isfinite(b.mean - a.mean) else "-"
+                cells_of[v] = {"diff": diff, "p": "-", "p_tost": "-", "verdict": "-" if hb is None else "n/a"}
+            else:
+                cells_of[v] = diff_cells(r.diffs[v][key], adjusted[(v, key)], r.alpha, hb, names=(r.base, v))
+                verdicts[(v, label)] = cells_of[v]["verdict"]
+        lead = [label, *(extra or {}).get(key, [])]
+        if len(r.variants) == 2:
+            c = cells_of[r.others[0]]
+            rows.append([*lead, *values, c["diff"], c["p"], c["p_tost"], c["verdict"]])
         else:
-            cells = diff_cells(r.diffs[key], adjusted[key], r.alpha, hb)
-        out.append((key, label, hb, cells))
-    return out
+            rows.append([*lead, *values, *(_cell(cells_of[v]) for v in r.others)])
+    return rows, len(adjusted), verdicts
 
 
-def _test_cells(cells: dict[str, str]) -> list[str]:
-    return [cells["diff"], cells["p"], cells["p_tost"], cells["verdict"]]
+def _cell(c: dict[str, str]) -> str:
+    """One comparison in one cell (more than two variants): difference, adjusted p, verdict."""
+    if c["p"] == "-":
+        return c["diff"]
+    return f"{c['diff']} (p {c['p']}): {c['verdict']}"
 
 
-def _verdict_line(tested: list[tuple[str, str, bool | None, dict]]) -> list[str]:
+def _table(
+    r: ReportInput,
+    first: str,
+    items: list[Item],
+    extra: dict[str, list[str]] | None = None,
+    extra_header: list[str] | None = None,
+) -> list[str]:
+    rows, k, verdicts = _compared(r, items, extra)
+    header = _header(r, first)
+    header[1:1] = extra_header or []
+    return [*md_table(header, rows), *_verdict_line(r, k, verdicts)]
+
+
+def _verdict_line(r: ReportInput, k: int, verdicts: dict[tuple[str, str], str]) -> list[str]:
     """Which rows got which verdict, and the size of the table's Holm family."""
-    k = sum(t[3]["p"] != "-" for t in tested)
     if not k:
         return ["", "No test: fewer than 2 runs a side."]
     groups: dict[str, list[str]] = {}
-    for _, label, _, cells in tested:
-        if cells["p"] != "-":
-            groups.setdefault(cells["verdict"], []).append(label)
+    for (v, label), verdict in verdicts.items():
+        groups.setdefault(verdict, []).append(label if len(r.variants) == 2 else f"{label} ({v})")
     order = sorted(groups, key=lambda v: (not v.endswith("better"), v.startswith("inconclusive"), v))
     said = "; ".join(f"**{v}**: {', '.join(groups[v])}" for v in order)
     return ["", f"p-values Holm-adjusted within this table of {k} tests. {said}."]
@@ -102,29 +142,33 @@ def _verdict_line(tested: list[tuple[str, str, bool | None, dict]]) -> list[str]
 
 def _test_sentence(r: ReportInput) -> str:
     """Which test, which margin, the correction and alpha (under the headline table)."""
-    if not r.diffs:
+    if not any(r.diffs.values()):
         return "No difference test: fewer than 2 runs a side."
-    used = {d.test for d in r.diffs.values()}
+    used = {d.test for per in r.diffs.values() for d in per.values()}
     n = {att: len(labels) for att, labels in r.runs.items()}
+    against = "" if len(r.variants) == 2 else f"each variant against the baseline {r.base}: "
     if "paired" in used:
         test = (
-            f"paired t-test on the {n['softmax']} per-seed differences linear_s − softmax_s (both models of a "
-            "seed start from the same weights and see the same data in the same order), with its paired t interval"
+            f"{against}paired t-test on the {n[r.base]} per-seed differences variant_s − {r.base}_s (the runs of "
+            "a seed share train.seed, so the same data in the same order and, where the architectures agree, the "
+            "same initial weights), with its paired t interval"
         )
     else:
-        test = "Welch's unequal-variance t-test of the difference of means, with its Welch t interval"
+        test = f"{against}Welch's unequal-variance t-test of the difference of means, with its Welch t interval"
         if r.test == "paired":
             why = (
                 "registry mode: the loaded models are not known to be paired"
                 if r.mode == "registry"
                 else "unequal numbers of runs"
-                if n["softmax"] != n["linear"]
-                else "the two models' seeds differ"
+                if len(set(n.values())) > 1
+                else "the variants' seeds differ"
             )
             test += f" (the paired test was asked for, but the runs are not paired: {why})"
     margins = Counter(row["margin"] for row in r.rows if row.get("margin", "-") != "-")
     usual = margins.most_common(1)[0][0] if margins else "-"
-    other = [f"{row['metric']} ±{row['margin']}" for row in r.rows if row.get("margin", usual) not in (usual, "-")]
+    other = sorted(
+        {f"{row['metric']} ±{row['margin']}" for row in r.rows if row.get("margin", usual) not in (usual, "-")}
+    )
     return (
         f"Difference test: {test}. Equivalence: TOST (two one-sided tests) with margin ±{usual}"
         + (f" ({', '.join(other)})" if other else "")
@@ -136,7 +180,7 @@ def _test_sentence(r: ReportInput) -> str:
 
 HOW_TO_READ = (
     "How to read the verdicts: **X better** = the difference test rejects equal means (adjusted p < alpha); "
-    "**equivalent within ±m** = no difference shown, and TOST shows |linear − softmax| < m (adjusted p TOST "
+    "**equivalent within ±m** = no difference shown, and TOST shows |variant − baseline| < m (adjusted p TOST "
     "< alpha); **inconclusive** = neither a difference nor equivalence within ±m could be shown with these "
     "runs (more seeds, or a wider margin, may decide it)."
 )
@@ -171,12 +215,12 @@ def render_report(r: ReportInput) -> str:
 
 
 def _setup(r: ReportInput) -> list[str]:
-    n = {att: len(labels) for att, labels in r.runs.items()}
+    n = ", ".join(f"{att} n={len(labels)}" for att, labels in r.runs.items())
     return [
         f"# {r.title}",
         "",
-        f"Parent run `{r.parent_run_id}` · mode: **{r.mode}** · wall time {r.seconds:.0f} s · "
-        f"runs: softmax n={n['softmax']}, linear n={n['linear']}",
+        f"Parent run `{r.parent_run_id}` · mode: **{r.mode}** · wall time {r.seconds:.0f} s · runs: {n} · "
+        f"baseline: **{r.base}**",
         "",
         "## Setup",
         "",
@@ -189,18 +233,35 @@ def _headline(r: ReportInput) -> list[str]:
         "",
         "## Headline",
         "",
-        f"Mean over runs ± {r.ci_text}. linear − softmax: mean difference with its "
+        f"Mean over runs ± {r.ci_text}. variant − {r.base}: mean difference with its "
         "interval; p: two-sided test of no difference; p TOST: equivalence within the margin.",
         "",
     ]
-    lines += md_table([h for _, h in ROW_COLUMNS], [[row[k] for k, _ in ROW_COLUMNS] for row in r.rows])
+    if len(r.variants) == 2:
+        header = [h.format(base=r.base, variant=r.others[0]) for _, h in ROW_COLUMNS]
+        lines += md_table(header, [[row[k] for k, _ in ROW_COLUMNS] for row in r.rows])
+    else:
+        by_metric: dict[str, dict[str, dict[str, str]]] = {}
+        for row in r.rows:
+            by_metric.setdefault(row["metric"], {})[row["variant"]] = row
+        table = [
+            [
+                m,
+                per[r.others[0]]["base_value"],
+                *(per[v]["value"] for v in r.others),
+                *(_cell(per[v]) for v in r.others),
+            ]
+            for m, per in by_metric.items()
+        ]
+        lines += md_table(_header(r, "metric"), table)
     lines += ["", _test_sentence(r), "", HOW_TO_READ]
     groups: dict[str, list[str]] = {}
     for row in r.rows:
-        groups.setdefault(row["verdict"], []).append(row["metric"])
-    kinds = ["linear better", "softmax better", *sorted(v for v in groups if v.startswith("equivalent"))]
+        label = row["metric"] if len(r.variants) == 2 else f"{row['metric']} ({row['variant']})"
+        groups.setdefault(row["verdict"], []).append(label)
+    kinds = [*(f"{v} better" for v in r.variants[::-1]), *sorted(v for v in groups if v.startswith("equivalent"))]
     kinds.append("inconclusive")
-    if r.diffs:
+    if any(r.diffs.values()):
         lines += ["", " ".join(f"**{v[0].upper() + v[1:]}**: {', '.join(groups.get(v, [])) or 'none'}." for v in kinds)]
     single = [att for att, labels in r.runs.items() if len(labels) == 1]
     if single:
@@ -226,36 +287,34 @@ def _every_split(r: ReportInput) -> list[str]:
         for split in ("train", "val", "test")
         for m, label, hb in SPLIT_METRICS
     ]
-    tested = _tested(r, items)
-    table = [[label, *_sides(r, key), *_test_cells(cells)] for key, label, _, cells in tested]
     return [
         "",
         "## Every split",
         "",
         "Mean confidence has no better direction and is not tested.",
         "",
-        *md_table(["metric", "softmax", "linear", *TEST_HEADER], table),
-        *_verdict_line(tested),
+        *_table(r, "metric", items),
     ]
 
 
-def _sides(r: ReportInput, key: str) -> list[str]:
-    return [fmt_interval(side(r.agg, r.seq_ci, att, key)) for att in MODELS]
-
-
 def _per_family(r: ReportInput) -> list[str]:
-    tested = _tested(r, [(f"eval/test/accuracy/{fam}", fam, True) for fam in r.families])
-    table = []
-    for key, fam, _, cells in tested:
-        ceil = r.agg["softmax"].get(f"eval/test/ceiling/{fam}")
-        acc_c = [fmt_interval(r.agg[att].get(f"eval/test/accuracy_vs_ceiling/{fam}")) for att in MODELS]
-        table.append([fam, *_sides(r, key), f"{ceil.mean:.3f}" if ceil else "-", *acc_c, *_test_cells(cells)])
-    header = ["family", "softmax acc.", "linear acc.", "ceiling", "softmax acc./ceiling", "linear acc./ceiling"]
-    return ["", "## Per family (test)", "", *md_table([*header, *TEST_HEADER], table), *_verdict_line(tested)]
+    items: list[Item] = []
+    extra = {}
+    for fam in r.families:
+        ceil = r.agg[r.base].get(f"eval/test/ceiling/{fam}")
+        for key, label in (
+            (f"eval/test/accuracy/{fam}", fam),
+            (f"eval/test/accuracy_vs_ceiling/{fam}", f"{fam} / ceiling"),
+        ):
+            items.append((key, label, True))
+            extra[key] = [f"{ceil.mean:.3f}" if ceil else "-"]
+    return ["", "## Per family (test)", "", *_table(r, "family (accuracy)", items, extra, ["ceiling"])]
 
 
 def _length_generalisation(r: ReportInput) -> list[str]:
     factors = sorted(r.factors)
+    if not factors:
+        return []
     lines = [
         "",
         "## Length generalisation",
@@ -270,33 +329,17 @@ def _length_generalisation(r: ReportInput) -> list[str]:
         "never had to predict in training. The ceiling is the Bayes-optimal accuracy on the same targets.",
         "",
     ]
-    items = [(f"lengen/x{f}/accuracy", f"accuracy at {f}×", True) for f in factors]
-    items += [(f"lengen/x{f}/beyond/accuracy", f"accuracy beyond at {f}×", True) for f in factors]
-    tested = _tested(r, items)
-    cells_of = {key: cells for key, _, _, cells in tested}
-    table = []
+    items: list[Item] = []
+    extra = {}
     for f in factors:
-        row = [f"{f}× ({f * r.train_len})"]
-        for key in (f"lengen/x{f}/accuracy", f"lengen/x{f}/beyond/accuracy"):
-            cells = cells_of.get(key, {"p": "-", "verdict": "-"})
-            row += [*_sides(r, key), cells["p"], cells["verdict"]]
-        c = r.agg["softmax"].get(f"lengen/x{f}/beyond/ceiling")
-        row.append(f"{c.mean:.3f}" if c else "-")
-        table.append(row)
-    header = [
-        "length",
-        "softmax acc.",
-        "linear acc.",
-        "p",
-        "verdict",
-        "softmax acc. beyond",
-        "linear acc. beyond",
-        "p beyond",
-        "verdict beyond",
-        "ceiling beyond",
-    ]
-    lines += md_table(header, table)
-    return lines + _verdict_line(tested)
+        c = r.agg[r.base].get(f"lengen/x{f}/beyond/ceiling")
+        for key, label in (
+            (f"lengen/x{f}/accuracy", f"accuracy at {f}× ({f * r.train_len})"),
+            (f"lengen/x{f}/beyond/accuracy", f"accuracy beyond at {f}×"),
+        ):
+            items.append((key, label, True))
+            extra[key] = [f"{c.mean:.3f}" if c and "beyond" in key else "-"]
+    return lines + _table(r, "length", items, extra, ["ceiling beyond"])
 
 
 def _coverage(r: ReportInput) -> list[str]:
@@ -319,25 +362,24 @@ def _coverage(r: ReportInput) -> list[str]:
 def _beyond_per_family(r: ReportInput) -> list[str]:
     """Part of the length-generalisation section: per family, beyond the training length at the longest
     length (nothing when the longest is the training length)."""
-    big = max(r.factors)
+    big = max(r.factors, default=1)
     if big <= 1:
         return []
-    tested = _tested(r, [(f"lengen/x{big}/beyond/accuracy/{fam}", fam, True) for fam in r.families])
-    table = []
-    for key, fam, _, cells in tested:
-        c = r.agg["softmax"].get(f"lengen/x{big}/beyond/ceiling/{fam}")
-        table.append([fam, *_sides(r, key), f"{c.mean:.3f}" if c else "-", *_test_cells(cells)])
+    items: list[Item] = [(f"lengen/x{big}/beyond/accuracy/{fam}", fam, True) for fam in r.families]
+    extra = {}
+    for key, fam, _ in items:
+        c = r.agg[r.base].get(f"lengen/x{big}/beyond/ceiling/{fam}")
+        extra[key] = [f"{c.mean:.3f}" if c else "-"]
     return [
         "",
         f"Per family, targets beyond the training length at {big}× ({big * r.train_len} tokens):",
         "",
-        *md_table(["family", "softmax", "linear", "ceiling", *TEST_HEADER], table),
-        *_verdict_line(tested),
+        *_table(r, "family", items, extra, ["ceiling"]),
     ]
 
 
 def _efficiency(r: ReportInput) -> list[str]:
-    """Training step time and memory per length, then (`_generation_table`) prefill and decoding time."""
+    """Per variant and length: recurrent state, training step time and memory, prefill and decoding time."""
     e = r.efficiency
     if e is None:
         return []
@@ -345,50 +387,59 @@ def _efficiency(r: ReportInput) -> list[str]:
         "",
         "## Efficiency",
         "",
-        f"Both models (fresh weights, same architecture as compared) measured side by side in one process, "
+        f"Every variant (fresh weights, same architecture as compared) measured side by side in one process, "
         f"interleaved per length, on the CPU with {e.threads} torch thread(s); times are medians. "
-        "Training step = forward + backward + AdamW on a batch of max(1, tokens_per_step // N) sequences. "
-        "Peak memory: one training step per (model, length) in a fresh Python process; its peak RSS "
-        "is the kernel high-water mark VmHWM (/proc/self/status; ru_maxrss is not used on Linux because "
-        "a child inherits its parent's peak there), reset to the current RSS just before the step "
-        "(/proc/self/clear_refs), so 'step MB' is what the (first) step adds on top of model, optimizer "
-        "and inputs. Generation: greedy decoding at batch 1 after a prompt of C tokens; softmax keeps a KV "
-        "cache, linear attention a fixed-size recurrent state.",
+        "State: the floats one layer keeps to generate the next token after N tokens (a KV cache grows with N; "
+        "a recurrent state does not). Training step = forward + backward + AdamW on a batch of "
+        "max(1, tokens_per_step // N) sequences. Peak memory: one training step per (variant, length) in a "
+        "fresh Python process; its peak RSS is the kernel high-water mark VmHWM (/proc/self/status; ru_maxrss "
+        "is not used on Linux because a child inherits its parent's peak there), reset to the current RSS just "
+        "before the step (/proc/self/clear_refs), so 'step MB' is what the (first) step adds on top of model, "
+        "optimizer and inputs. Generation: greedy decoding at batch 1 after a prompt of N tokens.",
         "",
     ]
     table = []
-    for n_ in e.lengths:
-        cells = [str(n_), str(e.batches[n_])]
-        cells += [f"{e.step_ms[att][n_]:.1f}" for att in MODELS]
-        cells.append(f"{e.step_ms['linear'][n_] / e.step_ms['softmax'][n_]:.2f}")
-        for key in ("step_mb", "peak_rss_mb"):
-            cells += [f"{e.memory[att][n_][key]:.0f}" if e.memory.get(att) else "-" for att in MODELS]
-        table.append(cells)
+    sizes = sorted(set(e.lengths) | set(e.contexts))
+    base = next(iter(e.step_ms), None)
+    for att in e.step_ms:
+        for n_ in sizes:
+            ms = e.step_ms[att].get(n_)
+            ratio = ms / e.step_ms[base][n_] if ms is not None and base and n_ in e.step_ms[base] else None
+            mem = e.memory.get(att, {}).get(n_)
+            state = e.state_floats.get(att, {}).get(n_)
+            gen = e.gen_ms_per_token.get(att, {}).get(n_)
+            pre = e.prefill_ms.get(att, {}).get(n_)
+            table.append(
+                [
+                    att,
+                    str(n_),
+                    str(e.batches[n_]) if n_ in e.batches else "-",
+                    f"{state:,.0f}" if state is not None else "-",
+                    _num(ms, 1),
+                    _num(ratio, 2),
+                    _num(mem["step_mb"], 0) if mem else "-",
+                    _num(mem["peak_rss_mb"], 0) if mem else "-",
+                    _num(pre, 1),
+                    _num(gen * 1000 if gen is not None else None, 0),
+                ]
+            )
     header = [
+        "variant",
         "N",
         "batch",
-        "softmax ms/step",
-        "linear ms/step",
-        "linear/softmax",
-        "softmax step MB",
-        "linear step MB",
-        "softmax peak RSS MB",
-        "linear peak RSS MB",
+        "state floats / layer",
+        "train ms/step",
+        f"vs {base}",
+        "step MB",
+        "peak RSS MB",
+        "prefill ms",
+        "generation µs/token",
     ]
-    return [*lines, *md_table(header, table), "", *_generation_table(e)]
+    return [*lines, *md_table(header, table)]
 
 
-def _generation_table(e: Efficiency) -> list[str]:
-    table = [
-        [
-            str(c),
-            *(f"{e.prefill_ms[att][c]:.1f}" for att in MODELS),
-            *(f"{e.gen_ms_per_token[att][c]:.2f}" for att in MODELS),
-        ]
-        for c in e.contexts
-    ]
-    header = ["context", "softmax prefill ms", "linear prefill ms", "softmax ms/token", "linear ms/token"]
-    return md_table(header, table)
+def _num(x: float | None, digits: int) -> str:
+    return f"{x:,.{digits}f}" if x is not None and math.isfinite(x) else "-"
 
 
 def _figures(r: ReportInput) -> list[str]:
@@ -421,13 +472,21 @@ def report_html(markdown: str, figures: dict[str, bytes], title: str = "picollm 
     path is a key of `figures` (artifact path -> PNG bytes) embedded, so it needs no other artifact."""
     from markdown_it import MarkdownIt
 
-    def inline(m: re.Match[str]) -> str:
+    # The images go in after rendering: markdown-it (pure Python) parsing megabytes of base64 took most of
+    # a comparison's reporting time. The placeholder is a plain link target that survives rendering as is.
+    uris: dict[str, str] = {}
+
+    def placeholder(m: re.Match[str]) -> str:
         png = figures.get(m.group(2))
         if png is None:
             return m.group(0)
-        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(png).decode()})"
+        key = f"picollm-figure-{len(uris)}.png"
+        uris[key] = f"data:image/png;base64,{base64.b64encode(png).decode()}"
+        return f"![{m.group(1)}]({key})"
 
-    body = MarkdownIt("commonmark").enable("table").render(_IMAGE.sub(inline, markdown))
+    body = MarkdownIt("commonmark").enable("table").render(_IMAGE.sub(placeholder, markdown))
+    for key, uri in uris.items():
+        body = body.replace(f'src="{key}"', f'src="{uri}"')
     return (
         f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{_STYLE}</style></head>\n<body>\n{body}</body></html>\n"

@@ -251,13 +251,15 @@ def differences(
     margins: dict[str, float] | None = None,
     test: str = "paired",
     paired: bool = True,
+    baseline: str = "softmax",
+    variant: str = "linear",
 ) -> dict[str, Difference]:
-    """Difference of every metric both models report (and can be tested). The runs are paired by position
-    (seed order) when `test` is "paired", the design is `paired` and both sides have as many runs; Welch's
-    test otherwise. `margins` overrides the equivalence margin per metric name."""
+    """Difference `variant` - `baseline` of every metric both report (and can be tested). The runs are paired
+    by position (seed order) when `test` is "paired", the design is `paired` and both sides have as many runs;
+    Welch's test otherwise. `margins` overrides the equivalence margin per metric name."""
     if test not in ("paired", "welch"):
         raise ValueError(f"unknown test {test!r}")
-    a, b = runs["softmax"], runs["linear"]
+    a, b = runs[baseline], runs[variant]
     use_paired = test == "paired" and paired and len(a) == len(b)
     keys = sorted({k for m in a for k in m} & {k for m in b for k in m})
     out: dict[str, Difference] = {}
@@ -296,13 +298,22 @@ def holm_table(diffs: dict[str, Difference], keys: Sequence[str]) -> dict[str, t
 NA = "n/a (fewer than 2 runs a side)"
 
 
-def verdict(mean: float, p: float, p_tost: float, margin: float, alpha: float, higher_better: bool) -> str:
-    """The difference test first (p < alpha: "X better", direction by `higher_better`), then TOST
-    (p_tost < alpha: "equivalent within ±margin"), else "inconclusive"; p-values already adjusted."""
+def verdict(
+    mean: float,
+    p: float,
+    p_tost: float,
+    margin: float,
+    alpha: float,
+    higher_better: bool,
+    names: tuple[str, str] = MODELS,
+) -> str:
+    """The difference test first (p < alpha: "X better", direction by `higher_better`; `names` = (baseline,
+    variant) of the difference variant - baseline), then TOST (p_tost < alpha: "equivalent within ±margin"),
+    else "inconclusive"; p-values already adjusted."""
     if not math.isfinite(p):
         return NA
     if p < alpha:
-        return f"{'linear' if (mean > 0) == higher_better else 'softmax'} better"
+        return f"{names[1] if (mean > 0) == higher_better else names[0]} better"
     if p_tost < alpha:
         return f"equivalent within ±{margin:g}"
     return "inconclusive"
@@ -398,96 +409,6 @@ def aggregate_metrics(
         for k, iv in metrics.items():
             out |= {f"{side}/{k}/seq_ci_low": iv.low, f"{side}/{k}/seq_ci_high": iv.high}
     return {k: v for k, v in out.items() if math.isfinite(v)}
-
-
-def headline_keys(factors: list[int]) -> list[tuple[str, str, bool]]:
-    """(metric, label, higher is better) of the summary table."""
-    rows = [
-        ("eval/test/loss", "test loss (NLL)", False),
-        ("eval/test/accuracy", "test accuracy", True),
-        ("eval/test/accuracy_predictable", "test acc. (predictable pos.)", True),
-        ("eval/test/accuracy_vs_ceiling", "test acc. / Bayes ceiling", True),
-        ("eval/test/ece", "test ECE", False),
-    ]
-    for f in sorted(factors):
-        if f > 1:
-            rows.append((f"lengen/x{f}/beyond/accuracy", f"acc. beyond train length, {f}x", True))
-    return rows
-
-
-def fmt_interval(iv: Interval | None, digits: int = 3, sign: str = "") -> str:
-    """mean ± half-width (symmetric) or mean [low, high]; `sign="+"` for differences."""
-    if iv is None or not math.isfinite(iv.mean):
-        return "-"
-    f = f"{sign}.{digits}f"
-    if not math.isfinite(iv.low):
-        return f"{iv.mean:{f}}"
-    if abs(iv.mean - (iv.low + iv.high) / 2) < 1e-9 * max(1.0, abs(iv.mean)):
-        return f"{iv.mean:{f}} ± {iv.half_width:.{digits}f}"
-    return f"{iv.mean:{f}} [{iv.low:{f}}, {iv.high:{f}}]"
-
-
-def fmt_p(p: float) -> str:
-    return "-" if not math.isfinite(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def diff_cells(
-    d: Difference | None,
-    adjusted: tuple[float, float] | None,
-    alpha: float,
-    higher_better: bool,
-    fallback: Interval | None = None,
-) -> dict[str, str]:
-    """Table cells of a difference: "diff" (mean with its interval), "p" and "p_tost" (as adjusted),
-    "test", "margin" and "verdict". Untested (`d` None): the `fallback` interval (e.g. a sequence
-    bootstrap) or point."""
-    if d is None or adjusted is None:
-        cells = {"diff": fmt_interval(fallback, sign="+"), "p": "-", "p_tost": "-", "test": "-", "margin": "-"}
-        return {**cells, "verdict": NA}
-    p, p_tost = adjusted
-    return {
-        "diff": fmt_interval(Interval(d.mean, d.low, d.high, d.se, d.n), sign="+"),
-        "p": fmt_p(p),
-        "p_tost": fmt_p(p_tost),
-        "test": d.test,
-        "margin": f"{d.margin:g}",
-        "verdict": verdict(d.mean, p, p_tost, d.margin, alpha, higher_better),
-    }
-
-
-def side(agg: Aggregate, seq_ci: SeqIntervals | None, att: str, key: str) -> Interval | None:
-    """The interval of a model's metric: over its runs, or its sequence bootstrap when it has one run."""
-    iv = agg.get(att, {}).get(key)
-    boot = (seq_ci or {}).get(att, {}).get(key)
-    return boot if iv is not None and iv.n == 1 and boot is not None else iv
-
-
-def summary_rows(
-    agg: Aggregate,
-    diffs: dict[str, Difference],
-    keys: list[tuple[str, str, bool]],
-    alpha: float,
-    seq_ci: SeqIntervals | None = None,
-) -> list[dict[str, str]]:
-    """The headline table: metric, softmax, linear, diff, p, p_tost (Holm-adjusted within these rows),
-    test, margin and verdict."""
-    present = [(k, label, hb) for k, label, hb in keys if k in agg.get("softmax", {}) or k in agg.get("linear", {})]
-    adjusted = holm_table(diffs, [k for k, _, _ in present])
-    rows = []
-    for key, label, higher in present:
-        a, b = side(agg, seq_ci, "softmax", key), side(agg, seq_ci, "linear", key)
-        fallback = (seq_ci or {}).get("diff", {}).get(key)
-        if fallback is None and a is not None and b is not None:
-            fallback = Interval(b.mean - a.mean, math.nan, math.nan, math.nan, 1)
-        rows.append(
-            {
-                "metric": label,
-                "softmax": fmt_interval(a),
-                "linear": fmt_interval(b),
-                **diff_cells(diffs.get(key), adjusted.get(key), alpha, higher, fallback),
-            }
-        )
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,8 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from picollm.config.yaml_safe import load_text, read_text
 from picollm.errors import ConfigError, elide
 
-FAMILIES = ("counting", "arithmetic", "geometric", "alternating", "random_walk")
-Family = Literal["counting", "arithmetic", "geometric", "alternating", "random_walk"]
+# The rule families (each token follows from the last one or two) are the default workload; the recall
+# families (picollm.generators) need the whole context and are chosen explicitly (`data.seq_types`).
+RULE_FAMILIES = ("counting", "arithmetic", "geometric", "alternating", "random_walk")
+RECALL_FAMILIES = ("mqar", "copy")
+FAMILIES = RULE_FAMILIES + RECALL_FAMILIES
+Family = Literal["counting", "arithmetic", "geometric", "alternating", "random_walk", "mqar", "copy"]
 
 
 # Seeds reach numpy (non-negative, < 2^64) and torch generators (< 2^64), also as sums and products

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from picollm.config.base import StrictModel
+from picollm.config.compare import DEFAULT_VARIANTS, Variant
 from picollm.config.training import ModelConfig, TrackingConfig
 
 
@@ -48,7 +49,7 @@ class BenchGenerationConfig(StrictModel):
 
 
 class BenchConfig(StrictModel):
-    """`make bench`: training-step time of both attentions vs sequence length, side by side; DDP speedup;
+    """`make bench`: training-step time of the variants vs sequence length, side by side; DDP speedup;
     MLflow's share of a training run's wall time; sweep throughput."""
 
     sections: list[Literal["steps", "ddp", "tracking", "sweep", "breakdown", "generation"]] = Field(
@@ -63,6 +64,12 @@ class BenchConfig(StrictModel):
     timed_steps: int = Field(5, ge=1)
     vocab_size: int = Field(128, ge=8)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    variants: list[Variant] = Field(
+        default_factory=lambda: [Variant.model_validate(v) for v in DEFAULT_VARIANTS],
+        min_length=1,
+        description="timed side by side (steps, generation): model overrides per name; the first is the "
+        "reference of the ratios",
+    )
     kernels: bool = Field(True, description="also time the linear-attention forms alone (fwd+bwd)")
     num_threads: int | None = Field(None, ge=1)
     tracking: TrackingConfig = Field(
@@ -73,4 +80,21 @@ class BenchConfig(StrictModel):
     def _vocab(self) -> BenchConfig:
         if self.model.vocab_size is None:
             self.model.vocab_size = self.vocab_size
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError("variants: a name is used twice (names must be unique)")
+        if any(v.models is not None or v.train for v in self.variants):
+            raise ValueError("variants: the bench times fresh models: give only name and model")
+        for v in self.variants:
+            self.variant_model(v)
         return self
+
+    def variant_model(self, v: Variant, **update: object) -> ModelConfig:
+        """The `model` section with the variant's overrides (and `update`, e.g. max_seq_len)."""
+        try:
+            return ModelConfig.model_validate({**self.model.model_dump(mode="json"), **v.model, **update})
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+            raise ValueError(f"variant {v.name}: model.{loc}: {msg}") from None

@@ -1,22 +1,78 @@
-"""`picollm compare`: softmax vs linear attention, efficiency, learning curves."""
+"""`picollm compare`: N attention variants against a baseline, LR grid, recall, efficiency, learning curves."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from picollm.config.base import StrictModel
 from picollm.config.training import DataConfig, ModelConfig, TrackingConfig, TrainConfig, link_vocab
 
+VARIANT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
+# Suffixes of the parent's metric keys (`<metric>/<variant>_ci_low`, ...) and words of its tables: not names.
+RESERVED_NAMES = {"diff", "p", "p_tost", "baseline", "all"}
+DEFAULT_VARIANTS = [
+    {"name": "softmax", "model": {"attention": "softmax"}},
+    {"name": "linear", "model": {"attention": "linear"}},
+]
+
+
+class Variant(StrictModel):
+    """One compared model: a name (the last part of its metric keys) and what it changes in the shared
+    `model` (and, optionally, `train`) sections; or, to evaluate only, the registered models to load."""
+
+    name: str = Field(description="unique; letters, digits, _ . - (starts with a letter), at most 40")
+    model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides, e.g. {attention: linear}")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig overrides, e.g. {lr: 0.001}")
+    models: list[str] | None = Field(
+        None, description="registry mode: model reference(s) to load and evaluate instead of training"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not VARIANT_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid variant name (letters, digits, _ . -, starting with a letter)")
+        if name in RESERVED_NAMES:
+            raise ValueError(f"{name!r} is reserved (metric key suffix): choose another variant name")
+        return name
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _single_model(cls, raw: Any) -> Any:
+        return [raw] if isinstance(raw, str) else raw
+
 
 class CompareSettings(StrictModel):
-    """`compare` section of `picollm compare`: which models, how many seeds, what to evaluate."""
+    """`compare` section of `picollm compare`: which variants, how many seeds, what to evaluate."""
 
-    baseline: list[str] | None = Field(
-        None, description="softmax model reference(s) (NAME@ALIAS, NAME/VERSION, runs:/...); null = train"
+    variants: list[Variant] = Field(
+        default_factory=lambda: [Variant.model_validate(v) for v in DEFAULT_VARIANTS],
+        min_length=2,
+        description="the compared models; the first is the baseline every other is tested against",
     )
-    linear: list[str] | None = Field(None, description="linear-attention model reference(s); null = train")
+    lr_grid: list[float] = Field(
+        default_factory=list,
+        description="learning rates each variant tries on one seed before the seeded runs (validation "
+        "score picks its lr); empty = off, every variant uses train.lr",
+    )
+    lr_grid_epochs: int | None = Field(None, ge=1, description="epochs of each grid run; null = train.epochs")
+    lr_grid_metric: str | None = Field(
+        None,
+        description="last-epoch validation metric that ranks the grid (lower is better for a loss or ECE); "
+        "null = val/accuracy_answer/mqar when the data include mqar, else val/loss",
+    )
+    recall_pairs: list[int] = Field(
+        default_factory=list,
+        description="MQAR: evaluate answer accuracy at these numbers of key-value pairs (data must include "
+        "mqar); empty = the recall report is off",
+    )
+    d_models: list[int] = Field(
+        default_factory=list,
+        description="MQAR recall vs model width: every variant and seed trained again at each d_model; empty = off",
+    )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="train.seed per pair")
     resample_data: bool = Field(
         True,
@@ -24,7 +80,8 @@ class CompareSettings(StrictModel):
         "include data sampling; false = every seed on data.seed",
     )
     length_factors: list[int] = Field(
-        default_factory=lambda: [1, 2, 4, 8], min_length=1, description="evaluate at these multiples of data.max_len"
+        default_factory=lambda: [1, 2, 4, 8],
+        description="evaluate at these multiples of data.max_len; empty = no length generalisation",
     )
     n_long: int = Field(40, ge=1, description="length-generalisation sequences per family and factor")
     ci: Literal["t", "bootstrap"] = Field("t", description="confidence interval of the mean over seeds")
@@ -52,24 +109,69 @@ class CompareSettings(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _single_ref(cls, raw: Any) -> Any:
-        if isinstance(raw, dict):  # `compare.baseline: NAME@ALIAS` is a list of one
-            raw = {k: [v] if k in ("baseline", "linear") and isinstance(v, str) else v for k, v in raw.items()}
+    def _legacy_refs(cls, raw: Any) -> Any:
+        """`compare.baseline` / `compare.linear`, the two-model shorthand: the `models` of the first and the
+        second variant (the default ones when `variants` is not given)."""
+        if not isinstance(raw, dict) or not ({"baseline", "linear"} & raw.keys()):
+            return raw
+        raw = dict(raw)
+        refs = [raw.pop("baseline", None), raw.pop("linear", None)]
+        if refs == [None, None]:
+            return raw
+        if None in refs:
+            raise ValueError("give both compare.baseline and compare.linear (evaluate) or neither (train)")
+        variants = raw.get("variants", DEFAULT_VARIANTS)
+        if not isinstance(variants, list) or len(variants) != 2:
+            raise ValueError(
+                "compare.baseline/compare.linear name the models of two variants; with more, give each "
+                "variant's references as compare.variants[*].models"
+            )
+        pairs = zip(variants, refs, strict=True)
+        raw["variants"] = [{**v, "models": r} if isinstance(v, dict) else v for v, r in pairs]
         return raw
 
     @model_validator(mode="after")
     def _check(self) -> CompareSettings:
-        if (self.baseline is None) != (self.linear is None):
-            raise ValueError("give both compare.baseline and compare.linear (evaluate) or neither (train)")
-        if self.baseline is not None and (not self.baseline or not self.linear):
-            raise ValueError("compare.baseline and compare.linear must name at least one model each")
+        names = [v.name for v in self.variants]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"compare.variants: the name {dupes[0]!r} is used twice (names must be unique)")
+        given = [v.models is not None for v in self.variants]
+        if any(given) and not all(given):
+            missing = [v.name for v in self.variants if v.models is None]
+            raise ValueError(
+                f"compare.variants: {', '.join(missing)} give no models: give models for every variant "
+                "(evaluate) or for none (train)"
+            )
+        if any(v.models == [] for v in self.variants):
+            raise ValueError("compare.variants: models must name at least one model")
+        if self.registry and (self.lr_grid or self.d_models):
+            raise ValueError("compare.lr_grid and compare.d_models train models: they need train mode (no models)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("compare.seeds lists a seed twice")
         if any(f < 1 for f in self.length_factors) or len(set(self.length_factors)) != len(self.length_factors):
             raise ValueError("compare.length_factors must be distinct integers >= 1")
         if any(not m > 0 for m in self.equivalence_margins.values()):
             raise ValueError("compare.equivalence_margins must all be > 0")
+        if self.lr_grid_metric is not None and not self.lr_grid_metric.startswith("val/"):
+            raise ValueError("compare.lr_grid_metric must be a validation metric (val/...), e.g. val/loss")
+        for key in ("lr_grid", "recall_pairs", "d_models"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values) or any(not x > 0 for x in values):
+                raise ValueError(f"compare.{key} must be distinct values > 0")
         return self
+
+    @property
+    def registry(self) -> bool:
+        """Evaluate registered models (every variant gives `models`) rather than train."""
+        return self.variants[0].models is not None
+
+    @property
+    def baseline(self) -> str:
+        return self.variants[0].name
+
+    @property
+    def names(self) -> list[str]:
+        return [v.name for v in self.variants]
 
 
 class EfficiencyConfig(StrictModel):
@@ -124,12 +226,44 @@ class CompareConfig(StrictModel):
     @model_validator(mode="after")
     def _link(self) -> CompareConfig:
         link_vocab(self.model, self.data)
-        if self.learning_curve.n_train and self.compare.baseline is not None:
-            raise ValueError("learning_curve trains models: it needs train mode (compare.baseline/linear null)")
-        longest = max(self.compare.length_factors) * self.data.max_len
-        if self.compare.baseline is None and self.model.pos_encoding == "learned" and longest > self.model.max_seq_len:
-            raise ValueError(
-                f"length generalisation needs {longest} positions but model.max_seq_len is "
-                f"{self.model.max_seq_len} (learned positions)"
-            )
+        cc = self.compare
+        if self.learning_curve.n_train and cc.registry:
+            raise ValueError("learning_curve trains models: it needs train mode (no compare.variants[*].models)")
+        if cc.recall_pairs and "mqar" not in self.data.seq_types:
+            raise ValueError("compare.recall_pairs needs the mqar family in data.seq_types")
+        longest = max(cc.length_factors, default=1) * self.data.max_len
+        for v in cc.variants:
+            model = self.variant_model(v)
+            self.variant_train(v)
+            for d in cc.d_models:
+                self.variant_model(v, d_model=d)
+            if not cc.registry and model.pos_encoding == "learned" and longest > model.max_seq_len:
+                raise ValueError(
+                    f"length generalisation needs {longest} positions but variant {v.name}'s model.max_seq_len "
+                    f"is {model.max_seq_len} (learned positions)"
+                )
         return self
+
+    def variant_model(self, v: Variant, d_model: int | None = None) -> ModelConfig:
+        """The shared `model` section with the variant's overrides (and `d_model`, for compare.d_models)."""
+        raw = {**self.model.model_dump(mode="json"), **v.model, **({"d_model": d_model} if d_model else {})}
+        try:
+            return ModelConfig.model_validate(raw)
+        except ValidationError as e:
+            at = f" at d_model {d_model}" if d_model else ""
+            raise ValueError(f"variant {v.name}{at}: {_first_error(e, 'model')}") from None
+
+    def variant_train(self, v: Variant, **update: Any) -> TrainConfig:
+        """The shared `train` section with the variant's overrides (and `update`, e.g. a grid lr)."""
+        try:
+            return TrainConfig.model_validate({**self.train.model_dump(mode="json"), **v.train, **update})
+        except ValidationError as e:
+            raise ValueError(f"variant {v.name}: {_first_error(e, 'train')}") from None
+
+
+def _first_error(e: ValidationError, section: str) -> str:
+    """`<section>.<key>: <why>` of the first error (`<section>: <why>` for a check of the whole section)."""
+    first = e.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+    return f"{section}.{loc}: {msg}" if loc else f"{section}: {msg}"

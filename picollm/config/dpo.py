@@ -26,6 +26,9 @@ class DPODataConfig(StrictModel):
     path: str | None = Field(None, description="source files: a .txt/.jsonl file, a directory of them, or a glob")
     text_field: str = Field("text", min_length=1, description="the story field of .jsonl rows")
     limit: int | None = Field(5000, ge=1, description="stories read (streamed); null = all")
+    vocab: Literal["compact", "gpt2"] = Field(
+        "compact", description="text: compact = the training stories' GPT-2 ids + unk + pad; gpt2 = all 50,258"
+    )
     seq_max_len: int = Field(128, ge=8, description="longest prompt + continuation, in tokens")
     prompt_sentences: int = Field(2, ge=1, description="sentences in the prompt")
     continuation_sentences: int | None = Field(
@@ -47,8 +50,11 @@ class DPODataConfig(StrictModel):
         return self
 
     @property
-    def vocab_size(self) -> int:
-        return self.synthetic.vocab_size if self.source == "synthetic" else GPT2_VOCAB
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary; None for a compact one (known once the training stories are read)."""
+        if self.source == "synthetic":
+            return self.synthetic.vocab_size
+        return None if self.vocab == "compact" else GPT2_VOCAB
 
 
 class DPOConfig(OptimConfig):
@@ -60,7 +66,13 @@ class DPOConfig(OptimConfig):
         None, description="registered model or run to use as reference; null = train an SFT reference"
     )
     beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field(
+        "sigmoid", description="simpo: reference-free, length-averaged log-probs, margin simpo_gamma"
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin γ (TRL's simpo_gamma)")
+    rpo_alpha: float | None = Field(
+        None, ge=0, description="add rpo_alpha x the chosen NLL per token (RPO, TRL's rpo_alpha); null = off"
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid only)")
     length_normalize: bool = Field(False, description="divide sequence log-probs by the response length")
     corruptions: list[Corruption] = Field(default_factory=lambda: ["other_story", "swap_tokens"], min_length=1)
@@ -89,8 +101,8 @@ class DPOConfig(OptimConfig):
     def _check(self) -> DPOConfig:
         if len(set(self.corruptions)) != len(self.corruptions):
             raise ValueError("corruptions lists a scheme twice")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ValueError("label_smoothing applies to loss_type sigmoid only")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            raise ValueError("label_smoothing applies to loss_type sigmoid and simpo only")
         return self
 
 
@@ -128,7 +140,9 @@ class DPORunConfig(StrictModel):
     def _link(self) -> DPORunConfig:
         vocab = self.data.vocab_size
         if self.model.vocab_size is None:
-            self.model.vocab_size = vocab
+            self.model.vocab_size = vocab  # compact: the flow sets it from the data
+        elif vocab is None:
+            raise ValueError("model.vocab_size must stay null with data.vocab compact (it comes from the stories)")
         elif self.model.vocab_size != vocab:
             raise ValueError(
                 f"model.vocab_size ({self.model.vocab_size}) differs from the data's vocabulary ({vocab}); "

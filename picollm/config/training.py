@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from picollm.config.base import FAMILIES, Beta, Family, Seed, StrictModel, model_name_problem
+from picollm.config.base import RULE_FAMILIES, Beta, Family, Seed, StrictModel, model_name_problem
 
 
 class DataConfig(StrictModel):
@@ -14,7 +14,9 @@ class DataConfig(StrictModel):
     so no sequence sticks at a bound and sequences of any length stay inside the trained range.
     Token M (the last id) is the pad token."""
 
-    seq_types: list[Family] = Field(default_factory=lambda: list(FAMILIES), min_length=1)
+    seq_types: list[Family] = Field(
+        default_factory=lambda: list(RULE_FAMILIES), min_length=1, description="default: the five rule families"
+    )
     vocab_size: int = Field(128, ge=8, le=65536)
     min_len: int = Field(8, ge=3)
     max_len: int = Field(32, ge=3)
@@ -38,6 +40,18 @@ class DataConfig(StrictModel):
         default_factory=lambda: [2, 3], min_length=1, description="ratios r (not 0 or 1 mod M)"
     )
     walk_steps: list[int] = Field(default_factory=lambda: [-1, 1], min_length=1)
+    # The recall families (picollm.generators): keys are tokens 0..K-1, values K..K+V-1.
+    mqar_pairs: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [4], min_length=1, description="key-value pairs; each mqar sequence draws one"
+    )
+    mqar_key_vocab: int = Field(16, ge=1, description="mqar keys are the tokens 0..mqar_key_vocab-1")
+    mqar_value_vocab: int = Field(16, ge=1, description="mqar values are the next mqar_value_vocab tokens")
+    mqar_queries: int | None = Field(
+        None, ge=1, description="queries per mqar sequence (distinct keys); null = every key once, in random order"
+    )
+    copy_len: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [8], min_length=1, description="copy segment lengths; each sequence draws one"
+    )
 
     @property
     def modulus(self) -> int:
@@ -50,7 +64,7 @@ class DataConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         m = self.modulus
-        if self.min_len > self.max_len:
+        if self.min_len > self.max_len and any(f in RULE_FAMILIES for f in self.seq_types):  # recall: own lengths
             raise ValueError(f"min_len ({self.min_len}) is larger than max_len ({self.max_len})")
         if len(set(self.seq_types)) != len(self.seq_types):
             raise ValueError("seq_types lists a family twice")
@@ -68,11 +82,45 @@ class DataConfig(StrictModel):
         for key in ("arithmetic_steps", "geometric_ratios"):  # one value is one generator
             if len({v % m for v in getattr(self, key)}) != len(getattr(self, key)):
                 raise ValueError(f"{key} lists a value twice modulo {m}")
+        for fam in ("mqar", "copy"):
+            if fam in self.seq_types and (problem := self.recall_problem(fam)):
+                raise ValueError(problem)
         return self
+
+    def recall_problem(self, family: str) -> str | None:
+        """Why `family` (mqar or copy) cannot be drawn with these settings, or None. The generators ask
+        again: a config changed with `model_copy(update=...)` skips validation."""
+        if family == "mqar":
+            pairs, k, v = max(self.mqar_pairs), self.mqar_key_vocab, self.mqar_value_vocab
+            queries = self.mqar_queries or pairs
+            if k + v > self.modulus:
+                return (
+                    f"mqar_key_vocab + mqar_value_vocab ({k} + {v}) exceeds the {self.modulus} values of "
+                    f"vocab_size {self.vocab_size} (keys and values are disjoint tokens; the last id is the pad)"
+                )
+            if pairs > k or pairs > v:
+                return (
+                    f"mqar_pairs up to {pairs} needs that many distinct keys and values "
+                    f"(mqar_key_vocab {k}, mqar_value_vocab {v})"
+                )
+            if self.mqar_queries is not None and self.mqar_queries > min(self.mqar_pairs):
+                return (
+                    f"mqar_queries ({self.mqar_queries}) exceeds the fewest mqar_pairs ({min(self.mqar_pairs)}): "
+                    "the queries are distinct keys"
+                )
+            if 2 * pairs + 2 * queries > self.max_len:
+                return (
+                    f"mqar sequences of {pairs} pairs have {2 * pairs + 2 * queries} tokens, "
+                    f"more than max_len ({self.max_len})"
+                )
+        if family == "copy" and 2 * max(self.copy_len) > self.max_len:
+            n = max(self.copy_len)
+            return f"copy sequences of copy_len {n} have {2 * n} tokens, more than max_len ({self.max_len})"
+        return None
 
 
 class ModelConfig(StrictModel):
-    attention: Literal["softmax", "linear"] = "softmax"
+    attention: Literal["softmax", "linear", "gated_linear", "deltanet", "gated_deltanet", "sliding_window"] = "softmax"
     pos_encoding: Literal["alibi", "none", "sinusoidal", "learned"] = "alibi"
     alibi_exponent: float = Field(
         4.0, gt=0, description="ALiBi slopes m_h = 2^(-alibi_exponent * h / n_heads), h = 1..n_heads"
@@ -88,11 +136,38 @@ class ModelConfig(StrictModel):
     tie_embeddings: bool = False
     linear_chunk_size: int = Field(64, ge=1, description="chunk length of the chunkwise linear form")
     linear_eps: float = Field(1e-6, gt=0)
+    feature_map: Literal["elu", "relu", "taylor"] = Field(
+        "elu", description="linear, gated_linear: phi = elu(x)+1, relu(x), or Based's 2nd-order Taylor map"
+    )
+    feature_dim: int | None = Field(
+        None, ge=1, le=64, description="taylor: q and k projected to this size per head; null = d_head"
+    )
+    normalizer: Literal["denominator", "rmsnorm"] = Field(
+        "denominator", description="linear, gated_linear: divide by phi(q).z, or RMSNorm each head's output"
+    )
+    window: int = Field(64, ge=1, description="sliding_window: keys at most window-1 positions back")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        kernel = self.attention in ("linear", "gated_linear")
+        wrong = [
+            f"{key}={value}"
+            for key, value, default, applies in (
+                ("feature_map", self.feature_map, "elu", kernel),
+                ("normalizer", self.normalizer, "denominator", kernel),
+                ("feature_dim", self.feature_dim, None, kernel and self.feature_map == "taylor"),
+                ("window", self.window, 64, self.attention == "sliding_window"),
+            )
+            if value != default and not applies
+        ]
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)} does not apply to attention={self.attention}, feature_map={self.feature_map} "
+                "(feature_map, normalizer: linear and gated_linear; feature_dim: feature_map taylor; "
+                "window: sliding_window)"
+            )
         return self
 
     @property
@@ -102,6 +177,16 @@ class ModelConfig(StrictModel):
     @property
     def mlp_width(self) -> int:
         return self.d_mlp or 4 * self.d_model
+
+    @property
+    def recurrent(self) -> bool:
+        """A mixer with a fixed-size state (S, z) rather than a KV cache."""
+        return self.attention in ("linear", "gated_linear", "deltanet", "gated_deltanet")
+
+    @property
+    def qk_dim(self) -> int:
+        """Per-head width of q and k: feature_dim for the taylor map, else d_head."""
+        return (self.feature_dim or self.d_head) if self.feature_map == "taylor" else self.d_head
 
     @property
     def pad_token(self) -> int:
@@ -124,6 +209,9 @@ class OptimConfig(StrictModel):
 class TrainConfig(OptimConfig):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
+    loss_on: Literal["all", "predictable"] = Field(
+        "all", description="train on every target, or only on those of Bayes ceiling 1 (mqar answers, as Zoology)"
+    )
     seed: Seed = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")

@@ -59,7 +59,8 @@ def detection_score(pattern: torch.Tensor, detection: torch.Tensor) -> torch.Ten
 
 
 def head_patterns(model: Transformer, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(B, L, H, N, N) attention patterns (softmax weights, or linear attention's kernel weights)."""
+    """(B, L, H, N, N) attention patterns: each mixer's hook_pattern (softmax weights, kernel weights,
+    or the delta rule's value-to-output matrix, whose negative entries the scores clamp to 0)."""
     names = [act_name("pattern", i) for i in range(model.cfg.n_layers)]
     cache = run_cached(model, tokens, names, batch_size)
     return torch.stack([cache[n] for n in names], 1)

@@ -231,7 +231,12 @@ _JS = r"""
 
 def render(d: ViewData) -> str:
     """The whole page as one string."""
-    what = "kernel weights" if d.attention == "linear" else "softmax weights"
+    what = {
+        "softmax": "softmax weights",
+        "sliding_window": "softmax weights",
+        "linear": "kernel weights",
+        "gated_linear": "gated kernel weights",
+    }.get(d.attention, "the delta rule's value-to-output matrix; entries can be negative")
     body = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(d.title)}</title>
 <style>{_CSS}</style></head><body>
