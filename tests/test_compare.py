@@ -71,7 +71,9 @@ def test_welch_p_on_hand_computed_case():
     assert cmp.welch_p(a, b) == pytest.approx(0.032199, abs=1e-5)
     assert cmp.welch_p(a, a) == pytest.approx(1.0)
     assert cmp.welch_p([1.0, 1.0], [1.0, 1.0]) == 1.0  # no variance, same value
-    assert cmp.welch_p([1.0, 1.0], [0.0, 0.0]) == 0.0
+    # a constant non-zero difference gives no estimate of the noise: not "p = 0" (an infinite t)
+    assert math.isnan(cmp.welch_p([1.0, 1.0], [0.0, 0.0]))
+    assert math.isnan(cmp.paired_p([0.5, 0.6], [0.502, 0.602]))
     assert math.isnan(cmp.welch_p([0.8], [0.9, 0.95]))
 
 
@@ -565,7 +567,7 @@ def test_report_states_test_margin_and_holm():
     runs = {
         att: [
             {
-                **{k: 0.8 + 0.05 * i + (0.01 * (j + 1) if att == "linear" else 0) for j, (k, _, _) in enumerate(keys)},
+                **{k: 0.8 + 0.05 * i + (0.01 * (j + 1) + 0.002 * i if att == "linear" else 0) for j, (k, _, _) in enumerate(keys)},
                 "eval/test/accuracy/counting": 0.9 + 0.01 * i,
                 "eval/val/confidence": 0.7,
             }

@@ -175,17 +175,19 @@ def welch_stat(a: Sequence[float], b: Sequence[float]) -> TStat | None:
 
 
 def two_sided_p(s: TStat) -> float:
-    """p of H0: mean difference 0 (no variance: 1 when the difference is 0, else 0)."""
+    """p of H0: mean difference 0. No variance (e.g. two seeds whose discrete accuracies differ by the
+    same step): 1 when the difference is 0, else NaN, since the data give no estimate of the noise and an
+    infinite t would call a one-token difference significant."""
     if s.se == 0:
-        return 1.0 if s.mean == 0 else 0.0
+        return 1.0 if s.mean == 0 else math.nan
     return min(1.0, 2.0 * t_sf(abs(s.mean / s.se), s.df))
 
 
 def tost_p(s: TStat, margin: float) -> float:
     """Two one-sided tests of equivalence within ±margin: max of p_lower (H0: difference <= -margin,
     P(T > (mean + margin) / se)) and p_upper (H0: difference >= margin, P(T < (mean - margin) / se))."""
-    if s.se == 0:
-        return 0.0 if abs(s.mean) < margin else 1.0
+    if s.se == 0:  # identical runs are equivalent; any other constant difference has no noise estimate
+        return 0.0 if s.mean == 0 else (math.nan if abs(s.mean) < margin else 1.0)
     return max(t_sf((s.mean + margin) / s.se, s.df), t_sf((margin - s.mean) / s.se, s.df))
 
 
