@@ -52,7 +52,7 @@ train-ddp: setup ## Train CONFIG (default configs/linear.yaml) with DDP on NPROC
 dpo: setup ## SFT a reference on TinyStories, then DPO it (configs/dpo.yaml); registers picollm-sft and picollm-dpo
 	$(BIN)/picollm dpo configs/dpo.yaml $(ARGS)
 
-compare: setup ## Softmax vs linear over 3 seeds each (configs/compare.yaml): metrics with CIs, report, one MLflow parent run
+compare: setup ## Softmax vs linear over 5 seeds each (configs/compare.yaml): metrics with CIs, report, one MLflow parent run
 	$(BIN)/picollm compare configs/compare.yaml $(ARGS)
 
 learning-curve: setup ## Test accuracy vs training-set size for both attentions (configs/learning_curve.yaml)

@@ -1,7 +1,14 @@
 """DPO study: one SFT reference (a registered model), data + reference log-probs once, many DPO variants.
 Each variant is one MLflow run (experiment dpo-study) with its overrides as params and its test metrics."""
-import copy, json, sys, time
-import mlflow, torch
+
+import copy
+import json
+import sys
+import time
+
+import mlflow
+import torch
+
 torch.set_num_threads(1)
 from picollm import registry
 from picollm.config import DPORunConfig, load_config
@@ -32,13 +39,26 @@ for v in variants:
     res = tr.fit(sets["train"], sets["val"])
     sc = tr.score(sets["test"])
     table = gain_table(sc)
-    m = {**scores_metrics("test", sc), **gain_metrics("test", table), "dpo/steps": res.steps,
-         "dpo/best_step": float(res.best_step or 0), "time/dpo_s": time.perf_counter() - t}
+    m = {
+        **scores_metrics("test", sc),
+        **gain_metrics("test", table),
+        "dpo/steps": res.steps,
+        "dpo/best_step": float(res.best_step or 0),
+        "time/dpo_s": time.perf_counter() - t,
+    }
     with mlflow.start_run(run_name=name):
-        mlflow.log_params({"reference": ref_name, "variant": name, **{o.split("=")[0]: o.split("=", 1)[1] for o in base + over}})
+        mlflow.log_params(
+            {"reference": ref_name, "variant": name, **{o.split("=")[0]: o.split("=", 1)[1] for o in base + over}}
+        )
         mlflow.log_metrics({k.replace("@", "_"): float(x) for k, x in m.items()})
         for h in res.history:
             mlflow.log_metrics({k: x for k, x in h.items() if k in ("val/loss", "val/accuracy")}, step=int(h["step"]))
         mlflow.log_table(table, "test/per_scheme.json")
-    rows = " ".join(f"{s}:{table['reference_accuracy'][i]:.3f}->{table['accuracy'][i]:.3f}[{table['gain_ci_low'][i]:+.2f},{table['gain_ci_high'][i]:+.2f}]" for i, s in enumerate(table["scheme"]))
-    print(f"{name:<28} steps {res.steps:>4} best {res.best_step} {m['time/dpo_s']:.0f}s logpc {table['reference_logps_chosen'][-1]:.1f}->{table['logps_chosen'][-1]:.1f} | {rows}", flush=True)
+    rows = " ".join(
+        f"{s}:{table['reference_accuracy'][i]:.3f}->{table['accuracy'][i]:.3f}[{table['gain_ci_low'][i]:+.2f},{table['gain_ci_high'][i]:+.2f}]"
+        for i, s in enumerate(table["scheme"])
+    )
+    print(
+        f"{name:<28} steps {res.steps:>4} best {res.best_step} {m['time/dpo_s']:.0f}s logpc {table['reference_logps_chosen'][-1]:.1f}->{table['logps_chosen'][-1]:.1f} | {rows}",
+        flush=True,
+    )

@@ -164,7 +164,9 @@ def progress_line(msg: str) -> None:
 
 def family_table(metrics: dict[str, float], families: list[str], prefix: str = "test") -> Table:
     table = Table(title=f"{prefix} accuracy per family")
-    for col in ("family", "accuracy", "ceiling", "acc / ceiling", "acc (predictable pos.)"):
+    answers = any(k.startswith(f"{prefix}/accuracy_answer") for k in metrics)  # recall families (mqar, copy)
+    cols = ["family", "accuracy", "ceiling", "acc / ceiling", "acc (predictable pos.)"]
+    for col in cols + (["acc (answers)"] if answers else []):
         table.add_column(col, justify="left" if col == "family" else "right")
 
     def fmt(key: str) -> str:
@@ -178,6 +180,7 @@ def family_table(metrics: dict[str, float], families: list[str], prefix: str = "
             fmt(f"{prefix}/ceiling{sfx}"),
             fmt(f"{prefix}/accuracy_vs_ceiling{sfx}"),
             fmt(f"{prefix}/accuracy_predictable{sfx}"),
+            *([fmt(f"{prefix}/accuracy_answer{sfx}")] if answers else []),
         )
     return table
 

@@ -163,3 +163,18 @@ def test_train_then_generate(migrated_store):
 
     result = invoke("generate", "picollm-tiny@champion", "1 2 3", "-n", "3")
     assert result.exit_code == 0 and len(result.stdout.split()) == 6
+
+
+def test_family_table_shows_answer_accuracy_for_recall_families():
+    from rich.console import Console
+
+    from pipelines.cli import family_table
+
+    def render(metrics: dict[str, float], families: list[str]) -> str:
+        out = Console(width=200, record=True)
+        out.print(family_table(metrics, families))
+        return out.export_text()
+
+    recall = render({"test/accuracy/mqar": 0.5, "test/accuracy_answer/mqar": 0.998, "test/accuracy": 0.5}, ["mqar"])
+    assert "acc (answers)" in recall and "0.9980" in recall
+    assert "acc (answers)" not in render({"test/accuracy/counting": 0.9, "test/accuracy": 0.9}, ["counting"])
