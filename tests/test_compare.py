@@ -567,7 +567,10 @@ def test_report_states_test_margin_and_holm():
     runs = {
         att: [
             {
-                **{k: 0.8 + 0.05 * i + (0.01 * (j + 1) + 0.002 * i if att == "linear" else 0) for j, (k, _, _) in enumerate(keys)},
+                **{
+                    k: 0.8 + 0.05 * i + (0.01 * (j + 1) + 0.002 * i if att == "linear" else 0)
+                    for j, (k, _, _) in enumerate(keys)
+                },
                 "eval/test/accuracy/counting": 0.9 + 0.01 * i,
                 "eval/val/confidence": 0.7,
             }

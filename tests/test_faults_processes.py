@@ -210,6 +210,7 @@ def assert_killed(run: mlflow.entities.Run) -> None:
     assert run.data.tags["error"] == "interrupted"
 
 
+@pytest.mark.integration  # with the other interrupted flows: five processes at once (make test-integration, CI)
 def test_sigint_during_train_then_resume_equals_a_straight_run(interrupted, mlflow_tmp, monkeypatch):
     """Started with SIGINT ignored (as `cmd &` does), Ctrl-C still stops it; the checkpoint of the last
     complete epoch is in the store and --resume reaches the straight run's metrics exactly."""
@@ -235,6 +236,7 @@ def test_sigint_during_train_then_resume_equals_a_straight_run(interrupted, mlfl
         assert resumed.data.metrics[key] == pytest.approx(straight.data.metrics[key], abs=1e-6), key
 
 
+@pytest.mark.integration  # with the other interrupted flows: five processes at once (make test-integration, CI)
 def test_sigterm_during_train(interrupted):
     sc = interrupted["train-sigterm"]
     assert_interrupted(sc)
@@ -244,6 +246,7 @@ def test_sigterm_during_train(interrupted):
     assert checkpoint_logged(sc.directory)
 
 
+@pytest.mark.integration  # with the other interrupted flows: five processes at once (make test-integration, CI)
 def test_sigterm_during_compare(interrupted):
     sc = interrupted["compare"]
     assert_interrupted(sc)
@@ -253,6 +256,7 @@ def test_sigterm_during_compare(interrupted):
         assert_killed(run)
 
 
+@pytest.mark.integration  # with the other interrupted flows: five processes at once (make test-integration, CI)
 def test_sigint_during_dpo(interrupted):
     sc = interrupted["dpo"]
     assert_interrupted(sc)
@@ -261,6 +265,7 @@ def test_sigint_during_dpo(interrupted):
     assert runs["sft"].info.status == "FINISHED"  # the finished reference is kept as it was
 
 
+@pytest.mark.integration  # with the other interrupted flows: five processes at once (make test-integration, CI)
 def test_sigint_during_analysis(interrupted):
     sc = interrupted["analyze"]
     assert_interrupted(sc)

@@ -259,6 +259,7 @@ def test_pruning_stops_a_trial_that_cannot_learn(migrated_store: str, tmp_path: 
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # a sweep process signalled mid-trial, then resumed (~25 s): make test-integration (CI)
 # SIGTERM only: SIGINT reaches the same handler (`_GracefulStop`, one function for both), and each case costs ~18 s.
 @pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])
 def test_killed_sweep_resumes_without_repeating_finished_trials(migrated_store: str, tmp_path: Path, sig):
