@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -100,6 +101,18 @@ def mlflow_store(directory: Path) -> Iterator[str]:
         finally:
             end_active_runs()
             tracking._initialised.clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the suite was started in the background
+    by a shell without job control (which starts it with SIGINT ignored, so Python installs no handler):
+    the signal tests, and the flows they start as subprocesses, rely on it."""
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session", autouse=True)
