@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from picollm.adamw import AdamW, LambdaSchedule
 from picollm.config import OptimConfig
 from picollm.errors import TrainingError
 
@@ -31,8 +32,9 @@ REQUIRED_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng_cpu", "epoch
 """What a resume cannot go without; the other keys `checkpoint` writes are optional on `restore`."""
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices (not on norms, biases or the tied embedding)."""
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
+    """AdamW (picollm.adamw: torch's numerics without importing torch._dynamo); weight decay only on
+    matrices (not on norms, biases or the tied embedding)."""
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
@@ -40,7 +42,7 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
         seen.add(id(p))
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    return AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -55,19 +57,17 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer: AdamW, cfg: OptimConfig, total_steps: int) -> LambdaSchedule:
     """`lr_lambda` over `total_steps`, the warmup capped at half of them."""
     warmup = min(cfg.warmup_steps, total_steps // 2)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps, cfg.min_lr_ratio))
+    return LambdaSchedule(optimizer, lr_lambda(warmup, total_steps, cfg.min_lr_ratio))
 
 
 def update(
     loss: torch.Tensor,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer: AdamW,
+    scheduler: LambdaSchedule,
     grad_clip: float | None,
 ) -> None:
     """One optimiser step on `loss`: backward, clip `model`'s gradient norm (None = no clipping), step."""
@@ -79,7 +79,7 @@ def update(
     scheduler.step()
 
 
-def skip_update(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+def skip_update(optimizer: AdamW, scheduler: LambdaSchedule) -> None:
     """A dropped batch: no update, but the schedule goes on (a run's lr stays a function of its step)."""
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
@@ -166,8 +166,8 @@ class TrainState:
 
 def checkpoint(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer: AdamW,
+    scheduler: LambdaSchedule,
     state: TrainState,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -186,8 +186,8 @@ def checkpoint(
 def restore(
     ckpt: dict[str, Any],
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer: AdamW,
+    scheduler: LambdaSchedule,
     state: TrainState,
 ) -> None:
     """Load a `checkpoint` dict into the model, optimiser, scheduler, CPU RNG and `state`."""
@@ -201,8 +201,8 @@ def restore(
 def validate_checkpoint(
     ckpt: dict[str, Any],
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer: AdamW,
+    scheduler: LambdaSchedule,
 ) -> None:
     """`restore` `ckpt` into fresh `model`/`optimizer`/`scheduler` (throwaway copies: the caller's
     objects are only a template) and check every entry a resumed loop will use, so a checkpoint that
@@ -231,7 +231,6 @@ def validate_checkpoint(
     if not isinstance(ckpt["rng_cpu"], torch.Tensor) or ckpt["rng_cpu"].dtype != torch.uint8:
         raise ValueError("rng_cpu is not a CPU RNG state (a uint8 tensor)")
     model, optimizer, scheduler = copy.deepcopy((model, optimizer, scheduler))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     saved_rng = torch.get_rng_state()
     try:
         for what, load in (
@@ -248,14 +247,6 @@ def validate_checkpoint(
                 raise ValueError(f"{what}: {text[0] if text else type(e).__name__}") from None
     finally:
         torch.set_rng_state(saved_rng)
-    # optimizer.load_state_dict checks group sizes, not the moment tensors: a wrong shape would fail
-    # only at the first step of the resumed run.
-    for p in params:
-        for key, value in optimizer.state.get(p, {}).items():
-            if key in ("exp_avg", "exp_avg_sq") and (not isinstance(value, torch.Tensor) or value.shape != p.shape):
-                raise ValueError(f"optimizer: {key} has shape {getattr(value, 'shape', None)}, its parameter {p.shape}")
-            if key == "step" and not (isinstance(value, torch.Tensor) and bool(torch.isfinite(value).all())):
-                raise ValueError(f"optimizer: step is {value!r}")
     for group in optimizer.param_groups:
         b1, b2 = group.get("betas", (0.9, 0.999))
         if not (0 <= b1 < 1 and 0 <= b2 < 1) or not math.isfinite(float(group.get("lr", 0.0))):

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from picollm import optim
+from picollm.adamw import LambdaSchedule
 from picollm.config import TrainConfig
 from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, iter_batches
 from picollm.distributed import DistContext, all_reduce_sum, any_rank, broadcast_json
@@ -128,7 +129,7 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.optimizer = make_optimizer(self.model, cfg)
-        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None  # set by fit: its length is the run's
+        self.scheduler: LambdaSchedule | None = None  # set by fit: its length is the run's
         self.state = TrainState()
         self.guard = NonFiniteGuard(
             action=cfg.nonfinite,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from picollm.adamw import AdamW
 from picollm.config import ModelConfig, TrainConfig
 from picollm.decoding import Decoder
 from picollm.hardware import median_ms
@@ -110,7 +111,7 @@ def time_train_steps(
         for att, m in models.items():
             m.train()
 
-            def step(m: Transformer = m, opt: torch.optim.Optimizer = opts[att], tokens: torch.Tensor = tokens) -> None:
+            def step(m: Transformer = m, opt: AdamW = opts[att], tokens: torch.Tensor = tokens) -> None:
                 loss, _ = lm_loss(m, tokens, m.pad_id)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

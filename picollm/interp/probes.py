@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from picollm.adamw import AdamW
+
 ProbeKind = Literal["ridge", "logistic"]
 
 
@@ -55,7 +57,7 @@ def _logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, lam: float, step
     g = torch.Generator().manual_seed(seed)
     w = (0.01 * torch.randn(x.shape[1] + 1, n_classes, generator=g, dtype=x.dtype)).requires_grad_()
     x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    opt = torch.optim.Adam([w], lr=lr)
+    opt = AdamW([{"params": [w]}], lr=lr, weight_decay=0.0)  # Adam; picollm's: no torch._dynamo import
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad()
