@@ -273,6 +273,9 @@ def ddp_table(runs: BenchRunsConfig, r: dict[str, float]) -> list[str]:
     return [*lines, ""]
 
 
+QUIET_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
 def time_tracking(
     runs: BenchRunsConfig, train_cfg: TrainRunConfig | None, progress: Callable[[str], None]
 ) -> dict[str, float]:
@@ -295,6 +298,9 @@ def time_tracking(
             except PicollmError as e:
                 progress(f"tracking: no HTTP server ({e}); timing SQLite only")
                 server_cfg = None
+        # MLflow prints "View run <url>" for every run on a server: this temporary one has no UI to visit.
+        quiet_before = os.environ.get(QUIET_URLS)
+        os.environ[QUIET_URLS] = "true"
         try:
             for uri in stores.values():
                 tracking.init_tracking(uri)  # store creation and migrations are a one-off, not per run
@@ -308,6 +314,10 @@ def time_tracking(
                     walls[name].append(_timed(lambda: _train_tracked(cfg)))
             out.update({f"tracking.{name}.wall_s": min(w) for name, w in walls.items()})
         finally:
+            if quiet_before is None:
+                os.environ.pop(QUIET_URLS, None)
+            else:
+                os.environ[QUIET_URLS] = quiet_before
             if server_cfg is not None:
                 server.stop(server_cfg)
     base = out["tracking.none.wall_s"]
