@@ -96,8 +96,8 @@ server-stop: setup ## Stop the server started by make server (mlflow and Postgre
 	$(BIN)/picollm server stop configs/server.yaml $(ARGS)
 
 lint: setup ## ruff check + format check
-	$(BIN)/ruff check picollm pipelines tests
-	$(BIN)/ruff format --check picollm pipelines tests
+	$(BIN)/ruff check picollm pipelines tests docs
+	$(BIN)/ruff format --check picollm pipelines tests docs
 
 bench: setup ## Time training steps of both attentions at several lengths, logged to MLflow
 	$(BIN)/picollm bench configs/bench.yaml $(ARGS)

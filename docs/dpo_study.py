@@ -9,13 +9,14 @@ import time
 import mlflow
 import torch
 
-torch.set_num_threads(1)
 from picollm import registry
 from picollm.config import DPORunConfig, load_config
 from picollm.dpo import DPOTrainer, PairSet, compute_reference_logps
 from picollm.dpo_metrics import gain_metrics, gain_table, scores_metrics
 from picollm.text_data import build_preference_data
 from picollm.tracking import init_tracking
+
+torch.set_num_threads(1)  # the study shares the 2-core machine with other work
 
 ref_name, base, variants = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 init_tracking(mlflow.get_tracking_uri())
@@ -59,6 +60,7 @@ for v in variants:
         for i, s in enumerate(table["scheme"])
     )
     print(
-        f"{name:<28} steps {res.steps:>4} best {res.best_step} {m['time/dpo_s']:.0f}s logpc {table['reference_logps_chosen'][-1]:.1f}->{table['logps_chosen'][-1]:.1f} | {rows}",
+        f"{name:<28} steps {res.steps:>4} best {res.best_step} {m['time/dpo_s']:.0f}s "
+        f"logpc {table['reference_logps_chosen'][-1]:.1f}->{table['logps_chosen'][-1]:.1f} | {rows}",
         flush=True,
     )

@@ -1,6 +1,7 @@
 """docs/dpo_study.png from the MLflow runs of the study: gain per scheme with its 95% paired-bootstrap CI."""
 
 import sys
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -44,7 +45,13 @@ per_tok = np.where(ref < -20, 25.96, 1.0)  # summed log-probs: mean test respons
 ax2.bar(x, (pol - ref) / per_tok, color="tab:red")
 ax2.axhline(0, color="k", lw=0.8)
 ax2.set_ylabel("Δ logps/chosen\nper token (nats)")
-ax2.set_xticks(x, [f"{l} [{rf}]" for l, rf in zip(runs["label"], runs["ref"])], rotation=35, ha="right", fontsize=7)
+ax2.set_xticks(
+    x,
+    [f"{label} [{rf}]" for label, rf in zip(runs["label"], runs["ref"], strict=True)],
+    rotation=35,
+    ha="right",
+    fontsize=7,
+)
 fig.tight_layout()
 fig.savefig(sys.argv[1], dpi=110)
 print(runs[["label", "ref", "metrics.test/gain/other_story", "metrics.test/gain/shuffle_sentences"]].to_string())
