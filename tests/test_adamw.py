@@ -88,10 +88,16 @@ def test_state_dicts_move_between_torch_and_picollm() -> None:
     for a, b in zip(resumed.parameters(), torch_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
-    back = torch.optim.AdamW(_groups(_model(), 0.1), lr=0.02)  # and ours loads into torch's
+    back_model = _model(seed=2)  # and ours loads into torch's, which goes on as ours does
+    back_model.load_state_dict(resumed.state_dict())
+    back = torch.optim.AdamW(_groups(back_model, 0.1), lr=0.02)
     back.load_state_dict(copy.deepcopy(opt.state_dict()))
     for i, s in back.state_dict()["state"].items():
         assert torch.equal(s["exp_avg"], opt.state_dict()["state"][i]["exp_avg"]) and float(s["step"]) == 8.0
+    _train(back_model, back, None, range(8, 10))
+    _train(resumed, opt, None, range(8, 10))
+    for a, b in zip(back_model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
