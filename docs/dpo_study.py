@@ -9,12 +9,12 @@ import time
 import mlflow
 import torch
 
-from picollm import registry
 from picollm.config import DPORunConfig, load_config
-from picollm.dpo import DPOTrainer, PairSet, compute_reference_logps
-from picollm.dpo_metrics import gain_metrics, gain_table, scores_metrics
-from picollm.text_data import build_preference_data
-from picollm.tracking import init_tracking
+from picollm.dpo.metrics import gain_metrics, gain_table, scores_metrics
+from picollm.dpo.pairs import build_preference_data
+from picollm.dpo.trainer import DPOTrainer, PairSet, compute_reference_logps
+from picollm.tracking import registry
+from picollm.tracking.store import init_tracking
 
 torch.set_num_threads(1)  # the study shares the 2-core machine with other work
 

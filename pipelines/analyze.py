@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 
-from picollm import analysis as an
-from picollm import analysis_plots as ap
-from picollm import registry, runs
-from picollm.analysis import Batch, analysis_batch
 from picollm.config import AnalysisConfig, DataConfig, apply_overrides, flatten, read_yaml, to_yaml, validate
 from picollm.errors import ConfigError, PicollmError
-from picollm.hooks import act_name
+from picollm.interp import analysis as an
+from picollm.interp import analysis_plots as ap
 from picollm.interp import sections as ai
-from picollm.model import Transformer
-from picollm.runs import RunLog
+from picollm.interp.analysis import Batch, analysis_batch
+from picollm.model.hooks import act_name
+from picollm.model.transformer import Transformer
+from picollm.tracking import registry, runs
+from picollm.tracking.runs import RunLog
 
 log = logging.getLogger(__name__)
 

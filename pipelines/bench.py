@@ -27,8 +27,6 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from picollm import decoding, runs, server, tracking, train_run
-from picollm import linear_attention as la
 from picollm.compare.efficiency import time_train_steps
 from picollm.config import (
     BenchConfig,
@@ -40,9 +38,14 @@ from picollm.config import (
 )
 from picollm.config.bench import BenchGenerationConfig
 from picollm.errors import PicollmError
-from picollm.hardware import median_ms, torch_threads
-from picollm.model import Transformer, alibi_slopes
-from picollm.timing import PHASES
+from picollm.model import decoding
+from picollm.model.mixers import linear_attention as la
+from picollm.model.transformer import Transformer, alibi_slopes
+from picollm.runtime.hardware import median_ms, torch_threads
+from picollm.runtime.timing import PHASES
+from picollm.tracking import runs, server
+from picollm.tracking import store as tracking
+from picollm.training import run as train_run
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +405,7 @@ BREAKDOWN_KEYS = (*PHASES, "other", "total")
 
 def _reference_cli(config: Path, epochs: int) -> tuple[float, dict[str, float]]:
     """Wall time of a whole `python -m picollm.bench_reference` process and what it reports."""
-    cmd = [sys.executable, "-m", "picollm.bench_reference", str(config), "--epochs", str(epochs)]
+    cmd = [sys.executable, "-m", "picollm.training.reference_loop", str(config), "--epochs", str(epochs)]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0

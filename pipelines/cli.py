@@ -349,7 +349,8 @@ def generate(
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1)] = 0,
 ) -> None:
     """Continue a prompt with a registered (or logged) model."""
-    from picollm.registry import continue_prompts, load_model
+    from picollm.tracking.prompts import continue_prompts
+    from picollm.tracking.registry import load_model
 
     model = load_model(model_ref)
     [out] = continue_prompts(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed)
@@ -391,7 +392,7 @@ def sweep(
 ) -> None:
     """Hyperparameter search (Optuna) over a training config: one MLflow parent run, a child per trial."""
     from picollm.config import apply_overrides, read_yaml, validate
-    from picollm.sweep_space import SweepConfig
+    from picollm.config.sweep import SweepConfig
 
     options = {"trials": trials, "workers": workers, "storage": storage, "study": study, "promote": promote or None}
     raw = apply_overrides(read_yaml(config), overrides or []) | {k: v for k, v in options.items() if v is not None}
@@ -427,8 +428,8 @@ def sweep(
 @models_app.command("list")
 def models_list() -> None:
     """Registered models with their latest version and aliases."""
-    from picollm.registry import list_models
-    from picollm.tracking import init_tracking
+    from picollm.tracking.registry import list_models
+    from picollm.tracking.store import init_tracking
 
     init_tracking()
     table = Table(title="registered models")
@@ -447,8 +448,8 @@ def models_promote(
     alias: Annotated[str, typer.Option(help="Alias to move onto this version.")] = "champion",
 ) -> None:
     """Point an alias (default: champion) at a version."""
-    from picollm.registry import promote
-    from picollm.tracking import init_tracking
+    from picollm.tracking.registry import promote
+    from picollm.tracking.store import init_tracking
 
     init_tracking()
     promote(name, version, alias)
@@ -462,7 +463,7 @@ ServerConfigArg = Annotated[Path | None, typer.Argument(help="Server config, e.g
 def server_start(config: ServerConfigArg = None, overrides: SetOpt = None) -> None:
     """Start PostgreSQL and mlflow server in the background (idempotent); print the tracking URI to export."""
     cfg = load_config(ServerConfig, config, overrides)
-    from picollm import server
+    from picollm.tracking import server
 
     info = server.start(cfg)
     for line in server.describe_start(info):
@@ -474,7 +475,7 @@ def server_start(config: ServerConfigArg = None, overrides: SetOpt = None) -> No
 def server_stop(config: ServerConfigArg = None, overrides: SetOpt = None) -> None:
     """Stop the mlflow server and PostgreSQL that `picollm server start` started (idempotent)."""
     cfg = load_config(ServerConfig, config, overrides)
-    from picollm import server
+    from picollm.tracking import server
 
     for line in server.describe_stop(server.stop(cfg)):
         console.print(line, highlight=False, soft_wrap=True)
@@ -484,7 +485,7 @@ def server_stop(config: ServerConfigArg = None, overrides: SetOpt = None) -> Non
 def server_status(config: ServerConfigArg = None, overrides: SetOpt = None) -> None:
     """Whether the mlflow server and its PostgreSQL are running, with their PIDs."""
     cfg = load_config(ServerConfig, config, overrides)
-    from picollm import server
+    from picollm.tracking import server
 
     for line in server.describe_status(server.status(cfg)):
         console.print(line, highlight=False, soft_wrap=True)

@@ -30,14 +30,15 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from picollm import compare as cmp
-from picollm import runs, train_run
 from picollm.compare import keys, lr_grid, recall
 from picollm.compare.inputs import EvalSet, Inputs, Member, build_inputs, child_config, data_seed
 from picollm.compare.plots import learning_curve as learning_curve_figure
 from picollm.compare.summary import ByVariant, Summary, ci_text, recall_key, setup_lines, summarise
 from picollm.config import CompareConfig, ModelConfig, flatten, to_yaml
-from picollm.hardware import torch_threads
-from picollm.runs import RunLog, Session
+from picollm.runtime.hardware import torch_threads
+from picollm.tracking import runs
+from picollm.tracking.runs import RunLog, Session
+from picollm.training import run as train_run
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from picollm import registry, runs
 from picollm.config import GPT2_VOCAB, DPORunConfig, flatten
-from picollm.data import PaddedSplit, pad_sequences
-from picollm.dpo import (
+from picollm.data.splits import PaddedSplit, pad_sequences
+from picollm.dpo.metrics import gain_metrics, gain_table, scores_metrics
+from picollm.dpo.pairs import PreferenceData, PreferencePair, build_preference_data
+from picollm.dpo.trainer import (
     DPOTrainer,
     PairSet,
     batch_logps,
@@ -32,13 +33,13 @@ from picollm.dpo import (
     response_logps,
     sequence_logps,
 )
-from picollm.dpo_metrics import gain_metrics, gain_table, scores_metrics
 from picollm.errors import PicollmError
-from picollm.hardware import measure_matmul_peak, resolve_device, torch_threads
-from picollm.model import Transformer
-from picollm.runs import SINGLE_VALUE_STEP, MlflowCallbacks, RunLog, Session, unique_name
-from picollm.text_data import PreferenceData, PreferencePair, build_preference_data
-from picollm.training import NullCallbacks, TrainCallbacks, Trainer, resolve_precision
+from picollm.model.transformer import Transformer
+from picollm.runtime.hardware import measure_matmul_peak, resolve_device, torch_threads
+from picollm.tracking import registry, runs
+from picollm.tracking.runs import SINGLE_VALUE_STEP, RunLog, Session, unique_name
+from picollm.training.run import MlflowCallbacks
+from picollm.training.trainer import NullCallbacks, TrainCallbacks, Trainer, resolve_precision
 
 log = logging.getLogger(__name__)
 

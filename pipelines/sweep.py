@@ -34,15 +34,19 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from picollm import plots, registry, runs, sweep, tracking, train_run
 from picollm.compare import mean_ci
 from picollm.config import TrainRunConfig, to_yaml
-from picollm.data import SyntheticData, build_data
+from picollm.config.sweep import SweepConfig
+from picollm.data.splits import SyntheticData, build_data
 from picollm.errors import ConfigError, PicollmError, TrainingError
-from picollm.hardware import measure_matmul_peak
-from picollm.runs import RunLog, Session
-from picollm.sweep_space import SweepConfig
-from picollm.training import NullCallbacks
+from picollm.runtime.hardware import measure_matmul_peak
+from picollm.sweep import search as sweep
+from picollm.tracking import registry, runs
+from picollm.tracking import store as tracking
+from picollm.tracking.runs import RunLog, Session
+from picollm.training import plots
+from picollm.training import run as train_run
+from picollm.training.trainer import NullCallbacks
 
 log = logging.getLogger(__name__)
 

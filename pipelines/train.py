@@ -4,10 +4,12 @@ Runs under torchrun too (DDP): every rank trains, rank 0 tracks (see picollm.tra
 
 from __future__ import annotations
 
-from picollm import runs, timing, train_run
 from picollm.config import TrainRunConfig
-from picollm.train_run import TrainOutcome
-from picollm.training import TrainCallbacks
+from picollm.runtime import timing
+from picollm.tracking import runs
+from picollm.training import run as train_run
+from picollm.training.run import TrainOutcome
+from picollm.training.trainer import TrainCallbacks
 
 
 def run(cfg: TrainRunConfig, resume: str | None = None, ui: TrainCallbacks | None = None) -> TrainOutcome:

@@ -74,7 +74,7 @@ def point_mlflow(mp: pytest.MonkeyPatch, directory: Path) -> str:
     """Env, cwd and MLflow's globals all pointing at a store in `directory`."""
     import mlflow
 
-    from picollm import tracking
+    from picollm.tracking import store as tracking
 
     uri = sqlite_uri(directory)
     mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -93,7 +93,7 @@ def point_mlflow(mp: pytest.MonkeyPatch, directory: Path) -> str:
 @contextmanager
 def mlflow_store(directory: Path) -> Iterator[str]:
     """For session/module fixtures (no function-scoped monkeypatch available)."""
-    from picollm import tracking
+    from picollm.tracking import store as tracking
 
     with pytest.MonkeyPatch.context() as mp:
         try:
@@ -131,7 +131,7 @@ def picollm_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(autouse=True)
 def mlflow_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    from picollm import tracking
+    from picollm.tracking import store as tracking
 
     uri = point_mlflow(monkeypatch, tmp_path)
     yield uri
@@ -160,7 +160,7 @@ class Trained:
 @pytest.fixture(scope="session")
 def store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty, migrated SQLite store: copying it saves MLflow's migrations (seconds) per store."""
-    from picollm.tracking import init_tracking
+    from picollm.tracking.store import init_tracking
 
     directory = tmp_path_factory.mktemp("store_template")
     with mlflow_store(directory) as uri:

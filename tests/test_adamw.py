@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from picollm import optim
-from picollm.adamw import AdamW, LambdaSchedule
 from picollm.config import TrainConfig
+from picollm.training import optim
+from picollm.training.adamw import AdamW, LambdaSchedule
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -146,9 +146,9 @@ def test_training_never_imports_torch_dynamo() -> None:
         """
         import sys, torch
         from picollm.config import ModelConfig, TrainConfig
-        from picollm.model import Transformer
-        from picollm.training import Trainer, lm_loss
-        from picollm import optim
+        from picollm.model.transformer import Transformer
+        from picollm.training.trainer import Trainer, lm_loss
+        from picollm.training import optim
         model = Transformer(ModelConfig(attention="linear", vocab_size=16, d_model=16, n_layers=1, n_heads=2))
         trainer = Trainer(model, TrainConfig(device="cpu"), torch.device("cpu"))
         sched = optim.make_scheduler(trainer.optimizer, trainer.cfg, 4)

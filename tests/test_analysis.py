@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from picollm import analysis as an
 from picollm.config import ModelConfig
-from picollm.data import PaddedSplit, pad_sequences
-from picollm.evaluation import evaluate
-from picollm.model import Transformer
+from picollm.data.splits import PaddedSplit, pad_sequences
+from picollm.interp import analysis as an
+from picollm.model.transformer import Transformer
+from picollm.training.evaluation import evaluate
 
 from .conftest import point_mlflow
 
@@ -24,7 +24,7 @@ VOCAB = 32
 
 @pytest.fixture(autouse=True)
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    from picollm import tracking
+    from picollm.tracking import store as tracking
 
     yield point_mlflow(monkeypatch, tmp_path)
     tracking._initialised.clear()
@@ -33,8 +33,8 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """configs/tiny.yaml trained for one epoch and registered as picollm-tiny v1 (champion)."""
-    from picollm import tracking
     from picollm.config import TrainRunConfig, load_config
+    from picollm.tracking import store as tracking
     from pipelines.train import run
 
     directory = tmp_path_factory.mktemp("analysis_store")

@@ -118,7 +118,7 @@ def test_breakdown_section_aggregates_whole_processes_against_the_reference(
 
 
 def test_reference_loop_trains_and_reports():
-    from picollm import bench_reference
+    from picollm.training import reference_loop as bench_reference
 
     out = bench_reference.run(str(TINY), epochs=1)
     assert out["epochs"] == 1 and 0 <= out["test_accuracy"] <= 1 and 0 < out["train_s"] <= out["wall_s"]

@@ -12,9 +12,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from picollm import cache, runs, timing, train_run
 from picollm.config import DataConfig
-from picollm.data import build_data
+from picollm.data.splits import build_data
+from picollm.runtime import disk_cache as cache
+from picollm.runtime import timing
+from picollm.tracking import runs
+from picollm.training import run as train_run
 from tests.conftest import REPO, load_tiny
 
 SMALL = {"vocab_size": 32, "min_len": 6, "max_len": 10, "n_train": 12, "n_val": 4, "n_test": 4}
@@ -116,7 +119,7 @@ def test_a_damaged_or_stale_entry_is_recomputed(cache_dir: Path, damage: str):
 WRITER = """
 import sys
 from pathlib import Path
-from picollm import cache
+from picollm.runtime import disk_cache as cache
 path, key, tag = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 for i in range(40):
     cache.write_entry(path, key, {"tag": tag, "i": i, "blob": bytes(200_000)})
@@ -152,7 +155,7 @@ def test_matmul_peak_is_measured_once_per_machine_key(cache_dir: Path, monkeypat
         calls.append(device)
         return 1.5e10
 
-    monkeypatch.setattr("picollm.hardware.measure_matmul_peak", fake_measure)
+    monkeypatch.setattr("picollm.runtime.hardware.measure_matmul_peak", fake_measure)
     cpu = torch.device("cpu")
     assert cache.cached_matmul_peak(cpu) == 1.5e10
     assert cache.cached_matmul_peak(cpu) == 1.5e10

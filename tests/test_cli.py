@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import picollm
-from picollm.registry import continue_prompts
+from picollm.tracking.prompts import continue_prompts
 from pipelines.cli import app
 
 from .conftest import TINY

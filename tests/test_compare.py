@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from picollm import compare as cmp
 from picollm.compare import keys
 from picollm.config import CompareConfig, DataConfig, ModelConfig, load_config
-from picollm.data import build_data, to_padded
+from picollm.data.splits import build_data, to_padded
 from picollm.errors import ConfigError
 
 from .conftest import REPO, copy_store, mlflow_store, point_mlflow
@@ -171,8 +171,8 @@ def test_length_generalisation_model_that_fails_beyond_training(counting_data):
 
 
 def test_evaluate_model_matches_training_evaluation(counting_data):
-    from picollm.evaluation import evaluate
-    from picollm.model import Transformer
+    from picollm.model.transformer import Transformer
+    from picollm.training.evaluation import evaluate
 
     cfg, data, *_ = counting_data
     torch.manual_seed(0)

@@ -270,7 +270,7 @@ def three_way(tmp_path_factory: pytest.TempPathFactory, store_template: Path):
     import matplotlib.pyplot as plt
 
     import pipelines.compare
-    from picollm import plots
+    from picollm.training import plots
 
     with mlflow_store(directory), pytest.MonkeyPatch.context() as mp:
         # The per-run and per-variant figures are checked in test_compare; here they would cost half the time.

@@ -9,28 +9,30 @@ import torch
 
 from picollm.config import DataConfig
 from picollm.config.base import RULE_FAMILIES
-from picollm.data import (
-    IGNORE_INDEX,
-    PaddedSplit,
-    SequenceSplit,
-    build_data,
+from picollm.data.generators import (
     ceiling_per_position,
     draw_from_generators,
     generate_sequence,
     generator_at,
     generator_count,
+    sequence_from_generator,
+)
+from picollm.data.splits import (
+    IGNORE_INDEX,
+    PaddedSplit,
+    SequenceSplit,
+    build_data,
     inputs_and_targets,
     length_bucketed_batches,
-    log_splits,
     pad_sequences,
-    parse_prompt,
     seen_context_flags,
-    sequence_from_generator,
     to_padded,
 )
+from picollm.data.tokenizers import parse_prompt
 from picollm.errors import PicollmError
-from picollm.evaluation import accuracy_metrics
-from picollm.runs import RunLog
+from picollm.tracking.runs import RunLog
+from picollm.training.evaluation import accuracy_metrics
+from picollm.training.run import log_splits
 
 SMALL = DataConfig(vocab_size=32, min_len=4, max_len=9, n_train=30, n_val=10, n_test=10, seed=3)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from picollm import decoding
-from picollm.data import pad_sequences
+from picollm.data.splits import pad_sequences
 from picollm.errors import PicollmError
+from picollm.model import decoding
 from tests.test_model import ATTENTIONS, PAD, POS, VOCAB, greedy_reference, make_model, rand_tokens
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}

@@ -18,14 +18,14 @@ import torch
 import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 
-from picollm import distributed
-from picollm import linear_attention as la
 from picollm.config import DataConfig, ModelConfig, TrainConfig
-from picollm.data import build_data, to_padded
+from picollm.data.splits import build_data, to_padded
 from picollm.errors import PicollmError, TrainingError
-from picollm.evaluation import evaluate
-from picollm.model import Transformer
-from picollm.training import Trainer
+from picollm.model.mixers import linear_attention as la
+from picollm.model.transformer import Transformer
+from picollm.runtime import distributed
+from picollm.training.evaluation import evaluate
+from picollm.training.trainer import Trainer
 from tests.conftest import REPO, TINY
 
 # 5 families x 7 = 35 sequences in batches of 8: the last global batch has 3 rows, so with 2 ranks
@@ -278,8 +278,8 @@ def test_nonfinite_run_is_failed_and_keeps_its_last_checkpoint(monkeypatch: pyte
 def test_dpo_log_probs_under_bf16_are_fp32_sums_close_to_fp32():
     import math
 
-    from picollm.dpo import batch_logps, collate, dpo_loss
-    from picollm.text_data import PreferencePair
+    from picollm.dpo.pairs import PreferencePair
+    from picollm.dpo.trainer import batch_logps, collate, dpo_loss
 
     torch.manual_seed(0)
     model = Transformer(MODEL.model_copy(update={"attention": "softmax"})).eval()

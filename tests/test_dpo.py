@@ -17,7 +17,16 @@ import pytest
 import torch
 
 from picollm.config import CORRUPTIONS, DPODataConfig, DPORunConfig, ModelConfig, load_config
-from picollm.dpo import (
+from picollm.data.stories import load_stories
+from picollm.dpo.pairs import (
+    Corruptor,
+    Example,
+    PreferencePair,
+    build_preference_data,
+    split_sentences,
+    split_stories,
+)
+from picollm.dpo.trainer import (
     DPOTrainer,
     PairSet,
     batch_logps,
@@ -28,16 +37,7 @@ from picollm.dpo import (
     sequence_logps,
 )
 from picollm.errors import ConfigError, PicollmError
-from picollm.model import Transformer
-from picollm.text_data import (
-    Corruptor,
-    Example,
-    PreferencePair,
-    build_preference_data,
-    load_stories,
-    split_sentences,
-    split_stories,
-)
+from picollm.model.transformer import Transformer
 
 from .conftest import TIKTOKEN_CACHE, point_mlflow, tiktoken_missing
 
@@ -57,7 +57,7 @@ def dpo_store(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
     """MLflow (env, cwd, globals) on the module's store, the hub offline, tiktoken's ranks from the cache."""
     import mlflow
 
-    from picollm import tracking
+    from picollm.tracking import store as tracking
 
     uri = point_mlflow(monkeypatch, store_dir)
     yield uri
@@ -221,7 +221,7 @@ def test_dpo_loss_length_normalised(loss_type: str, expected: float) -> None:
 
 
 def test_simpo_loss_hand_computed() -> None:
-    from picollm.dpo import simpo_loss
+    from picollm.dpo.trainer import simpo_loss
 
     # lengths 2 and 4: averages -0.5 and -0.75, beta 2, gamma 0.3: logits = 0.25 - 0.15 = 0.1, beta*logits 0.2
     pc, pr = _logps(-1.0, -3.0)
@@ -237,7 +237,7 @@ def test_simpo_loss_hand_computed() -> None:
 
 
 def test_rpo_term_and_simpo_in_the_trainer() -> None:
-    from picollm.dpo import rpo_nll
+    from picollm.dpo.trainer import rpo_nll
 
     assert rpo_nll(torch.tensor([-6.0, -2.0]), torch.tensor([3, 4])).tolist() == [2.0, 0.5]  # NLL per token
     torch.manual_seed(0)
@@ -362,7 +362,7 @@ def test_sentence_split_keeps_the_text_and_boundaries() -> None:
 
 
 def test_prompt_plus_continuation_encodes_like_the_joined_text(story_data) -> None:
-    from picollm.text_data import StoryTokenizer
+    from picollm.data.tokenizers import StoryTokenizer
 
     tok = StoryTokenizer()
     assert tok.vocab_size == 50258 and tok.pad_id == 50257
@@ -515,8 +515,8 @@ def test_txt_files_and_directories_load(tmp_path: Path) -> None:
 
 
 def test_reference_with_another_vocabulary_is_refused_before_the_run() -> None:
-    from picollm.registry import log_model
-    from picollm.tracking import init_tracking, tracked_run
+    from picollm.tracking.registry import log_model
+    from picollm.tracking.store import init_tracking, tracked_run
     from pipelines.dpo import run
 
     init_tracking()
@@ -525,7 +525,7 @@ def test_reference_with_another_vocabulary_is_refused_before_the_run() -> None:
     with pytest.raises(PicollmError, match="vocabulary"):
         run(tiny_synthetic("dpo.reference=tiny-16", "tracking.experiment=dpo-vocab"))
     # a compact-vocabulary reference brings its id map (vocab.json); data.vocab gpt2 contradicts it
-    from picollm.text_vocab import CompactVocab
+    from picollm.data.tokenizers import CompactVocab
 
     compact = Transformer(ModelConfig(d_model=8, n_layers=1, n_heads=2, vocab_size=5))
     compact.text_vocab = CompactVocab((1, 2, 3))
@@ -599,8 +599,8 @@ def test_story_dpo_end_to_end(tiktoken_ranks: None) -> None:
     # Text in, text out through pyfunc: the GPT-2 files travel with the model, tiktoken is a requirement.
     from mlflow.exceptions import MlflowException
 
-    from picollm.prompts import continue_prompts
-    from picollm.text_vocab import compact_codec
+    from picollm.data.tokenizers import compact_codec
+    from picollm.tracking.prompts import continue_prompts
 
     pyfunc = mlflow.pyfunc.load_model("models:/picollm-dpo@champion")
     [text] = pyfunc.predict(["Once upon a time"], params={"max_new_tokens": 4})

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from picollm.config import DPODataConfig, ModelConfig, load_config
+from picollm.data.tokenizers import UNK_TEXT, CompactVocab
 from picollm.errors import PicollmError
-from picollm.model import Transformer
-from picollm.text_vocab import UNK_TEXT, CompactVocab
+from picollm.model.transformer import Transformer
 
 from .conftest import TIKTOKEN_CACHE, tiktoken_missing
 
@@ -27,7 +27,7 @@ def tok():
     with pytest.MonkeyPatch.context() as mp:
         if TIKTOKEN_CACHE.is_dir():
             mp.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
-        from picollm.text_data import StoryTokenizer
+        from picollm.data.tokenizers import StoryTokenizer
 
         return StoryTokenizer()
 
@@ -46,7 +46,8 @@ def test_reserved_ids_and_the_map() -> None:
 
 @pytest.mark.parametrize("path", [STORIES, SHARED], ids=["fixture", "shared-sample"])
 def test_every_training_story_round_trips_exactly(tok, path: Path) -> None:
-    from picollm.text_data import load_stories, split_sentences
+    from picollm.data.stories import load_stories
+    from picollm.dpo.pairs import split_sentences
 
     if not path.is_file():
         pytest.skip(f"{path} is absent")
@@ -63,7 +64,8 @@ def test_every_training_story_round_trips_exactly(tok, path: Path) -> None:
 
 def test_preference_data_uses_the_training_stories_vocabulary(tok) -> None:
     from picollm.config import DPORunConfig
-    from picollm.text_data import build_preference_data, load_stories
+    from picollm.data.stories import load_stories
+    from picollm.dpo.pairs import build_preference_data
 
     over = [f"data.path={STORIES}", "data.source=files", "data.seq_max_len=96", "dpo.train_pairs=40"]
     cfg = load_config(DPORunConfig, None, [*over, "dpo.corruptions=[random_tokens,other_story]"])
@@ -85,9 +87,9 @@ def test_preference_data_uses_the_training_stories_vocabulary(tok) -> None:
 
 
 def test_the_id_map_travels_with_the_model_files(tok, tmp_path: Path) -> None:
-    from picollm.prompts import continue_prompts
-    from picollm.registry import VOCAB_FILE, load_from_files, save_files
-    from picollm.text_vocab import compact_codec
+    from picollm.data.tokenizers import compact_codec
+    from picollm.tracking.prompts import continue_prompts
+    from picollm.tracking.registry import VOCAB_FILE, load_from_files, save_files
 
     vocab = CompactVocab.from_sequences([tok.encode("Once upon a time, there was a little dog. The dog ran.")])
     torch.manual_seed(0)
@@ -112,7 +114,7 @@ def test_the_id_map_travels_with_the_model_files(tok, tmp_path: Path) -> None:
 
 
 def test_paired_bootstrap_hand_computed() -> None:
-    from picollm.dpo_metrics import paired_bootstrap_ci
+    from picollm.dpo.metrics import paired_bootstrap_ci
 
     # d = policy - reference = [1, 0, 0, 1, 0]: gain 0.4; a resampled mean is Binomial(5, 0.4) / 5, whose
     # 2.5% and 97.5% quantiles are 0.0 (P(0) = 0.078) and 0.8 (P(<=4) = 0.990).
@@ -126,7 +128,7 @@ def test_paired_bootstrap_hand_computed() -> None:
 
 
 def test_gain_table_and_metrics_on_hand_built_pairs() -> None:
-    from picollm.dpo_metrics import PairScores, gain_metrics, gain_table, scores_metrics
+    from picollm.dpo.metrics import PairScores, gain_metrics, gain_table, scores_metrics
 
     t = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
     # 4 pairs: scheme a (pairs 0, 1), scheme b (pairs 2, 3). Policy right on 0, 1, 2; reference on 1, 3.

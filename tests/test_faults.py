@@ -20,10 +20,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from picollm import registry, tracking
 from picollm.config import ModelConfig
 from picollm.errors import PicollmError
-from picollm.model import Transformer
+from picollm.model.transformer import Transformer
+from picollm.tracking import registry
+from picollm.tracking import store as tracking
+from picollm.training import optim
 from pipelines.cli import app
 
 from .conftest import REPO, TINY, load_tiny
@@ -242,17 +244,17 @@ def test_resume_with_a_checkpoint_of_another_config(finished_run):
 
 @pytest.mark.slow
 def test_load_checkpoint_checks_structure_and_shapes(finished_run, tmp_path: Path):
-    """registry.load_checkpoint: what a resume should read a checkpoint with (see the report)."""
+    """optim.load_checkpoint: what a resume should read a checkpoint with (see the report)."""
     _, ckpt = finished_run
-    good = registry.load_checkpoint(ckpt)
+    good = optim.load_checkpoint(ckpt)
     assert good["epoch"] == 1
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": good["model"]}, path)
     with pytest.raises(PicollmError, match="not a picollm training checkpoint"):
-        registry.load_checkpoint(path)
+        optim.load_checkpoint(path)
     torch.save({**good, "model": {k: v[..., :1] for k, v in good["model"].items()}}, path)
     with pytest.raises(PicollmError, match="size mismatch"):
-        registry.load_checkpoint(path)
+        optim.load_checkpoint(path)
 
 
 def test_no_code_path_unpickles():
@@ -280,7 +282,7 @@ def boom(*args, **kwargs):
 
 
 def test_crash_marks_the_run_failed_with_one_line(migrated_store: str, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("picollm.training.Trainer.fit", boom)
+    monkeypatch.setattr("picollm.training.trainer.Trainer.fit", boom)
     line = one_line(invoke("train", TINY), 1, "RuntimeError: boom: something broke", "--debug")
     assert "second line" not in line
     [run] = all_runs()
@@ -292,7 +294,7 @@ def test_crash_marks_the_run_failed_with_one_line(migrated_store: str, monkeypat
 
 @pytest.mark.parametrize("how", ["--debug", "PICOLLM_DEBUG=1"])
 def test_crash_with_debug_shows_the_traceback(migrated_store: str, monkeypatch: pytest.MonkeyPatch, how: str):
-    monkeypatch.setattr("picollm.training.Trainer.fit", boom)
+    monkeypatch.setattr("picollm.training.trainer.Trainer.fit", boom)
     args = ["--debug", "train", TINY] if how == "--debug" else ["train", TINY]
     result = invoke(*args, env={"PICOLLM_DEBUG": "1"} if how != "--debug" else None)
     assert result.exit_code == 1
@@ -313,7 +315,7 @@ def test_crash_in_dpo_fails_the_parent_and_keeps_the_sft(migrated_store: str, mo
 
 
 def test_dpo_nonfinite_step_keeps_the_weights_and_fails_the_run(migrated_store: str, monkeypatch: pytest.MonkeyPatch):
-    from picollm.dpo import DPOTrainer
+    from picollm.dpo.trainer import DPOTrainer
 
     real, seen = DPOTrainer._terms, {}
 

@@ -23,7 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from picollm import registry
+from picollm.training import optim
 from pipelines.cli import app
 
 from .conftest import TINY, copy_store, load_tiny, point_mlflow, sqlite_uri
@@ -176,14 +176,14 @@ def interrupted(tmp_path_factory, store_template: Path, trained) -> dict[str, In
             directory("compare"),
             ["compare", COMPARE_TINY, *sets(["efficiency.enabled=false", "tracking.log_model=false"])],
             signal.SIGTERM,
-            target="picollm.training:Trainer.fit",  # inside the first child's training
+            target="picollm.training.trainer:Trainer.fit",  # inside the first child's training
         ),
         Interrupted(
             "dpo",
             directory("dpo"),
             ["dpo", DPO_YAML, *sets([*DPO_TINY, "tracking.log_model=false"])],
             signal.SIGINT,
-            target="picollm.dpo:DPOTrainer.fit",  # after the SFT reference, inside DPO
+            target="picollm.dpo.trainer:DPOTrainer.fit",  # after the SFT reference, inside DPO
         ),
         Interrupted(
             "analyze",
@@ -221,7 +221,7 @@ def test_sigint_during_train_then_resume_equals_a_straight_run(interrupted, mlfl
     point_mlflow(monkeypatch, sc.directory)
     run_id = killed.info.run_id
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/checkpoint.pt")
-    epoch = registry.load_checkpoint(path)["epoch"]
+    epoch = optim.load_checkpoint(path)["epoch"]
     assert 1 <= epoch < 40
 
     result = CliRunner().invoke(app, ["train", str(TINY), *sets(RESUMABLE), "--resume", run_id])

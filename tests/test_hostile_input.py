@@ -12,9 +12,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from picollm import optim, registry
 from picollm.errors import MAX_LINE
-from picollm.model import sample_next
+from picollm.model.transformer import sample_next
+from picollm.training import optim
 
 from .conftest import TINY
 from .test_faults import VICTIM, all_runs, invoke, main_usage_error, one_line, statuses, victim  # noqa: F401
@@ -132,7 +132,7 @@ def test_resume_with_an_empty_run_id_is_refused(migrated_store: str):
 @pytest.fixture
 def interrupted_after_last_epoch(migrated_store: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """A 2-epoch run killed right after its last checkpoint, before its test metrics and model."""
-    from picollm.runs import MlflowCallbacks
+    from picollm.training.run import MlflowCallbacks
 
     original = MlflowCallbacks.on_checkpoint
 
@@ -209,7 +209,7 @@ def test_a_checkpoint_with_bad_entries_leaves_the_run_as_it_was(migrated_store: 
     assert out.exit_code == 0, out.output
     [run] = all_runs()
     [path] = Path.cwd().glob(f"mlruns/**/{run.info.run_id}/artifacts/checkpoints/checkpoint.pt")
-    good = registry.load_checkpoint(path)
+    good = optim.load_checkpoint(path)
     torch.save(corrupt(good, "moment-shape"), path)
     args = ["train", TINY, "--set", "tracking.log_model=false", "--set", "train.epochs=2", "--resume", run.info.run_id]
     one_line(invoke(*args), 2, "cannot be resumed", "optimizer: exp_avg")
@@ -236,7 +236,7 @@ def test_a_nonfinite_loss_says_which_checkpoint_is_kept(monkeypatch: pytest.Monk
 def test_server_host_problems_are_named_as_such():
     import socket
 
-    from picollm.server import _port_problem
+    from picollm.tracking.server import _port_problem
 
     assert "cannot be resolved" in (_port_problem("no-such-host.invalid", 5001) or "")
     assert "an address of this machine" in (_port_problem("192.0.2.1", 5001) or "")  # TEST-NET-1: never local

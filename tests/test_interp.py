@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from picollm.config import DataConfig, ModelConfig
-from picollm.generators import generator_at
+from picollm.data.generators import generator_at
 from picollm.interp import head_detector as hd
 from picollm.interp import html_view, logit_lens, patching, probes, prompts
 from picollm.interp.prompts import PromptPairs
-from picollm.model import Transformer
+from picollm.model.transformer import Transformer
 
 V, P = 8, 8  # vocabulary (7 values + pad) and positions of the hand-set model
 TOK, POS, COPY = 0, V, 2 * V  # residual layout: token one-hot | position one-hot | copied token
@@ -257,8 +257,8 @@ def test_html_view_renders_in_headless_chromium(tmp_path: Path):
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """configs/tiny.yaml trained for one epoch as linear (picollm-tiny) and softmax (picollm-tiny-softmax)."""
-    from picollm import tracking
     from picollm.config import TrainRunConfig, load_config
+    from picollm.tracking import store as tracking
     from pipelines.train import run
 
     from .conftest import point_mlflow
@@ -283,7 +283,7 @@ FAST = ["n_per_family=6", "patching_pairs=4", "patching_length=5", "detector_seq
 def test_analyze_logs_the_interpretability_sections(name, tiny_pair, monkeypatch, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from picollm import tracking
+    from picollm.tracking import store as tracking
     from pipelines import analyze
 
     from .conftest import point_mlflow

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from picollm.config import ModelConfig
-from picollm.model import Transformer
+from picollm.model.transformer import Transformer
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 MIXERS = torch.load(LEGACY / "mixers_v0.pt", weights_only=True)
@@ -80,7 +80,8 @@ def test_registered_model_saved_before_loads_by_name_and_generates_the_same(lega
 def test_checkpoint_saved_before_restores_the_same_model(legacy_store: dict) -> None:
     import mlflow
 
-    from picollm.registry import build_from_state, load_checkpoint
+    from picollm.model.weights import build_from_state
+    from picollm.training.optim import load_checkpoint
 
     path = mlflow.artifacts.download_artifacts(f"runs:/{legacy_store['run_id']}/checkpoints/checkpoint.pt")
     checkpoint = load_checkpoint(path)

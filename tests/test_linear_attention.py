@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from picollm import linear_attention as la
-from picollm.model import alibi_slopes
+from picollm.model.mixers import linear_attention as la
+from picollm.model.transformer import alibi_slopes
 
 B, H, N, DK, DV = 2, 3, 37, 8, 5
 EPS = 1e-6

@@ -11,18 +11,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from picollm import analysis, decoding
-from picollm import deltanet as dn
-from picollm import feature_maps as fm
-from picollm import gated_linear as gl
-from picollm import linear_attention as la
 from picollm.config import ModelConfig
-from picollm.data import pad_sequences
+from picollm.data.splits import pad_sequences
+from picollm.interp import analysis, patching
 from picollm.interp import head_detector as hd
-from picollm.interp import patching
 from picollm.interp.prompts import PromptPairs
-from picollm.model import LayerCache, Transformer, alibi_slopes, gate_bias, state_floats
-from picollm.registry import load_from_files
+from picollm.model import decoding
+from picollm.model.mixers import deltanet as dn
+from picollm.model.mixers import feature_maps as fm
+from picollm.model.mixers import gated_linear as gl
+from picollm.model.mixers import linear_attention as la
+from picollm.model.transformer import LayerCache, Transformer, alibi_slopes, gate_bias, state_floats
+from picollm.tracking.registry import load_from_files
 from tests.test_model import PAD, VOCAB, greedy_reference, rand_tokens
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}

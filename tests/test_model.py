@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from picollm.config import ModelConfig
-from picollm.data import pad_sequences
+from picollm.data.splits import pad_sequences
 from picollm.errors import PicollmError
-from picollm.model import LayerCache, Transformer
+from picollm.model.transformer import LayerCache, Transformer
 
 VOCAB = 32
 PAD = VOCAB - 1
@@ -263,7 +263,7 @@ def test_linear_cache_is_constant_size():
 
 
 def test_act_name_builds_every_hook_point_name_and_nothing_else():
-    from picollm.hooks import act_name
+    from picollm.model.hooks import act_name
 
     model = make_model("linear")
     per_layer = ("q", "k", "v", "pattern", "z", "pre", "post", "resid_pre", "resid_mid", "resid_post")

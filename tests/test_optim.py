@@ -10,16 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from picollm import optim, training
 from picollm.config import DataConfig, DPOConfig, ModelConfig, OptimConfig, SFTConfig, TrainConfig
-from picollm.data import build_data, to_padded
-from picollm.dpo import DPOTrainer, PairSet, compute_reference_logps
+from picollm.data.splits import build_data, to_padded
+from picollm.dpo.pairs import PreferencePair
+from picollm.dpo.trainer import DPOTrainer, PairSet, compute_reference_logps
 from picollm.errors import TrainingError
-from picollm.evaluation import evaluate
-from picollm.model import Transformer
-from picollm.optim import EarlyStopping, TrainState
-from picollm.text_data import PreferencePair
-from picollm.training import Trainer
+from picollm.model.transformer import Transformer
+from picollm.training import optim
+from picollm.training import trainer as training
+from picollm.training.evaluation import evaluate
+from picollm.training.optim import EarlyStopping, TrainState
+from picollm.training.trainer import Trainer
 
 MODEL = ModelConfig(attention="linear", d_model=16, n_heads=2, n_layers=1, vocab_size=32)
 

@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from picollm import config as cfgmod
-from picollm import sweep_space
+from picollm.config import sweep as sweep_space
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

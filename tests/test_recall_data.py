@@ -14,11 +14,11 @@ from pydantic import ValidationError
 from torch import nn
 
 from picollm.config import DataConfig, TrainConfig, TrainRunConfig, load_config
-from picollm.data import PaddedSplit, build_data, ceiling_per_position, to_padded
+from picollm.data.generators import answer_mask, ceiling_per_position, random_recall_generator, sequence_from_generator
+from picollm.data.splits import PaddedSplit, build_data, to_padded
 from picollm.errors import PicollmError
-from picollm.evaluation import accuracy_metrics
-from picollm.generators import answer_mask, random_recall_generator, sequence_from_generator
-from picollm.training import Trainer, lm_loss
+from picollm.training.evaluation import accuracy_metrics
+from picollm.training.trainer import Trainer, lm_loss
 
 MQAR = DataConfig(
     seq_types=["mqar"], vocab_size=16, max_len=16, mqar_pairs=[3], mqar_key_vocab=5, mqar_value_vocab=6, seed=2

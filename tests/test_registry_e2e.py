@@ -16,9 +16,11 @@ from mlflow.tracking import MlflowClient
 import picollm
 from picollm.config import TrainRunConfig, load_config
 from picollm.errors import ModelNotFoundError, PicollmError
-from picollm.registry import continue_prompts, load_state_dict, promote, resolve_model_uri
-from picollm.runs import CHECKPOINT_PATH
-from picollm.training import NullCallbacks
+from picollm.model.weights import load_state_dict
+from picollm.tracking.prompts import continue_prompts
+from picollm.tracking.registry import promote, resolve_model_uri
+from picollm.tracking.runs import CHECKPOINT_PATH
+from picollm.training.trainer import NullCallbacks
 from pipelines.train import run
 
 from .conftest import TINY, copy_store, load_tiny, mlflow_store, point_mlflow
@@ -146,7 +148,8 @@ def test_logged_model_is_portable_and_carries_its_test_metrics(use_trained, tmp_
     out = use_trained.outcome
     mv = client.get_model_version(use_trained.name, "1")
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{use_trained.name}/1", dst_path=str(tmp_path)))
-    assert (local / "code" / "picollm" / "serving.py").is_file() and (local / "code" / "picollm" / "model.py").is_file()
+    code = local / "code" / "picollm"
+    assert (code / "tracking" / "serving.py").is_file() and (code / "model" / "transformer.py").is_file()
     assert not list((local / "code").rglob("__pycache__"))
     reqs = (local / "requirements.txt").read_text().split()
     assert f"torch=={version('torch').split('+')[0]}" in reqs and f"mlflow=={version('mlflow')}" in reqs

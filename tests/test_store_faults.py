@@ -19,9 +19,10 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from picollm import store_faults, tracking
 from picollm.errors import RunBusy, StorageError
-from picollm.runs import MlflowCallbacks
+from picollm.tracking import faults as store_faults
+from picollm.tracking import store as tracking
+from picollm.training.run import MlflowCallbacks
 
 from .conftest import TINY
 from .test_faults import all_runs, invoke, one_line
@@ -37,7 +38,7 @@ c.execute("ROLLBACK")
 
 HOLD_CLAIM = r"""
 import sys, time
-from picollm import store_faults
+from picollm.tracking import faults as store_faults
 with store_faults.claim_run(sys.argv[1], sys.argv[2]):
     print("claimed", flush=True)
     time.sleep(60)

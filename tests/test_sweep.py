@@ -21,13 +21,14 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from picollm import sweep, tracking
 from picollm.config import apply_overrides, read_yaml, validate
-from picollm.data import build_data, to_padded
+from picollm.config.sweep import SweepConfig
+from picollm.data.splits import build_data, to_padded
 from picollm.errors import PicollmError, RunStopped
-from picollm.evaluation import evaluate, metric_names
-from picollm.model import Transformer
-from picollm.sweep_space import SweepConfig
+from picollm.model.transformer import Transformer
+from picollm.sweep import search as sweep
+from picollm.tracking import store as tracking
+from picollm.training.evaluation import evaluate, metric_names
 from pipelines import sweep as flow
 from pipelines.cli import app
 

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from picollm.config import DataConfig, ModelConfig, TrainConfig
-from picollm.data import build_data, to_padded
-from picollm.evaluation import accuracy_metrics, evaluate, predict_split
-from picollm.model import Transformer
-from picollm.training import Trainer, lm_loss, lr_lambda
+from picollm.data.splits import build_data, to_padded
+from picollm.model.transformer import Transformer
+from picollm.training.evaluation import accuracy_metrics, evaluate, predict_split
+from picollm.training.optim import lr_lambda
+from picollm.training.trainer import Trainer, lm_loss
 
 # --------------------------------------------------------------------------------------------------
 # Loss

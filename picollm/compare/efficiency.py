@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from picollm.adamw import AdamW
 from picollm.config import ModelConfig, TrainConfig
-from picollm.decoding import Decoder
-from picollm.hardware import median_ms
-from picollm.model import Transformer
-from picollm.training import lm_loss, make_optimizer
+from picollm.model.decoding import Decoder
+from picollm.model.transformer import Transformer
+from picollm.runtime.hardware import median_ms
+from picollm.training.adamw import AdamW
+from picollm.training.optim import make_optimizer
+from picollm.training.trainer import lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Efficiency:
 
 def state_sizes(configs: dict[str, ModelConfig], contexts: list[int]) -> dict[str, dict[int, float]]:
     """{variant: {N: floats one layer keeps to generate after N tokens}} (picollm.model.state_floats)."""
-    from picollm.model import state_floats
+    from picollm.model.transformer import state_floats
 
     return {att: {n: float(state_floats(mc, n)) for n in contexts} for att, mc in configs.items()}
 

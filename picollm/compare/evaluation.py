@@ -21,18 +21,16 @@ import torch
 from torch import nn
 
 from picollm.config import DataConfig
-from picollm.data import (
-    IGNORE_INDEX,
-    PaddedSplit,
-    SequenceSplit,
+from picollm.data.generators import (
+    Generator,
     ceiling_per_position,
+    draw_from_generators,
     family_capacity,
     generate_sequence,
-    inputs_and_targets,
 )
+from picollm.data.splits import IGNORE_INDEX, PaddedSplit, SequenceSplit, inputs_and_targets
 from picollm.errors import PicollmError
-from picollm.evaluation import accuracy_metrics, predict_split
-from picollm.generators import Generator, draw_from_generators
+from picollm.training.evaluation import accuracy_metrics, predict_split
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from picollm import registry
 from picollm.compare.evaluation import coverage, long_sequences
 from picollm.config import CompareConfig, DataConfig, TrackingConfig, TrainRunConfig, validate
 from picollm.config.compare import Variant
-from picollm.data import PaddedSplit, build_data, to_padded
+from picollm.data.splits import PaddedSplit, build_data, to_padded
 from picollm.errors import PicollmError
-from picollm.model import Transformer
+from picollm.model.transformer import Transformer
+from picollm.tracking import registry
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from matplotlib.ticker import NullLocator  # noqa: E402
 
 from picollm.compare.efficiency import Efficiency  # noqa: E402
 from picollm.compare.stats import Aggregate, Interval, band, quiet_nan  # noqa: E402
-from picollm.data import PaddedSplit  # noqa: E402
-from picollm.model import Transformer  # noqa: E402
+from picollm.data.splits import PaddedSplit  # noqa: E402
+from picollm.model.transformer import Transformer  # noqa: E402
 
 COLORS = {"softmax": "tab:blue", "linear": "tab:orange"}
 _PALETTE = ["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
@@ -254,8 +254,8 @@ def attention_figures(
     """One figure per model on the same sequences of `family` (the same example sequence on top),
     drawn by picollm.analysis_plots.attention_figure, whose colour scale is fixed to [0, 1] for every
     panel, so the two models' heatmaps share one scale."""
-    from picollm import analysis as an
-    from picollm import analysis_plots as ap
+    from picollm.interp import analysis as an
+    from picollm.interp import analysis_plots as ap
 
     assert split.family_ids is not None
     idx = torch.nonzero(split.family_ids == split.family_names.index(family)).flatten()
@@ -278,8 +278,8 @@ def attention_figures(
 
 def embedding_figures(models: dict[str, Transformer], seed: int = 0) -> tuple[dict[str, Figure], dict[str, dict]]:
     """Embedding PCA of each model beside a random init of its config (picollm.analysis_plots)."""
-    from picollm import analysis as an
-    from picollm import analysis_plots as ap
+    from picollm.interp import analysis as an
+    from picollm.interp import analysis_plots as ap
 
     figs, metrics = {}, {}
     for att, model in models.items():

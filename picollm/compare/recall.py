@@ -20,8 +20,8 @@ from torch import nn
 
 from picollm.compare.stats import mean_ci
 from picollm.config import DataConfig, validate
-from picollm.data import PaddedSplit, build_data, to_padded
-from picollm.evaluation import predict_split
+from picollm.data.splits import PaddedSplit, build_data, to_padded
+from picollm.training.evaluation import predict_split
 
 RECALL_FAMILY = "mqar"
 

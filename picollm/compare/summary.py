@@ -16,7 +16,7 @@ from picollm.compare.inputs import EvalSet, Inputs, Member
 from picollm.compare.stats import Aggregate, SeqIntervals, aggregate, sequence_bootstrap_ci, sequence_counts
 from picollm.compare.table import Comparisons, comparison_rows, diff_side, differences_vs_baseline, headline_keys
 from picollm.config import CompareConfig
-from picollm.model import Transformer
+from picollm.model.transformer import Transformer
 
 ByVariant = dict[str, list[Member]]  # variant -> its members, in seed (or reference) order
 

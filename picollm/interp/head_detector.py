@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from picollm.analysis import run_cached
-from picollm.hooks import act_name
-from picollm.model import Transformer
+from picollm.interp.analysis import run_cached
+from picollm.model.hooks import act_name
+from picollm.model.transformer import Transformer
 
 
 def k_back_pattern(n: int, k: int) -> torch.Tensor:

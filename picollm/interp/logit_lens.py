@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from picollm.analysis import run_cached
-from picollm.data import IGNORE_INDEX, inputs_and_targets
-from picollm.hooks import act_name
-from picollm.model import Transformer
+from picollm.data.splits import IGNORE_INDEX, inputs_and_targets
+from picollm.interp.analysis import run_cached
+from picollm.model.hooks import act_name
+from picollm.model.transformer import Transformer
 
 
 def lens_sites(n_layers: int) -> list[tuple[str, str]]:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from picollm.hooks import HookPoint, act_name
 from picollm.interp.prompts import PromptPairs
-from picollm.model import Transformer
+from picollm.model.hooks import HookPoint, act_name
+from picollm.model.transformer import Transformer
 
 
 def logit_diff(logits: torch.Tensor, clean_answers: torch.Tensor, corrupted_answers: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from picollm.adamw import AdamW
+from picollm.training.adamw import AdamW
 
 ProbeKind = Literal["ridge", "logistic"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from picollm.config import DataConfig
-from picollm.generators import Generator, sequence_from_generator
+from picollm.data.generators import Generator, sequence_from_generator
 
 
 @dataclass

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from picollm import analysis as an
-from picollm.analysis import Batch
 from picollm.config import AnalysisConfig, DataConfig
-from picollm.hooks import act_name
+from picollm.interp import analysis as an
 from picollm.interp import head_detector as hd
 from picollm.interp import html_view, logit_lens, patching, probes, prompts
 from picollm.interp import plots as ip
-from picollm.model import Transformer
-from picollm.runs import RunLog
+from picollm.interp.analysis import Batch
+from picollm.model.hooks import act_name
+from picollm.model.transformer import Transformer
+from picollm.tracking.runs import RunLog
 
 log = logging.getLogger(__name__)
 

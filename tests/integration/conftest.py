@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from picollm import server
 from picollm.config import ServerConfig
+from picollm.tracking import server
 
 
 def free_port() -> int:

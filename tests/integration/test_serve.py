@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from picollm import server
+from picollm.tracking import server
 
 from ..conftest import REPO
 from .conftest import free_port
@@ -61,7 +61,7 @@ def test_make_serve_answers_prompts_and_rejects_bad_ones(use_trained, tmp_path: 
         assert len(body["predictions"]) == 2 and all(len(p.split()) == 3 for p in body["predictions"])
 
         import picollm
-        from picollm.registry import continue_prompts
+        from picollm.tracking.prompts import continue_prompts
 
         model = picollm.load_model(f"{use_trained.name}@champion")
         assert body["predictions"] == continue_prompts(model, ["2 4 6 8", "1 2"], max_new_tokens=3)
@@ -121,7 +121,7 @@ def test_registered_model_loads_in_a_fresh_virtualenv_without_picollm(use_traine
     assert "/code/picollm/" in out["picollm"] and str(REPO) not in out["picollm"]  # the copy the model carries
 
     import picollm
-    from picollm.registry import continue_prompts
+    from picollm.tracking.prompts import continue_prompts
 
     assert out["predictions"] == continue_prompts(picollm.load_model(f"{use_trained.name}@champion"), ["2 4 6 8"])
     assert out["error"][0] == "INVALID_PARAMETER_VALUE" and "outside the model's values" in out["error"][1]

@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from picollm import server
+from picollm.tracking import server
 
 from ..conftest import REPO, TINY
 from .conftest import TeamServer

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from picollm import optim
-from picollm.adamw import LambdaSchedule
 from picollm.config import TrainConfig
-from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, iter_batches
-from picollm.distributed import DistContext, all_reduce_sum, any_rank, broadcast_json
+from picollm.data.splits import IGNORE_INDEX, PaddedSplit, inputs_and_targets, iter_batches
 from picollm.errors import PicollmError
-from picollm.optim import EarlyStopping, NonFiniteGuard, TrainState, lr_lambda, make_optimizer
+from picollm.runtime.distributed import DistContext, all_reduce_sum, any_rank, broadcast_json
+from picollm.training import optim
+from picollm.training.adamw import LambdaSchedule
+from picollm.training.optim import EarlyStopping, NonFiniteGuard, TrainState, lr_lambda, make_optimizer
 
 __all__ = [
     "NullCallbacks",

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from picollm.cache import cached_build_data
 from picollm.config import DataConfig
-from picollm.data import IGNORE_INDEX, inputs_and_targets, to_padded
-from picollm.hooks import act_name
-from picollm.model import Transformer
+from picollm.data.splits import IGNORE_INDEX, inputs_and_targets, to_padded
+from picollm.model.hooks import act_name
+from picollm.model.transformer import Transformer
+from picollm.runtime.disk_cache import cached_build_data
 
 log = logging.getLogger(__name__)
 

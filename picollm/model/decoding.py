@@ -43,9 +43,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from picollm import feature_maps as fm
 from picollm.errors import PicollmError
-from picollm.model import LayerCache, Transformer, sample_next, sinusoidal
+from picollm.model.mixers import feature_maps as fm
+from picollm.model.transformer import LayerCache, Transformer, sample_next, sinusoidal
 
 
 def hooks_active(model: Transformer) -> bool:

@@ -89,7 +89,7 @@ def _loss_and_hits(model: nn.Module, batch: torch.Tensor, pad: int) -> tuple[tor
 def run(config: str, epochs: int = EPOCHS) -> dict[str, float]:
     """Train and test the reference on the data of `config` (a picollm training config)."""
     from picollm.config import TrainRunConfig, load_config
-    from picollm.data import build_data
+    from picollm.data.splits import build_data
 
     t_start = time.perf_counter()
     cfg = load_config(TrainRunConfig, config, [])

@@ -17,18 +17,22 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from picollm.adamw import AdamW, LambdaSchedule
-from picollm.config import OptimConfig
-from picollm.errors import TrainingError
+from picollm.config import ModelConfig, OptimConfig
+from picollm.errors import PicollmError, TrainingError
+from picollm.model.weights import build_from_state, load_state_dict
+from picollm.training.adamw import AdamW, LambdaSchedule
 
 log = logging.getLogger(__name__)
 
 REQUIRED_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng_cpu", "epoch", "step")
+CHECKPOINT_KEYS = (*REQUIRED_CHECKPOINT_KEYS, "config")  # the trainer's keys, plus the run config a resume checks
 """What a resume cannot go without; the other keys `checkpoint` writes are optional on `restore`."""
 
 
@@ -296,3 +300,21 @@ class NonFiniteGuard:
             )
         log.warning("%s; batch skipped (%d so far)", what, state.skipped_batches)
         return False
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint (weights_only, like every load), checked before anything uses it: every
+    key a resume needs is there and its weights fit the model config stored beside them."""
+    ckpt = load_state_dict(path)
+    name = Path(path).name
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise PicollmError(f"{name} is not a picollm training checkpoint (no {', '.join(missing)})")
+    try:
+        model_cfg = ModelConfig.model_validate(ckpt["config"]["model"])
+    except (TypeError, KeyError, ValidationError):
+        raise PicollmError(f"{name}: its stored config has no valid model section") from None
+    if not isinstance(ckpt["model"], dict):
+        raise PicollmError(f"{name}: its model entry is not a state dict")
+    build_from_state(ckpt["model"], model_cfg, source=f"the weights in {name}")
+    return ckpt

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from picollm.errors import PicollmError
-from picollm.hardware import resolve_device
+from picollm.runtime.hardware import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picollm import deltanet as dn
-from picollm import feature_maps as fm
-from picollm import gated_linear as gl
-from picollm import linear_attention as la
 from picollm.config import ModelConfig
 from picollm.errors import PicollmError
-from picollm.hooks import HookedMixin, HookPoint
+from picollm.model.hooks import HookedMixin, HookPoint
+from picollm.model.mixers import deltanet as dn
+from picollm.model.mixers import feature_maps as fm
+from picollm.model.mixers import gated_linear as gl
+from picollm.model.mixers import linear_attention as la
 
 
 def alibi_slopes(n_heads: int, exponent: float = 8.0) -> torch.Tensor:
@@ -401,7 +401,7 @@ class Transformer(HookedMixin, nn.Module):
         Returns (B, T + max_new_tokens). Runs on picollm.decoding's fast path (pre-allocated caches, a
         fused step per layer); `decoding.generate_cached` is the general loop it is tested against.
         """
-        from picollm import decoding  # decoding imports this module
+        from picollm.model import decoding as decoding  # decoding imports this module
 
         return decoding.generate(self, tokens, max_new_tokens, temperature, top_k, top_p, generator)
 

@@ -34,12 +34,12 @@ if TYPE_CHECKING:
     import torch
 
     from picollm.config import DataConfig
-    from picollm.data import SyntheticData
+    from picollm.data.splits import SyntheticData
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"picollm-cache v1\n"
-_SOURCES = ("data.py", "generators.py")
+_SOURCES = ("splits.py", "generators.py")  # in picollm/data/
 
 
 def cache_dir() -> Path | None:
@@ -57,7 +57,7 @@ def digest(payload: Any) -> str:
 
 
 def _code_fingerprint() -> str:
-    here = Path(__file__).parent
+    here = Path(__file__).resolve().parents[1] / "data"
     h = hashlib.sha256()
     for name in _SOURCES:
         h.update((here / name).read_bytes())
@@ -128,7 +128,7 @@ def cached_build_data(
     cfg: DataConfig, splits: dict[str, int] | None = None, max_len: int | None = None
 ) -> SyntheticData:
     """`build_data(cfg, splits, max_len)`, from the cache when an entry of the same key is there."""
-    from picollm.data import build_data
+    from picollm.data.splits import build_data
 
     root = cache_dir()
     if root is None:
@@ -178,7 +178,7 @@ def _data_state(data: SyntheticData) -> dict[str, Any]:
 
 
 def _data_from_state(state: dict[str, Any]) -> SyntheticData:
-    from picollm.data import SequenceSplit, SyntheticData
+    from picollm.data.splits import SequenceSplit, SyntheticData
 
     splits = {
         name: SequenceSplit(
@@ -221,7 +221,7 @@ def machine_key(device: torch.device) -> dict[str, Any]:
 def cached_matmul_peak(device: torch.device, world_size: int = 1) -> float:
     """`hardware.measure_matmul_peak(device)`, measured once per machine key and then read back
     (`world_size` is part of the key: DDP ranks measure at once, sharing the hardware)."""
-    from picollm.hardware import measure_matmul_peak
+    from picollm.runtime.hardware import measure_matmul_peak
 
     root = cache_dir()
     if root is None:

@@ -26,15 +26,15 @@ class PicoLLMPyfunc(PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:  # noqa: ANN001
-        from picollm.prompts import Codec
-        from picollm.registry import load_from_files
+        from picollm.data.tokenizers import Codec
+        from picollm.tracking.registry import load_from_files
 
         art = context.artifacts
         self.model = load_from_files(art["weights"], art["config"], art.get("vocab"))
         kind = json.loads(Path(art["tokenizer"]).read_text())["kind"] if "tokenizer" in art else "integers"
         assert self.model.cfg.vocab_size is not None
         if (vocab := getattr(self.model, "text_vocab", None)) is not None:  # text -> GPT-2 ids -> compact ids
-            from picollm.text_vocab import compact_codec
+            from picollm.data.tokenizers import compact_codec
 
             self.codec = compact_codec(vocab, art.get("tokenizer_files"))
         else:
@@ -43,7 +43,7 @@ class PicoLLMPyfunc(PythonModel):
     # No type hints: MLflow would build a stricter schema from them; the signature is explicit.
     def predict(self, context, model_input, params=None):  # noqa: ANN001
         from picollm.errors import PicollmError
-        from picollm.prompts import continue_prompts
+        from picollm.tracking.prompts import continue_prompts
 
         if hasattr(model_input, "iloc"):  # pandas DataFrame or Series
             model_input = model_input.iloc[:, 0].tolist() if model_input.ndim == 2 else model_input.tolist()

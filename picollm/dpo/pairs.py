@@ -25,13 +25,14 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from picollm.config import CORRUPTIONS, DPOConfig, DPODataConfig
+from picollm.data.stories import load_stories
+from picollm.data.tokenizers import CompactVocab, StoryTokenizer
 from picollm.errors import PicollmError
-from picollm.stories import FILE_SUFFIXES, HUB_HINT, load_stories, resolve_files  # noqa: F401  (re-exported)
-from picollm.text_vocab import CompactVocab, compact_examples
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +51,6 @@ _STOPWORDS = frozenset(  # function words: replacing them tests grammar, not con
 # Tokenizer
 
 
-class StoryTokenizer:
-    """GPT-2 BPE (tiktoken) plus one pad token as the last id: vocab 50258, pad 50257."""
-
-    VOCAB_SIZE = 50258
-
-    def __init__(self) -> None:
-        import tiktoken
-
-        try:
-            self.enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # no network and no TIKTOKEN_CACHE_DIR holding the ranks
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise PicollmError(
-                f"cannot load the GPT-2 tokenizer ({first}); with no internet, point TIKTOKEN_CACHE_DIR "
-                "at a folder holding tiktoken's gpt2 files"
-            ) from None
-        self.pad_id = self.enc.n_vocab
-        self.vocab_size = self.enc.n_vocab + 1
-
-    def encode(self, text: str) -> list[int]:
-        # encode_ordinary: a story that contains "<|endoftext|>" is text, not a special token.
-        return self.enc.encode_ordinary(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.enc.decode([i for i in ids if i != self.pad_id])
 
 
 def split_sentences(text: str) -> list[str]:
@@ -384,7 +360,7 @@ def _text_examples(cfg: DPODataConfig) -> tuple[PreferenceData, WordPools, Story
 
 
 def _synthetic_examples(cfg: DPODataConfig) -> PreferenceData:
-    from picollm.data import build_data
+    from picollm.data.splits import build_data
 
     syn = build_data(cfg.synthetic)  # splits already content-disjoint
     examples: dict[str, list[Example]] = {}
@@ -447,3 +423,18 @@ def build_preference_data(cfg: DPODataConfig, dpo: DPOConfig, vocab: CompactVoca
         data.vocab, data.vocab_size, data.pad_id = vocab_, vocab_.vocab_size, vocab_.pad_id
         data.decode = lambda ids: vocab_.decode_text(ids, gpt2_decode)
     return data
+
+
+def compact_examples(examples: dict[str, list[Any]], pairs: dict[str, list[Any]], vocab: CompactVocab) -> None:
+    """Map every split's examples (text_data.Example) and pairs (PreferencePair) to compact ids, in place.
+    Corruptions are made on GPT-2 ids first (replace_words re-encodes text), so the map comes last; a pair
+    whose two continuations become equal (they differed only in tokens that are both unk) is dropped."""
+    enc = vocab.encode
+    for split in examples.values():
+        for ex in split:
+            ex.prompt, ex.rest = enc(ex.prompt), enc(ex.rest)
+            ex.segments = [enc(s) for s in ex.segments]
+    for name, split in pairs.items():
+        for p in split:
+            p.prompt, p.chosen, p.rejected = enc(p.prompt), enc(p.chosen), enc(p.rejected)
+        pairs[name] = [p for p in split if p.rejected != p.chosen]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from picollm.feature_maps import at_least_fp32 as _fp32
+from picollm.model.mixers.feature_maps import at_least_fp32 as _fp32
 
 
 def _decay(log_alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

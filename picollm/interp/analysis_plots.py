@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from picollm.analysis import EmbeddingAnalysis, pearson  # noqa: E402
+from picollm.interp.analysis import EmbeddingAnalysis, pearson  # noqa: E402
 
 
 def close(fig: Figure) -> None:

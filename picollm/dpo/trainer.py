@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picollm import optim
 from picollm.config import DPOConfig
-from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets, length_bucketed_batches, pad_sequences
-from picollm.dpo_metrics import PairScores, pair_metrics, scores_metrics
+from picollm.data.splits import IGNORE_INDEX, PaddedSplit, inputs_and_targets, length_bucketed_batches, pad_sequences
+from picollm.dpo.metrics import PairScores, pair_metrics, scores_metrics
+from picollm.dpo.pairs import PreferencePair
 from picollm.errors import PicollmError
-from picollm.optim import EarlyStopping, NonFiniteGuard, TrainState
-from picollm.text_data import PreferencePair
-from picollm.training import autocast, resolve_precision
+from picollm.training import optim
+from picollm.training.optim import EarlyStopping, NonFiniteGuard, TrainState
+from picollm.training.trainer import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 

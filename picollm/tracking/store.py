@@ -32,9 +32,9 @@ from filelock import FileLock  # noqa: E402
 from mlflow.entities import Metric, RunStatus, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from picollm import store_faults  # noqa: E402
 from picollm.errors import PicollmError, RunStopped, StorageError  # noqa: E402
-from picollm.store_faults import StoreUnavailable, retry_locked  # noqa: E402
+from picollm.tracking import faults as store_faults  # noqa: E402
+from picollm.tracking.faults import StoreUnavailable, retry_locked  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ import torch
 from mlflow.entities import Metric
 from pydantic import BaseModel
 
-from picollm import distributed, tracking
 from picollm.config import TrackingConfig, flatten, to_yaml
-from picollm.distributed import DistContext
-from picollm.training import TrainCallbacks
+from picollm.runtime import distributed
+from picollm.runtime.distributed import DistContext
+from picollm.tracking import store as tracking
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class RunLog:
         """Log a matplotlib figure as PNG and close it (open figures pile up in long flows). At FIGURE_DPI,
         cropped to its content: multi-panel figures stay legible in MLflow's artifact viewer. The bytes
         are kept (`figure_files`) for reports that inline them."""
-        from picollm.plots import close
+        from picollm.training.plots import close
 
         try:
             buf = io.BytesIO()
@@ -139,7 +139,7 @@ class RunLog:
         """Log the model (and register it under `registered_name` unless None): (model URI, version).
         The latest values of the metrics named in `link` (the final test and val metrics), already
         logged, are linked to it in that order: the model page and the Models tab show those columns."""
-        from picollm.registry import log_model
+        from picollm.tracking.registry import log_model
 
         self.flush()  # what was logged must be in the store before `_link` looks for it
         logged = log_model(model, registered_name, tokenizer, step=UNLINKED_STEP)
@@ -287,35 +287,3 @@ def session(
         distributed.teardown(ctx)
 
 
-class MlflowCallbacks:
-    """Trainer callbacks that log to a run (batched, flushed every epoch) and forward to a UI
-    reporter; `checkpoints=False` skips the checkpoint artifact (runs that are not resumable)."""
-
-    def __init__(self, run: RunLog, ui: TrainCallbacks, checkpoints: bool = True) -> None:
-        self.run = run
-        self.ui = ui
-        self.checkpoints = checkpoints
-
-    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
-        self.ui.on_train_start(total_steps, steps_per_epoch, start_epoch)
-
-    def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
-        if metrics:
-            self.run.log_metrics(metrics, step)
-        self.ui.on_step(step, metrics)
-
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
-        self.run.log_metrics(metrics, step, flush=True)
-        self.ui.on_epoch_end(epoch, step, metrics)
-
-    def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
-        if not self.checkpoints:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(CHECKPOINT_PATH).name
-            torch.save(checkpoint, path)
-            # Each attempt holds a signal until it is done (never a half-logged checkpoint); the run's lookup
-            # in the store may meet a lock: retried in short attempts (tracking.store_write).
-            parent = str(Path(CHECKPOINT_PATH).parent)
-            tracking.store_write(mlflow.log_artifact, str(path), artifact_path=parent, what="logging the checkpoint")
-        self.ui.on_checkpoint(checkpoint, epoch)

@@ -29,12 +29,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from pydantic import ValidationError
 
-from picollm import tracking  # noqa: F401  (sets MLflow env defaults)
 from picollm.config import ModelConfig, TrainRunConfig, read_yaml, validate
 from picollm.errors import ModelNotFoundError, PicollmError
-from picollm.model import Transformer
-from picollm.optim import REQUIRED_CHECKPOINT_KEYS
-from picollm.prompts import continue_prompts  # noqa: F401  (re-exported: the CLI and tests use it here)
+from picollm.model.transformer import Transformer
+from picollm.model.weights import build_from_state, load_state_dict
+from picollm.tracking import store as tracking  # noqa: F401  (sets MLflow env defaults)
+from picollm.tracking.prompts import continue_prompts  # noqa: F401  (re-exported: the CLI and tests use it here)
 
 log = logging.getLogger(__name__)
 
@@ -96,64 +96,14 @@ def save_files(model: Transformer, directory: Path) -> dict[str, str]:
     return files
 
 
-def load_state_dict(path: str | Path) -> dict[str, Any]:
-    """torch.load with weights_only=True (nothing but tensors and plain containers is ever
-    unpickled); a damaged or foreign file is one clear PicollmError."""
-    path = Path(path)
-    if not path.is_file():
-        raise PicollmError(f"weights file not found: {path}")
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PicollmError(f"cannot load {path.name}: {_load_failure(e)}") from None
-    if not isinstance(state, dict):
-        raise PicollmError(f"cannot load {path.name}: it holds a {type(state).__name__}, not a state dict")
-    return state
 
 
-CHECKPOINT_KEYS = (*REQUIRED_CHECKPOINT_KEYS, "config")  # the trainer's keys, plus the run config a resume checks
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint (weights_only, like every load), checked before anything uses it: every
-    key a resume needs is there and its weights fit the model config stored beside them."""
-    ckpt = load_state_dict(path)
-    name = Path(path).name
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise PicollmError(f"{name} is not a picollm training checkpoint (no {', '.join(missing)})")
-    try:
-        model_cfg = ModelConfig.model_validate(ckpt["config"]["model"])
-    except (TypeError, KeyError, ValidationError):
-        raise PicollmError(f"{name}: its stored config has no valid model section") from None
-    if not isinstance(ckpt["model"], dict):
-        raise PicollmError(f"{name}: its model entry is not a state dict")
-    build_from_state(ckpt["model"], model_cfg, source=f"the weights in {name}")
-    return ckpt
 
 
-def _load_failure(e: Exception) -> str:
-    text = str(e).strip()
-    if "Weights only load failed" in text:
-        return "it holds pickled objects other than tensors (refused: loading never unpickles code)"
-    if isinstance(e, EOFError) or any(
-        m in text for m in ("PytorchStreamReader", "central directory", "invalid load key", "truncated")
-    ):
-        return "the file is truncated or corrupted"
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
-def build_from_state(state: dict[str, Any], cfg: ModelConfig, source: str = "weights") -> Transformer:
-    model = Transformer(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        detail = str(e).splitlines()
-        hint = next((ln.strip() for ln in detail[1:] if ln.strip()), detail[0])
-        raise PicollmError(f"{source} do not match the model config: {hint[:200]}") from None
-    return model.eval()
 
 
 def load_from_files(weights: str | Path, config: str | Path, vocab: str | Path | None = None) -> Transformer:
@@ -162,7 +112,7 @@ def load_from_files(weights: str | Path, config: str | Path, vocab: str | Path |
     vocab = Path(config).with_name(VOCAB_FILE) if vocab is None else Path(vocab)
     model = _load_from_files(weights, config)
     if vocab.is_file():
-        from picollm.text_vocab import CompactVocab
+        from picollm.data.tokenizers import CompactVocab
 
         model.text_vocab = CompactVocab.from_file(vocab)
         if model.text_vocab.vocab_size != model.cfg.vocab_size:
@@ -198,7 +148,7 @@ class Logged(NamedTuple):
 
 def _package_copy(directory: Path) -> Path:
     """The picollm package (sources only) for `code_paths`: the logged model loads without picollm installed."""
-    src = Path(__file__).resolve().parent
+    src = Path(__file__).resolve().parents[1]  # picollm/, from picollm/tracking/
     dst = directory / "code" / src.name
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return dst
@@ -215,7 +165,7 @@ def log_model(model: Transformer, registered_name: str | None, tokenizer: str = 
 
     The first version of a name gets the alias `champion`; later ones are promoted explicitly.
     """
-    from picollm.prompts import TOKENIZERS, bundle_gpt2_files, example_prompts
+    from picollm.data.tokenizers import TOKENIZERS, bundle_gpt2_files, example_prompts
 
     if tokenizer not in TOKENIZERS:
         raise PicollmError(f"unknown tokenizer {tokenizer!r} (known: {', '.join(TOKENIZERS)})")
@@ -373,7 +323,7 @@ def download_model(ref: str) -> tuple[str, Path]:
 
 def load_model(ref: str, device: str | torch.device = "cpu") -> Transformer:
     """The trained torch model (eval mode, with `generate`) behind a registry or run reference."""
-    from picollm.tracking import init_tracking
+    from picollm.tracking.store import init_tracking
 
     # MLflow's current URI: one the caller chose with mlflow.set_tracking_uri(), else the environment's,
     # else MLflow's default, which is picollm's (sqlite:///<cwd>/mlflow.db).

@@ -21,8 +21,6 @@ may use it (`recall_split`): a val/test generator is in no train split of any bu
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,14 +30,10 @@ import torch
 
 from picollm.config import DataConfig
 from picollm.config.base import RECALL_FAMILIES
-from picollm.errors import PicollmError
-from picollm.generators import (  # noqa: F401 (re-exported: the data API callers already use)
+from picollm.data.generators import (
     Generator,
     answer_mask,
     ceiling_per_position,
-    draw_from_generators,
-    family_capacity,
-    generate_sequence,
     generator_at,
     generator_count,
     is_deterministic,
@@ -50,9 +44,10 @@ from picollm.generators import (  # noqa: F401 (re-exported: the data API caller
     sequence_from_generator,
     sequences_per_generator,
 )
+from picollm.errors import PicollmError
 
 if TYPE_CHECKING:
-    from picollm.runs import RunLog
+    pass
 
 IGNORE_INDEX = -100
 
@@ -320,24 +315,6 @@ def build_data(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: i
     return SyntheticData(families=list(cfg.seq_types), pools=pools, **out)
 
 
-def log_splits(run: RunLog, data: SyntheticData) -> None:
-    """Log every split of `data` to the open `run`: as an MLflow dataset input (context = the split's
-    name; its digest covers family, tokens and generator) and as the artifact `data/<split>.jsonl`,
-    one `{"family", "tokens", <generator parameters>}` object per line (`SequenceSplit.records`)."""
-    import mlflow
-    import mlflow.data
-    import pandas as pd
-
-    for name, split in data.splits().items():
-        run.log_text("".join(json.dumps(r) + "\n" for r in split.records()), f"data/{name}.jsonl")
-        frame = pd.DataFrame(
-            {
-                "family": split.families,
-                "tokens": [" ".join(str(int(v)) for v in s) for s in split.sequences],
-                "generator": [json.dumps(g) for g in split.generators] or [""] * len(split),
-            }
-        )
-        mlflow.log_input(mlflow.data.from_pandas(frame, name=f"synthetic-{name}", targets=None), context=name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,20 +430,5 @@ def iter_batches(
 # Prompts
 
 
-_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
-def parse_prompt(text: str, vocab_size: int) -> list[int]:
-    """'2 4 6 8' -> [2, 4, 6, 8]; every value must be a token in [0, vocab_size-2]."""
-    parts = text.replace(",", " ").split()
-    if not parts:
-        raise PicollmError("prompt is empty: give space-separated integers, e.g. '2 4 6 8'")
-    out = []
-    for p in parts:
-        if not _INTEGER.fullmatch(p):  # int() would also take '1_0', '١' or ' +1'
-            raise PicollmError(f"prompt token {p!r} is not an integer")
-        v = int(p)
-        if not 0 <= v <= vocab_size - 2:
-            raise PicollmError(f"prompt token {v} is outside the model's values 0..{vocab_size - 2}")
-        out.append(v)
-    return out

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from picollm.feature_maps import at_least_fp32 as _fp32
-from picollm.linear_attention import normalise
+from picollm.model.mixers.feature_maps import at_least_fp32 as _fp32
+from picollm.model.mixers.linear_attention import normalise
 
 
 def decay_matrix(log_g: torch.Tensor) -> torch.Tensor:

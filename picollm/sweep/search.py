@@ -45,11 +45,11 @@ from picollm.config import (
     set_key,
     validate,
 )
+from picollm.config.sweep import SweepConfig, direction_of
 from picollm.errors import ConfigError, PicollmError, RunStopped
-from picollm.evaluation import metric_names
-from picollm.server import alive as process_alive  # zombies count as gone
-from picollm.sweep_space import SweepConfig, direction_of
-from picollm.training import NullCallbacks, TrainCallbacks
+from picollm.tracking.server import alive as process_alive  # zombies count as gone
+from picollm.training.evaluation import metric_names
+from picollm.training.trainer import NullCallbacks, TrainCallbacks
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def resolve_storage(value: str | None) -> str:
     if value is None:
         return f"sqlite:///{Path.cwd() / 'optuna.db'}"
     if value == "team":
-        from picollm import server
+        from picollm.tracking import server
 
         path = Path("configs/server.yaml")
         return server.optuna_uri(load_config(ServerConfig, path if path.is_file() else None))

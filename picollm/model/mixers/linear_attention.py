@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from picollm.feature_maps import feature_map
+from picollm.model.mixers.feature_maps import feature_map
 
 __all__ = [  # feature_map re-exported: callers build phi here as before
     "chunkwise",

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picollm.data import IGNORE_INDEX, PaddedSplit, inputs_and_targets
+from picollm.data.splits import IGNORE_INDEX, PaddedSplit, inputs_and_targets
 
 
 @torch.no_grad()

@@ -8,31 +8,35 @@ return an outcome with an empty run id.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from picollm import distributed, store_faults
-from picollm.cache import cached_build_data, cached_matmul_peak
 from picollm.config import TrainRunConfig, flatten, validate
-from picollm.data import PaddedSplit, SyntheticData, log_splits, to_padded
+from picollm.data.splits import PaddedSplit, SyntheticData, to_padded
 from picollm.errors import PicollmError
-from picollm.evaluation import evaluate
-from picollm.hardware import resolve_device, torch_threads
-from picollm.model import Transformer
-from picollm.optim import make_optimizer, make_scheduler, validate_checkpoint
-from picollm.registry import SOURCE_CONFIG, load_checkpoint
-from picollm.runs import CHECKPOINT_PATH, SINGLE_VALUE_STEP, MlflowCallbacks, RunLog, Session, unique_name
-from picollm.timing import Stopwatch, TimedCallbacks
-from picollm.training import NullCallbacks, TrainCallbacks, Trainer, TrainResult
+from picollm.model.transformer import Transformer
+from picollm.runtime import distributed
+from picollm.runtime.disk_cache import cached_build_data, cached_matmul_peak
+from picollm.runtime.hardware import resolve_device, torch_threads
+from picollm.runtime.timing import Stopwatch, TimedCallbacks
+from picollm.tracking import faults as store_faults
+from picollm.tracking import store as tracking
+from picollm.tracking.registry import SOURCE_CONFIG
+from picollm.tracking.runs import CHECKPOINT_PATH, SINGLE_VALUE_STEP, RunLog, Session, unique_name
+from picollm.training.evaluation import evaluate
+from picollm.training.optim import load_checkpoint, make_optimizer, make_scheduler, validate_checkpoint
+from picollm.training.trainer import NullCallbacks, TrainCallbacks, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +242,7 @@ def _log_results(run: RunLog, prep: Prepared, result: TrainResult, test_metrics:
     if result.best_epoch is not None:
         summary["train/best_epoch"] = float(result.best_epoch)
     run.log_metrics(summary, step=SINGLE_VALUE_STEP, flush=True)  # one value each: bar charts
-    from picollm import plots  # matplotlib: imported when the figures are drawn, not at start-up
+    from picollm.training import plots  # matplotlib: imported when the figures are drawn, not at start-up
 
     run.log_figure(plots.training_curves(result.history), "figures/training_curves.png")
     run.log_figure(plots.family_accuracy(test_metrics, prep.data.families), "figures/test_accuracy_per_family.png")
@@ -258,3 +262,57 @@ def train_untracked(cfg: TrainRunConfig) -> dict[str, float]:
 def _mean(history: list[dict[str, float]], key: str) -> float:
     vals = [h[key] for h in history if key in h]
     return sum(vals) / len(vals) if vals else math.nan
+
+
+def log_splits(run: RunLog, data: SyntheticData) -> None:
+    """Log every split of `data` to the open `run`: as an MLflow dataset input (context = the split's
+    name; its digest covers family, tokens and generator) and as the artifact `data/<split>.jsonl`,
+    one `{"family", "tokens", <generator parameters>}` object per line (`SequenceSplit.records`)."""
+    import mlflow
+    import mlflow.data
+    import pandas as pd
+
+    for name, split in data.splits().items():
+        run.log_text("".join(json.dumps(r) + "\n" for r in split.records()), f"data/{name}.jsonl")
+        frame = pd.DataFrame(
+            {
+                "family": split.families,
+                "tokens": [" ".join(str(int(v)) for v in s) for s in split.sequences],
+                "generator": [json.dumps(g) for g in split.generators] or [""] * len(split),
+            }
+        )
+        mlflow.log_input(mlflow.data.from_pandas(frame, name=f"synthetic-{name}", targets=None), context=name)
+
+
+class MlflowCallbacks:
+    """Trainer callbacks that log to a run (batched, flushed every epoch) and forward to a UI
+    reporter; `checkpoints=False` skips the checkpoint artifact (runs that are not resumable)."""
+
+    def __init__(self, run: RunLog, ui: TrainCallbacks, checkpoints: bool = True) -> None:
+        self.run = run
+        self.ui = ui
+        self.checkpoints = checkpoints
+
+    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
+        self.ui.on_train_start(total_steps, steps_per_epoch, start_epoch)
+
+    def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
+        if metrics:
+            self.run.log_metrics(metrics, step)
+        self.ui.on_step(step, metrics)
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        self.run.log_metrics(metrics, step, flush=True)
+        self.ui.on_epoch_end(epoch, step, metrics)
+
+    def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
+        if not self.checkpoints:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(CHECKPOINT_PATH).name
+            torch.save(checkpoint, path)
+            # Each attempt holds a signal until it is done (never a half-logged checkpoint); the run's lookup
+            # in the store may meet a lock: retried in short attempts (tracking.store_write).
+            parent = str(Path(CHECKPOINT_PATH).parent)
+            tracking.store_write(mlflow.log_artifact, str(path), artifact_path=parent, what="logging the checkpoint")
+        self.ui.on_checkpoint(checkpoint, epoch)
