@@ -315,8 +315,6 @@ def build_data(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: i
     return SyntheticData(families=list(cfg.seq_types), pools=pools, **out)
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # Padding and batching
 
@@ -424,11 +422,3 @@ def iter_batches(
 ) -> Iterator[PaddedSplit]:
     for idx in length_bucketed_batches(split.lengths, batch_size, generator, shuffle):
         yield split.subset(idx)
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompts
-
-
-
-

@@ -51,8 +51,6 @@ _STOPWORDS = frozenset(  # function words: replacing them tests grammar, not con
 # Tokenizer
 
 
-
-
 def split_sentences(text: str) -> list[str]:
     """Sentences of `text` (stripped); each after the first keeps its leading whitespace, so
     "".join(split_sentences(t)) == t.strip()."""

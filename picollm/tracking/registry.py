@@ -96,16 +96,6 @@ def save_files(model: Transformer, directory: Path) -> dict[str, str]:
     return files
 
 
-
-
-
-
-
-
-
-
-
-
 def load_from_files(weights: str | Path, config: str | Path, vocab: str | Path | None = None) -> Transformer:
     """The model from its files; a compact-vocabulary text model gets its id map as `model.text_vocab`
     (from `vocab`, by default the VOCAB_FILE beside `config` where there is one)."""

@@ -285,5 +285,3 @@ def session(
         raise
     else:
         distributed.teardown(ctx)
-
-
