@@ -28,7 +28,7 @@ PG_INSTALL = command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl
 	  else echo "PostgreSQL is missing: run 'sudo apt-get install postgresql'" >&2; exit 1; fi; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve recall analyze generate models ui serve test test-all lint bench sweep lock clean server server-stop test-integration
+.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve recall analyze generate models ui serve test test-all lint docs bench sweep lock clean server server-stop test-integration
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -104,6 +104,10 @@ bench: setup ## Time training steps of both attentions at several lengths, logge
 
 sweep: setup ## Optuna sweep of learning rate x positional encoding (configs/sweep.yaml): parent run + a child per trial
 	$(BIN)/picollm sweep configs/sweep.yaml $(ARGS)
+
+docs: setup ## Regenerate docs/reference (config keys from the schemas, token mixers from the registry)
+	$(BIN)/python -m picollm.config.reference
+	$(BIN)/python -m picollm.model.mixers.catalog
 
 lock: setup ## Refresh requirements.lock from the current environment
 	@(echo "# Every package's version, from 'pip freeze' of a working environment (make lock)."; \

@@ -39,8 +39,11 @@ from picollm.config import (
 from picollm.config.bench import BenchGenerationConfig
 from picollm.errors import PicollmError
 from picollm.model import decoding
-from picollm.model.mixers import linear_attention as la
-from picollm.model.transformer import Transformer, alibi_slopes
+from picollm.model.mixers import REFERENCE_PAIR
+from picollm.model.mixers import feature_maps as fm
+from picollm.model.mixers import linear as la
+from picollm.model.positions import alibi_slopes
+from picollm.model.transformer import Transformer
 from picollm.runtime.hardware import median_ms, torch_threads
 from picollm.runtime.timing import PHASES
 from picollm.tracking import runs, server
@@ -161,12 +164,13 @@ def time_steps(cfg: BenchConfig) -> dict[int, dict[str, float]]:
 
 
 def _time_kernels(cfg: BenchConfig, n: int, batch: int) -> dict[str, float]:
-    """Forward + backward of each linear-attention form alone at length n."""
+    """Forward + backward of each linear-attention form alone at length n (the ALiBi decay as a constant gate)."""
     h, dh = cfg.model.n_heads, cfg.model.d_head
     ld = -alibi_slopes(h, cfg.model.alibi_exponent)
+    lg = ld.view(1, h, 1).expand(batch, h, n)
     forms = {
-        "quadratic": lambda q, k, v: la.quadratic(q, k, v, ld, 1e-6),
-        "chunkwise": lambda q, k, v: la.chunkwise(q, k, v, ld, 1e-6, cfg.model.linear_chunk_size),
+        "quadratic": lambda q, k, v: la.quadratic(q, k, v, lg, 1e-6),
+        "chunkwise": lambda q, k, v: la.chunkwise(q, k, v, lg, 1e-6, cfg.model.linear_chunk_size),
         "naive_cumulative": lambda q, k, v: naive_cumulative(q, k, v, ld, 1e-6),
     }
     row = {}
@@ -174,7 +178,7 @@ def _time_kernels(cfg: BenchConfig, n: int, batch: int) -> dict[str, float]:
         q, k, v = (torch.randn(batch, h, n, dh, requires_grad=True) for _ in range(3))
 
         def kernel(fn=fn, q=q, k=k, v=v) -> None:
-            fn(la.feature_map(q), la.feature_map(k), v).sum().backward()
+            fn(fm.feature_map(q), fm.feature_map(k), v).sum().backward()
 
         row[f"kernel_ms.{form}"] = median_ms(kernel, 1, cfg.timed_steps)
     return row
@@ -532,7 +536,7 @@ def time_generation(cfg: BenchConfig) -> dict[int, dict[str, float]]:
 def generation_table(
     g: BenchGenerationConfig, rows: dict[int, dict[str, float]], variants: list[str] | None = None
 ) -> list[str]:
-    names = variants or ["softmax", "linear"]
+    names = variants or list(REFERENCE_PAIR)
     lines: list[str] = []
     for b in g.batch_sizes:
         header = ["context", *(f"{a} {p}" for a in names for p in ("cached", "fast")), *(f"{a} gain" for a in names)]

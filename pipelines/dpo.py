@@ -20,19 +20,10 @@ import torch
 
 from picollm.config import GPT2_VOCAB, DPORunConfig, flatten
 from picollm.data.splits import PaddedSplit, pad_sequences
+from picollm.dpo.losses import batch_logps, collate, dpo_loss, response_logps, sequence_logps
 from picollm.dpo.metrics import gain_metrics, gain_table, scores_metrics
 from picollm.dpo.pairs import PreferenceData, PreferencePair, build_preference_data
-from picollm.dpo.trainer import (
-    DPOTrainer,
-    PairSet,
-    batch_logps,
-    collate,
-    compute_reference_logps,
-    dpo_loss,
-    lm_metrics,
-    response_logps,
-    sequence_logps,
-)
+from picollm.dpo.trainer import DPOTrainer, PairSet, compute_reference_logps, lm_metrics
 from picollm.errors import PicollmError
 from picollm.model.transformer import Transformer
 from picollm.runtime.hardware import measure_matmul_peak, resolve_device, torch_threads

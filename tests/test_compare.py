@@ -578,26 +578,7 @@ def test_report_states_test_margin_and_holm():
         ]
         for att in cmp.MODELS
     }
-    agg, diffs = cmp.aggregate(runs), cmp.differences_vs_baseline(runs)
-    r = cmp.ReportInput(
-        title="t",
-        mode="train",
-        parent_run_id="abc",
-        seconds=1.0,
-        setup=[],
-        runs={att: ["seed0", "seed1", "seed2"] for att in cmp.MODELS},
-        families=["counting"],
-        factors=[1, 2],
-        train_len=8,
-        agg=agg,
-        diffs=diffs,
-        rows=cmp.comparison_rows(agg, diffs, keys, 0.05),
-        alpha=0.05,
-        ci_text="95 % Student-t interval",
-        coverage={},
-        efficiency=None,
-        figures=[],
-    )
+    r = report_input(runs, keys, families=["counting"], factors=[1, 2], ci_text="95 % Student-t interval")
     text = cmp.render_report(r)
     headline = text.split("## Headline")[1].split("## Every split")[0]
     assert "| metric | softmax | linear | linear − softmax | p | p TOST | verdict |" in headline
@@ -642,3 +623,15 @@ def test_report_html_inlines_figures_and_renders_tables():
     assert "<table>" in page and "<td>2</td>" in page
     assert 'src="data:image/png;base64,iVBORyBmYWtl"' in page and 'alt="cap [0, 1]"' in page
     assert 'src="figures/missing.png"' in page  # unknown paths stay links
+
+
+def report_input(runs: dict, items: list, **fields) -> cmp.ReportInput:
+    """A train-mode report of `runs` (three seeds per variant) with a headline table of `items`."""
+    agg, diffs = cmp.aggregate(runs), cmp.differences_vs_baseline(runs)
+    base = {
+        "title": "t", "mode": "train", "parent_run_id": "abc", "seconds": 1.0, "setup": [], "families": [],
+        "factors": [], "train_len": 8, "alpha": 0.05, "ci_text": "95 %", "coverage": {}, "efficiency": None,
+        "figures": [], "runs": {v: ["seed0", "seed1", "seed2"] for v in runs},
+    }  # fmt: skip
+    rows = cmp.comparison_rows(agg, diffs, items, 0.05)
+    return cmp.ReportInput(**base | {"agg": agg, "diffs": diffs, "rows": rows} | fields)

@@ -22,6 +22,7 @@ from picollm.config import CompareConfig, DataConfig, load_config
 from picollm.errors import ConfigError
 
 from .conftest import REPO, copy_store, mlflow_store
+from .test_compare import report_input
 
 TINY_COMPARE = REPO / "configs" / "compare_tiny.yaml"
 THREE = (
@@ -142,27 +143,7 @@ def test_parent_keys_with_three_variants_are_compact_and_variant_last():
 
 def test_report_with_three_variants_has_a_column_per_comparison():
     runs = _runs()
-    agg, diffs = cmp.aggregate(runs), cmp.differences_vs_baseline(runs)
-    items = [("eval/test/accuracy", "test accuracy", True)]
-    r = cmp.ReportInput(
-        title="t",
-        mode="train",
-        parent_run_id="abc",
-        seconds=1.0,
-        setup=[],
-        runs={v: ["seed0", "seed1", "seed2"] for v in runs},
-        families=[],
-        factors=[],
-        train_len=8,
-        agg=agg,
-        diffs=diffs,
-        rows=cmp.comparison_rows(agg, diffs, items, 0.05),
-        alpha=0.05,
-        ci_text="95 %",
-        coverage={},
-        efficiency=None,
-        figures=[],
-    )
+    r = report_input(runs, [("eval/test/accuracy", "test accuracy", True)])
     text = cmp.render_report(r)
     assert "| metric | softmax | linear | delta | linear − softmax | delta − softmax |" in text
     assert "each variant against the baseline softmax" in text and "## Length generalisation" not in text

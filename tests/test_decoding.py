@@ -8,6 +8,7 @@ import torch
 from picollm.data.splits import pad_sequences
 from picollm.errors import PicollmError
 from picollm.model import decoding
+from picollm.model.sampling import Sampling
 from tests.test_model import ATTENTIONS, PAD, POS, VOCAB, greedy_reference, make_model, rand_tokens
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -76,8 +77,8 @@ def test_sampling_on_fast_path_equals_cached_loop(attention):
     model = make_model(attention)
     prompt = rand_tokens(2, 4, seed=18)
     kw = {"temperature": 1.1, "top_k": 8, "top_p": 0.9}
-    fast = decoding.generate(model, prompt, 10, generator=torch.Generator().manual_seed(4), **kw)
-    slow = decoding.generate_cached(model, prompt, 10, generator=torch.Generator().manual_seed(4), **kw)
+    fast = decoding.generate(model, prompt, 10, Sampling(**kw, generator=torch.Generator().manual_seed(4)))
+    slow = decoding.generate_cached(model, prompt, 10, Sampling(**kw, generator=torch.Generator().manual_seed(4)))
     assert torch.equal(fast, slow)
 
 

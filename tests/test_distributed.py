@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from picollm.config import DataConfig, ModelConfig, TrainConfig
 from picollm.data.splits import build_data, to_padded
 from picollm.errors import PicollmError, TrainingError
-from picollm.model.mixers import linear_attention as la
+from picollm.model.mixers import linear as la
 from picollm.model.transformer import Transformer
 from picollm.runtime import distributed
 from picollm.training.evaluation import evaluate
@@ -278,8 +278,8 @@ def test_nonfinite_run_is_failed_and_keeps_its_last_checkpoint(monkeypatch: pyte
 def test_dpo_log_probs_under_bf16_are_fp32_sums_close_to_fp32():
     import math
 
+    from picollm.dpo.losses import batch_logps, collate, dpo_loss
     from picollm.dpo.pairs import PreferencePair
-    from picollm.dpo.trainer import batch_logps, collate, dpo_loss
 
     torch.manual_seed(0)
     model = Transformer(MODEL.model_copy(update={"attention": "softmax"})).eval()

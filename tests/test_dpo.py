@@ -18,6 +18,7 @@ import torch
 
 from picollm.config import CORRUPTIONS, DPODataConfig, DPORunConfig, ModelConfig, load_config
 from picollm.data.stories import load_stories
+from picollm.dpo.losses import batch_logps, collate, dpo_loss, response_logps, sequence_logps
 from picollm.dpo.pairs import (
     Corruptor,
     Example,
@@ -26,16 +27,7 @@ from picollm.dpo.pairs import (
     split_sentences,
     split_stories,
 )
-from picollm.dpo.trainer import (
-    DPOTrainer,
-    PairSet,
-    batch_logps,
-    collate,
-    compute_reference_logps,
-    dpo_loss,
-    response_logps,
-    sequence_logps,
-)
+from picollm.dpo.trainer import DPOTrainer, PairSet, compute_reference_logps
 from picollm.errors import ConfigError, PicollmError
 from picollm.model.transformer import Transformer
 
@@ -221,7 +213,7 @@ def test_dpo_loss_length_normalised(loss_type: str, expected: float) -> None:
 
 
 def test_simpo_loss_hand_computed() -> None:
-    from picollm.dpo.trainer import simpo_loss
+    from picollm.dpo.losses import simpo_loss
 
     # lengths 2 and 4: averages -0.5 and -0.75, beta 2, gamma 0.3: logits = 0.25 - 0.15 = 0.1, beta*logits 0.2
     pc, pr = _logps(-1.0, -3.0)
@@ -237,7 +229,7 @@ def test_simpo_loss_hand_computed() -> None:
 
 
 def test_rpo_term_and_simpo_in_the_trainer() -> None:
-    from picollm.dpo.trainer import rpo_nll
+    from picollm.dpo.losses import rpo_nll
 
     assert rpo_nll(torch.tensor([-6.0, -2.0]), torch.tensor([3, 4])).tolist() == [2.0, 0.5]  # NLL per token
     torch.manual_seed(0)

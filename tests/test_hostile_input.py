@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from picollm.errors import MAX_LINE
-from picollm.model.transformer import sample_next
+from picollm.model.sampling import Sampling
 from picollm.training import optim
 
 from .conftest import TINY
@@ -92,7 +92,7 @@ def test_values_that_failed_inside_a_run_are_refused_before_it(migrated_store: s
 def test_sampling_edges_are_finite_and_sane(temperature: float, top_k, top_p):
     logits = torch.randn(4, 12)
     g = torch.Generator().manual_seed(2**63 - 1)
-    out = sample_next(logits, 11, temperature, top_k, top_p, g)
+    out = Sampling(temperature, top_k, top_p, g).next(logits, 11)
     assert ((out >= 0) & (out < 11)).all()
     if top_p == 0.0 or temperature < 1e-30:
         assert torch.equal(out, logits[:, :11].argmax(-1))

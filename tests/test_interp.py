@@ -18,6 +18,7 @@ from picollm.interp import head_detector as hd
 from picollm.interp import html_view, logit_lens, patching, probes, prompts
 from picollm.interp.prompts import PromptPairs
 from picollm.model.transformer import Transformer
+from tests.test_model import make_model
 
 V, P = 8, 8  # vocabulary (7 values + pad) and positions of the hand-set model
 TOK, POS, COPY = 0, V, 2 * V  # residual layout: token one-hot | position one-hot | copied token
@@ -65,14 +66,7 @@ def copy_pairs(n: int = 16, length: int = 6, seed: int = 0) -> PromptPairs:
 
 
 def random_model(attention: str, seed: int = 0) -> Transformer:
-    cfg = ModelConfig(attention=attention, d_model=16, n_heads=2, n_layers=2, vocab_size=32)
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.4)
-    return model.eval()
+    return make_model(attention, chunk=64, seed=seed)  # one chunk: the quadratic forms
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,6 +209,7 @@ def view_html() -> str:
     data = html_view.ViewData(
         "planted </script> model",
         "softmax",
+        "softmax weights",
         ["a", "b", "c"],
         [html_view.Example("a", tokens[0].tolist(), pattern)],
         rows,

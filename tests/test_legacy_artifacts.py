@@ -99,3 +99,20 @@ def test_cli_generates_from_the_registered_model_saved_before(legacy_store: dict
     result = CliRunner().invoke(app, ["generate", legacy_store["model"], "2 4 6 8", "-n", "6"])
     assert result.exit_code == 0, result.output
     assert " ".join(map(str, legacy_store["greedy"][0])) in result.output
+
+
+INIT = json.loads((LEGACY / "init_v0.json").read_text())
+
+
+@pytest.mark.parametrize("variant", sorted(INIT))
+def test_a_seed_gives_the_initial_weights_it_gave_before(variant: str) -> None:
+    """The sum and sum of squares of every initial tensor at torch.manual_seed(0), as the older picollm drew
+    them: studies rerun from a seed start from the same weights."""
+    saved = INIT[variant]
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.model_validate(saved["config"]))
+    state = model.state_dict()
+    assert state.keys() == saved["params"].keys()
+    for name, (total, squares) in saved["params"].items():
+        t = state[name].double()
+        assert float(t.sum()) == pytest.approx(total, abs=1e-9) and float(t.pow(2).sum()) == pytest.approx(squares)

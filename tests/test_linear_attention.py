@@ -1,4 +1,5 @@
-"""The quadratic, chunkwise and recurrent forms against each other and against a naive loop."""
+"""Linear attention's quadratic, chunkwise and recurrent forms (picollm/model/mixers/linear.py, a constant gate:
+no decay or the ALiBi decay) against each other and against a naive loop of the formula."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import math
 import pytest
 import torch
 
-from picollm.model.mixers import linear_attention as la
-from picollm.model.transformer import alibi_slopes
+from picollm.model.mixers import linear as la
+from picollm.model.mixers.feature_maps import feature_map
+from picollm.model.positions import alibi_slopes
 
 B, H, N, DK, DV = 2, 3, 37, 8, 5
 EPS = 1e-6
@@ -17,11 +19,11 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 def inputs(decay: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    fq = la.feature_map(torch.randn(B, H, N, DK, generator=g))
-    fk = la.feature_map(torch.randn(B, H, N, DK, generator=g))
+    fq = feature_map(torch.randn(B, H, N, DK, generator=g))
+    fk = feature_map(torch.randn(B, H, N, DK, generator=g))
     v = torch.randn(B, H, N, DV, generator=g)
     log_decay = -alibi_slopes(H) if decay else torch.zeros(H)
-    return fq, fk, v, log_decay
+    return fq, fk, v, log_decay.view(1, H, 1).expand(B, H, N)  # a constant gate: log g per (batch, head, position)
 
 
 def naive(fq, fk, v, log_decay, eps=EPS):
@@ -30,7 +32,7 @@ def naive(fq, fk, v, log_decay, eps=EPS):
     out = torch.zeros(*fq.shape[:3], v.shape[-1], dtype=torch.float64)
     for b in range(fq.shape[0]):
         for h in range(fq.shape[1]):
-            g = math.exp(float(log_decay[h]))
+            g = math.exp(float(log_decay[b, h, 0]))
             for i in range(fq.shape[2]):
                 num = torch.zeros(v.shape[-1], dtype=torch.float64)
                 den = 0.0
@@ -91,7 +93,7 @@ def test_final_state_is_the_recurrent_state_after_the_last_step(case):
     state = torch.zeros(B, H, DK, DV)
     z = torch.zeros(B, H, DK)
     for i in range(N):
-        _, state, z = la.recurrent_step(fq[:, :, i], fk[:, :, i], v[:, :, i], state, z, log_decay, EPS)
+        _, state, z = la.recurrent_step(fq[:, :, i], fk[:, :, i], v[:, :, i], log_decay[:, :, i], state, z, EPS)
     s_final, z_final = la.final_state(fk, v, log_decay)
     torch.testing.assert_close(s_final, state, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(z_final, z, atol=1e-4, rtol=1e-5)
@@ -101,9 +103,9 @@ def test_final_state_continues_the_sequence(case):
     """Prefill with final_state, then recurrent steps: same outputs as the full quadratic form."""
     (fq, fk, v, log_decay), ref = case
     split = 20
-    state, z = la.final_state(fk[:, :, :split], v[:, :, :split], log_decay)
+    state, z = la.final_state(fk[:, :, :split], v[:, :, :split], log_decay[:, :, :split])
     for i in range(split, N):
-        y, state, z = la.recurrent_step(fq[:, :, i], fk[:, :, i], v[:, :, i], state, z, log_decay, EPS)
+        y, state, z = la.recurrent_step(fq[:, :, i], fk[:, :, i], v[:, :, i], log_decay[:, :, i], state, z, EPS)
         torch.testing.assert_close(y, ref[:, :, i], **TOL)
 
 
@@ -124,6 +126,6 @@ def test_zero_key_features_contribute_nothing(form):
 
 
 def test_decay_matrix():
-    d = la.decay_matrix(4, torch.tensor([math.log(0.5)]))
+    d = la.decay_matrix(torch.full((1, 4), math.log(0.5)))
     expected = torch.tensor([[1, 0, 0, 0], [0.5, 1, 0, 0], [0.25, 0.5, 1, 0], [0.125, 0.25, 0.5, 1]])
     torch.testing.assert_close(d[0], expected)

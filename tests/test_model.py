@@ -8,7 +8,8 @@ import torch
 from picollm.config import ModelConfig
 from picollm.data.splits import pad_sequences
 from picollm.errors import PicollmError
-from picollm.model.transformer import LayerCache, Transformer
+from picollm.model.mixers.base import LayerCache
+from picollm.model.transformer import Transformer
 
 VOCAB = 32
 PAD = VOCAB - 1

@@ -82,7 +82,7 @@ class Efficiency:
 
 def state_sizes(configs: dict[str, ModelConfig], contexts: list[int]) -> dict[str, dict[int, float]]:
     """{variant: {N: floats one layer keeps to generate after N tokens}} (picollm.model.state_floats)."""
-    from picollm.model.transformer import state_floats
+    from picollm.model.mixers import state_floats
 
     return {att: {n: float(state_floats(mc, n)) for n in contexts} for att, mc in configs.items()}
 

@@ -81,21 +81,32 @@ def restrict_targets(split: PaddedSplit, keep: torch.Tensor) -> PaddedSplit:
     return dataclasses.replace(split, tokens=tokens)
 
 
+Curves = dict[str, np.ndarray]
+
+
+def _score(
+    model: nn.Module, split: PaddedSplit, batch_size: int, prefix: str, metrics: dict[str, float], curves: Curves
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predict `split`, add its accuracy metrics and accuracy-by-position curve under `prefix`; returns
+    the per-target correctness, NLL and confidence for the caller's own metrics."""
+    correct, nll, conf = predict(model, split, batch_size)
+    metrics.update(accuracy_metrics(split, correct, nll, prefix))
+    curves[f"{prefix}/accuracy_by_position"] = accuracy_by_position(split, correct)
+    return correct, nll, conf
+
+
 def evaluate_model(
     model: nn.Module, splits: dict[str, PaddedSplit], batch_size: int = 256, n_bins: int = 10
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """`eval/{split}/...`: loss, accuracy (overall, per family, predictable positions, vs ceiling),
     ECE and mean confidence; plus accuracy by position per split."""
     metrics: dict[str, float] = {}
-    curves: dict[str, np.ndarray] = {}
+    curves: Curves = {}
     for name, split in splits.items():
-        correct, nll, conf = predict(model, split, batch_size)
-        prefix = f"eval/{name}"
-        metrics.update(accuracy_metrics(split, correct, nll, prefix))
+        correct, _, conf = _score(model, split, batch_size, f"eval/{name}", metrics, curves)
         valid = valid_targets(split)
-        metrics[f"{prefix}/ece"] = expected_calibration_error(conf[valid], correct[valid], n_bins)
-        metrics[f"{prefix}/confidence"] = float(conf[valid].mean())
-        curves[f"{prefix}/accuracy_by_position"] = accuracy_by_position(split, correct)
+        metrics[f"eval/{name}/ece"] = expected_calibration_error(conf[valid], correct[valid], n_bins)
+        metrics[f"eval/{name}/confidence"] = float(conf[valid].mean())
     return metrics, curves
 
 
@@ -173,14 +184,12 @@ def length_generalisation(
     """`lengen/x{f}/...` on every length factor f: all targets, and `lengen/x{f}/beyond/...` on the
     targets at positions >= train_len only (none at f = 1); accuracy by position per factor."""
     metrics: dict[str, float] = {}
-    curves: dict[str, np.ndarray] = {}
+    curves: Curves = {}
     for factor, split in long.items():
-        correct, nll, _ = predict(model, split, batch_size)
-        prefix = f"lengen/x{factor}"
-        metrics.update(accuracy_metrics(split, correct, nll, prefix))
+        correct, nll, _ = _score(model, split, batch_size, f"lengen/x{factor}", metrics, curves)
         positions = torch.arange(1, split.tokens.shape[1])  # position of each target in its sequence
         beyond = (positions >= train_len)[None, :].expand_as(correct)
         if bool((beyond & valid_targets(split)).any()):
-            metrics.update(accuracy_metrics(restrict_targets(split, beyond), correct, nll, f"{prefix}/beyond"))
-        curves[f"{prefix}/accuracy_by_position"] = accuracy_by_position(split, correct)
+            where = f"lengen/x{factor}/beyond"
+            metrics.update(accuracy_metrics(restrict_targets(split, beyond), correct, nll, where))
     return metrics, curves

@@ -20,14 +20,15 @@ from matplotlib.ticker import NullLocator  # noqa: E402
 from picollm.compare.efficiency import Efficiency  # noqa: E402
 from picollm.compare.stats import Aggregate, Interval, band, quiet_nan  # noqa: E402
 from picollm.data.splits import PaddedSplit  # noqa: E402
+from picollm.model.mixers import REFERENCE_PAIR  # noqa: E402
 from picollm.model.transformer import Transformer  # noqa: E402
 
-COLORS = {"softmax": "tab:blue", "linear": "tab:orange"}
+COLORS = dict(zip(REFERENCE_PAIR, ("tab:blue", "tab:orange"), strict=True))
 _PALETTE = ["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
 
 
 class _Colors(dict):
-    """A variant's colour: softmax and linear keep theirs, every other name the next free one of the palette."""
+    """A variant's colour: the reference pair keeps theirs, every other name the next free one of the palette."""
 
     def __missing__(self, name: str) -> str:
         taken = set(self.values())

@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-MODELS = ("softmax", "linear")
+from picollm.model.mixers import REFERENCE_PAIR
+
+MODELS = REFERENCE_PAIR  # (baseline, variant) of the two-model API: the registry's reference pair
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,8 +255,8 @@ def differences(
     margins: dict[str, float] | None = None,
     test: str = "paired",
     paired: bool = True,
-    baseline: str = "softmax",
-    variant: str = "linear",
+    baseline: str = MODELS[0],
+    variant: str = MODELS[1],
 ) -> dict[str, Difference]:
     """Difference `variant` - `baseline` of every metric both report (and can be tested). The runs are paired
     by position (seed order) when `test` is "paired", the design is `paired` and both sides have as many runs;
@@ -366,7 +368,7 @@ def sequence_bootstrap_ci(
 
 
 Aggregate = dict[str, dict[str, Interval]]  # model -> metric -> interval over its runs
-SeqIntervals = dict[str, dict[str, Interval]]  # "softmax" / "linear" / "diff" -> metric -> sequence bootstrap
+SeqIntervals = dict[str, dict[str, Interval]]  # model or "diff" -> metric -> sequence bootstrap
 
 
 def aggregate(
@@ -380,8 +382,8 @@ def aggregate(
 
 
 def p_values(runs: dict[str, list[dict[str, float]]]) -> dict[str, float]:
-    """Welch p (softmax vs linear) of every metric both models report."""
-    a, b = runs["softmax"], runs["linear"]
+    """Welch p (the reference pair, MODELS) of every metric both models report."""
+    a, b = runs[MODELS[0]], runs[MODELS[1]]
     keys = sorted({k for m in a for k in m} & {k for m in b for k in m})
     return {k: welch_p([m[k] for m in a if k in m], [m[k] for m in b if k in m]) for k in keys}
 
@@ -396,8 +398,9 @@ def aggregate_metrics(
     for att, metrics in agg.items():
         for k, iv in metrics.items():
             out |= {f"{att}/{k}/mean": iv.mean, f"{att}/{k}/ci_low": iv.low, f"{att}/{k}/ci_high": iv.high}
-    for k in agg.get("softmax", {}).keys() & agg.get("linear", {}).keys():
-        out[f"diff/{k}/mean"] = agg["linear"][k].mean - agg["softmax"][k].mean
+    base, var = MODELS
+    for k in agg.get(base, {}).keys() & agg.get(var, {}).keys():
+        out[f"diff/{k}/mean"] = agg[var][k].mean - agg[base][k].mean
     for k, d in diffs.items():
         out |= {
             f"diff/{k}/mean": d.mean,

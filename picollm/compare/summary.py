@@ -52,7 +52,10 @@ def summarise(cfg: CompareConfig, inp: Inputs, by_variant: ByVariant) -> Summary
     agg = aggregate(runs, cc.confidence, cc.ci, cc.bootstrap_samples)
     labels = [[m.label for m in ms] for ms in by_variant.values()]
     paired = inp.mode == "train" and all(ls == labels[0] for ls in labels)  # registry mode: unpaired
-    diffs = differences_vs_baseline(runs, cc.confidence, cc.equivalence_margin, cc.equivalence_margins, cc.test, paired)
+    diffs = differences_vs_baseline(
+        runs, confidence=cc.confidence, margin=cc.equivalence_margin, margins=cc.equivalence_margins, test=cc.test,
+        paired=paired,
+    )  # fmt: skip
     seq_ci = sequence_intervals(cfg, inp, by_variant) if any(len(ms) == 1 for ms in by_variant.values()) else {}
     keys = headline(cfg)
     rows = comparison_rows(agg, diffs, keys, cc.alpha, seq_ci, list(by_variant))

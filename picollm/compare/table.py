@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from picollm.compare.stats import MODELS, NA, Aggregate, Difference, Interval, SeqIntervals, differences, holm, verdict
 
@@ -22,17 +23,11 @@ def diff_side(variant: str) -> str:
     return f"diff_{variant}"
 
 
-def differences_vs_baseline(
-    runs: dict[str, list[dict[str, float]]],
-    confidence: float = 0.95,
-    margin: float = 0.01,
-    margins: dict[str, float] | None = None,
-    test: str = "paired",
-    paired: bool = True,
-) -> Comparisons:
-    """`stats.differences` of every variant but the first (the baseline, the first key of `runs`) against it."""
+def differences_vs_baseline(runs: dict[str, list[dict[str, float]]], **options: Any) -> Comparisons:
+    """`stats.differences` (its `options`: confidence, margin, margins, test, paired) of every variant but the
+    first (the baseline, the first key of `runs`) against it."""
     baseline, *others = list(runs)
-    return {v: differences(runs, confidence, margin, margins, test, paired, baseline, v) for v in others}
+    return {v: differences(runs, **options, baseline=baseline, variant=v) for v in others}
 
 
 def headline_keys(factors: list[int]) -> list[tuple[str, str, bool]]:
@@ -146,10 +141,10 @@ def summary_rows(
     alpha: float,
     seq_ci: SeqIntervals | None = None,
 ) -> list[dict[str, str]]:
-    """The two-model headline table (softmax, linear; `diffs` = linear - softmax): one row per metric with
-    "metric", "softmax", "linear", "diff", "p", "p_tost" (Holm-adjusted within these rows), "test",
+    """The two-model headline table (MODELS, the reference pair: `diffs` = variant - baseline): one row per
+    metric with "metric", the two names, "diff", "p", "p_tost" (Holm-adjusted within these rows), "test",
     "margin" and "verdict"."""
     seq = dict(seq_ci or {})
     if "diff" in seq:  # the two-model name of the difference's sequence bootstrap
-        seq[diff_side("linear")] = seq.pop("diff")
-    return comparison_rows(agg, {"linear": diffs}, keys, alpha, seq, MODELS)
+        seq[diff_side(MODELS[1])] = seq.pop("diff")
+    return comparison_rows(agg, {MODELS[1]: diffs}, keys, alpha, seq, MODELS)

@@ -51,10 +51,10 @@ from picollm.config.server import (  # noqa: F401
 )
 from picollm.config.training import (  # noqa: F401
     DataConfig,
-    ModelConfig,
     OptimConfig,
     TrackingConfig,
     TrainConfig,
     TrainRunConfig,
     link_vocab,
 )
+from picollm.model.config import ModelConfig  # noqa: F401  (the model wing's schema, exported with the others)

@@ -43,7 +43,9 @@ def model_name_problem(name: str) -> str | None:
 
 class StrictModel(BaseModel):
     # No NaN or inf in any float: `lr: .inf` would otherwise pass and fail deep inside a run.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
 
 # --------------------------------------------------------------------------------------------------

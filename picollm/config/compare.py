@@ -8,27 +8,30 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from picollm.config.base import StrictModel
-from picollm.config.training import DataConfig, ModelConfig, TrackingConfig, TrainConfig, link_vocab
+from picollm.config.training import DataConfig, TrackingConfig, TrainConfig, link_vocab
+from picollm.model.config import ModelConfig
+from picollm.model.mixers import REFERENCE_PAIR
 
 VARIANT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
 # Suffixes of the parent's metric keys (`<metric>/<variant>_ci_low`, ...) and words of its tables: not names.
 RESERVED_NAMES = {"diff", "p", "p_tost", "baseline", "all"}
-DEFAULT_VARIANTS = [
-    {"name": "softmax", "model": {"attention": "softmax"}},
-    {"name": "linear", "model": {"attention": "linear"}},
-]
+DEFAULT_VARIANTS = [{"name": name, "model": {"attention": name}} for name in REFERENCE_PAIR]
 
 
 class Variant(StrictModel):
     """One compared model: a name (the last part of its metric keys) and what it changes in the shared
     `model` (and, optionally, `train`) sections; or, to evaluate only, the registered models to load."""
 
-    name: str = Field(description="unique; letters, digits, _ . - (starts with a letter), at most 40")
-    model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides, e.g. {attention: linear}")
-    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig overrides, e.g. {lr: 0.001}")
-    models: list[str] | None = Field(
-        None, description="registry mode: model reference(s) to load and evaluate instead of training"
-    )
+    name: str = Field()
+    """unique; letters, digits, _ . - (starts with a letter), at most 40; not diff, p, p_tost, baseline or all (the
+    last part of its metric keys)"""
+    model: dict[str, Any] = Field(default_factory=dict)
+    """overrides of the shared model section, e.g. {attention: linear, feature_map: taylor}"""
+    train: dict[str, Any] = Field(default_factory=dict)
+    """overrides of the shared train section, e.g. {lr: 0.001} (an lr grid's choice replaces lr)"""
+    models: list[str] | None = Field(None)
+    """registry mode: model reference(s) to load and evaluate instead of training; give them on every variant or on
+    none"""
 
     @field_validator("name")
     @classmethod
@@ -49,63 +52,51 @@ class CompareSettings(StrictModel):
     """`compare` section of `picollm compare`: which variants, how many seeds, what to evaluate."""
 
     variants: list[Variant] = Field(
-        default_factory=lambda: [Variant.model_validate(v) for v in DEFAULT_VARIANTS],
-        min_length=2,
-        description="the compared models; the first is the baseline every other is tested against",
+        default_factory=lambda: [Variant.model_validate(v) for v in DEFAULT_VARIANTS], min_length=2
     )
-    lr_grid: list[float] = Field(
-        default_factory=list,
-        description="learning rates each variant tries on one seed before the seeded runs (validation "
-        "score picks its lr); empty = off, every variant uses train.lr",
-    )
-    lr_grid_epochs: int | None = Field(None, ge=1, description="epochs of each grid run; null = train.epochs")
-    lr_grid_metric: str | None = Field(
-        None,
-        description="last-epoch validation metric that ranks the grid (lower is better for a loss or ECE); "
-        "null = val/accuracy_answer/mqar when the data include mqar, else val/loss",
-    )
-    recall_pairs: list[int] = Field(
-        default_factory=list,
-        description="MQAR: evaluate answer accuracy at these numbers of key-value pairs (data must include "
-        "mqar); empty = the recall report is off",
-    )
-    d_models: list[int] = Field(
-        default_factory=list,
-        description="MQAR recall vs model width: every variant and seed trained again at each d_model; empty = off",
-    )
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="train.seed per pair")
-    resample_data: bool = Field(
-        True,
-        description="each seed also draws its own data and long sequences (data.seed + seed), so the intervals "
-        "include data sampling; false = every seed on data.seed",
-    )
-    length_factors: list[int] = Field(
-        default_factory=lambda: [1, 2, 4, 8],
-        description="evaluate at these multiples of data.max_len; empty = no length generalisation",
-    )
-    n_long: int = Field(40, ge=1, description="length-generalisation sequences per family and factor")
-    ci: Literal["t", "bootstrap"] = Field("t", description="confidence interval of the mean over seeds")
+    """the compared models; the first is the baseline every other is tested against"""
+    lr_grid: list[float] = Field(default_factory=list)
+    """learning rates each variant tries on one seed before the seeded runs (validation score picks its lr); empty =
+    off, every variant uses train.lr"""
+    lr_grid_epochs: int | None = Field(None, ge=1)
+    """epochs of each grid run; null = train.epochs"""
+    lr_grid_metric: str | None = Field(None)
+    """last-epoch validation metric that ranks the grid (lower is better for a loss or ECE); null =
+    val/accuracy_answer/mqar when the data include mqar, else val/loss"""
+    recall_pairs: list[int] = Field(default_factory=list)
+    """MQAR: evaluate answer accuracy at these numbers of key-value pairs (data must include mqar); empty = the recall
+    report is off"""
+    d_models: list[int] = Field(default_factory=list)
+    """MQAR recall vs model width: every variant and seed trained again at each d_model; empty = off"""
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    """train.seed of each seed's runs, the same for every variant"""
+    resample_data: bool = Field(True)
+    """each seed also draws its own data and long sequences (data.seed + seed), so the intervals include data sampling;
+    false = every seed on data.seed"""
+    length_factors: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    """evaluate at these multiples of data.max_len; empty = no length generalisation"""
+    n_long: int = Field(40, ge=1)
+    """length-generalisation sequences per family and factor"""
+    ci: Literal["t", "bootstrap"] = Field("t")
+    """confidence interval of the mean over runs: Student-t, or bootstrap percentile"""
     confidence: float = Field(0.95, gt=0, lt=1)
+    """level of the confidence intervals"""
     bootstrap_samples: int = Field(10000, ge=100)
-    test: Literal["paired", "welch"] = Field(
-        "paired",
-        description="difference test over runs: paired t on the per-seed differences (train mode), or Welch's; "
-        "paired falls back to Welch (noted in the report) when the runs are not paired",
-    )
-    alpha: float = Field(
-        0.05, gt=0, lt=1, description="level of the difference and equivalence tests (p Holm-adjusted per table)"
-    )
-    equivalence_margin: float = Field(
-        0.01,
-        gt=0,
-        description="TOST margin: |linear - softmax| < margin is equivalent; absolute, in the metric's units "
-        "(sized for accuracy-like metrics in [0, 1])",
-    )
-    equivalence_margins: dict[str, float] = Field(
-        default_factory=dict, description="per-metric margin overrides keyed by metric name, e.g. eval/test/loss"
-    )
-    calibration_bins: int = Field(10, ge=2, description="equal-width confidence bins of the ECE")
-    attention_positions: int = Field(16, ge=2, description="positions shown in the attention heatmaps")
+    """resamples of a bootstrap interval"""
+    test: Literal["paired", "welch"] = Field("paired")
+    """difference test over runs: paired t on the per-seed differences (train mode), or Welch's; paired falls back to
+    Welch (noted in the report) when the runs are not paired"""
+    alpha: float = Field(0.05, gt=0, lt=1)
+    """level of the difference and equivalence tests (p Holm-adjusted per table)"""
+    equivalence_margin: float = Field(0.01, gt=0)
+    """TOST margin: |variant - baseline| < margin is equivalent; absolute, in the metric's units (sized for accuracy-
+    like metrics in [0, 1])"""
+    equivalence_margins: dict[str, float] = Field(default_factory=dict)
+    """per-metric margin overrides keyed by metric name, e.g. {eval/test/loss: 0.02}"""
+    calibration_bins: int = Field(10, ge=2)
+    """equal-width confidence bins of the ECE"""
+    attention_positions: int = Field(16, ge=2)
+    """positions shown in the attention heatmaps"""
 
     @model_validator(mode="before")
     @classmethod
@@ -177,15 +168,24 @@ class CompareSettings(StrictModel):
 class EfficiencyConfig(StrictModel):
     """`efficiency` section of `picollm compare`: both attentions timed side by side in one process."""
 
-    enabled: bool = True
+    enabled: bool = Field(True)
+    """run the efficiency measurements"""
     lengths: list[int] = Field(default_factory=lambda: [64, 256, 1024, 4096], min_length=1)
-    tokens_per_step: int = Field(4096, ge=1, description="batch size = max(1, tokens_per_step // length)")
+    """training-step sequence lengths N (time and memory), each at least 2"""
+    tokens_per_step: int = Field(4096, ge=1)
+    """batch size = max(1, tokens_per_step // length)"""
     warmup_steps: int = Field(1, ge=0)
+    """untimed steps before the timed ones"""
     timed_steps: int = Field(3, ge=1)
-    memory: bool = Field(True, description="peak RSS of one training step per (model, length), fresh subprocess each")
+    """timed training steps (their median is reported)"""
+    memory: bool = Field(True)
+    """peak RSS of one training step per (model, length), fresh subprocess each"""
     gen_contexts: list[int] = Field(default_factory=lambda: [64, 256, 1024, 4096], min_length=1)
-    gen_tokens: int = Field(16, ge=1, description="greedy decode steps timed per context length")
-    num_threads: int | None = Field(None, ge=1, description="torch threads while timing; null = unchanged")
+    """prompt lengths for the generation timing, each at least 2"""
+    gen_tokens: int = Field(16, ge=1)
+    """greedy decode steps timed per context length"""
+    num_threads: int | None = Field(None, ge=1)
+    """torch threads while timing; null = unchanged"""
 
     @model_validator(mode="after")
     def _check(self) -> EfficiencyConfig:
@@ -197,10 +197,10 @@ class EfficiencyConfig(StrictModel):
 class LearningCurveConfig(StrictModel):
     """`learning_curve` section of `picollm compare`: test accuracy vs training-set size, per family and model."""
 
-    n_train: list[int] = Field(
-        default_factory=list, description="data.n_train values (per family) to train both models at; empty = off"
-    )
-    seeds: list[int] | None = Field(None, description="seeds per size; null = compare.seeds")
+    n_train: list[int] = Field(default_factory=list)
+    """data.n_train values (per family) to train both models at; empty = off"""
+    seeds: list[int] | None = Field(None)
+    """seeds per size; null = compare.seeds"""
 
     @model_validator(mode="after")
     def _check(self) -> LearningCurveConfig:
@@ -213,15 +213,22 @@ class CompareConfig(StrictModel):
     """`picollm compare`: softmax vs linear attention, same data and seeds, one parent MLflow run."""
 
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig, description="shared; attention is set per model")
+    """The data every variant trains and is evaluated on, as for a training run; with compare.resample_data each seed
+    draws its own."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model shared by the variants; each variant overrides what it changes (e.g. attention)."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """The trainer shared by the variants; train.seed is set per seed from compare.seeds."""
     compare: CompareSettings = Field(default_factory=CompareSettings)
+    """Which variants, how many seeds, what to evaluate and test."""
     efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig)
+    """Training-step time and memory and decode time of the variants, side by side in one process."""
     learning_curve: LearningCurveConfig = Field(default_factory=LearningCurveConfig)
+    """Test accuracy vs training-set size, per family and model."""
     tracking: TrackingConfig = Field(
-        default_factory=lambda: TrackingConfig(experiment="picollm-compare", registered_model="picollm-compare"),
-        description="registered_model is a prefix: children register as <prefix>-softmax / <prefix>-linear",
+        default_factory=lambda: TrackingConfig(experiment="picollm-compare", registered_model="picollm-compare")
     )
+    """The parent run's tracking; registered_model is a prefix: children register as <prefix>-<variant>."""
 
     @model_validator(mode="after")
     def _link(self) -> CompareConfig:

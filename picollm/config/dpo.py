@@ -7,7 +7,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from picollm.config.base import Seed, StrictModel, model_name_problem
-from picollm.config.training import DataConfig, ModelConfig, OptimConfig, TrackingConfig, TrainConfig
+from picollm.config.training import DataConfig, OptimConfig, TrackingConfig, TrainConfig
+from picollm.model.config import ModelConfig
 
 # --------------------------------------------------------------------------------------------------
 # DPO: `picollm dpo configs/dpo.yaml` (pipelines/dpo.py)
@@ -20,26 +21,41 @@ Corruption = Literal["random_tokens", "swap_tokens", "shuffle_sentences", "other
 class DPODataConfig(StrictModel):
     """Stories (or synthetic sequences) cut into prompt + continuation at sentence boundaries."""
 
-    source: Literal["tinystories", "files", "synthetic"] = "tinystories"
-    dataset: str = Field("roneneldan/TinyStories", min_length=1, description="hub dataset of source tinystories")
-    split: str = Field("train", min_length=1, description="hub split of source tinystories")
-    path: str | None = Field(None, description="source files: a .txt/.jsonl file, a directory of them, or a glob")
-    text_field: str = Field("text", min_length=1, description="the story field of .jsonl rows")
-    limit: int | None = Field(5000, ge=1, description="stories read (streamed); null = all")
-    vocab: Literal["compact", "gpt2"] = Field(
-        "compact", description="text: compact = the training stories' GPT-2 ids + unk + pad; gpt2 = all 50,258"
-    )
-    seq_max_len: int = Field(128, ge=8, description="longest prompt + continuation, in tokens")
-    prompt_sentences: int = Field(2, ge=1, description="sentences in the prompt")
-    continuation_sentences: int | None = Field(
-        3, ge=1, description="sentences in the chosen continuation; null = as many as fit in seq_max_len"
-    )
-    min_continuation_tokens: int = Field(4, ge=2, description="skip stories whose continuation is shorter")
-    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of stories in val")
-    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of stories in test")
-    seed: Seed = 0
-    synthetic: DataConfig = Field(default_factory=DataConfig, description="source synthetic: the sequences")
-    synthetic_prompt_fraction: float = Field(0.5, gt=0, lt=1, description="source synthetic: prompt share")
+    source: Literal["tinystories", "files", "synthetic"] = Field("tinystories")
+    """tinystories: the Hugging Face hub dataset, streamed; files: stories under path; synthetic: integer sequences
+    (data.synthetic)"""
+    dataset: str = Field("roneneldan/TinyStories", min_length=1)
+    """hub dataset of source tinystories"""
+    split: str = Field("train", min_length=1)
+    """hub split of source tinystories"""
+    path: str | None = Field(None)
+    """source files: a .txt/.jsonl file, a directory of them, or a glob; .txt stories are separated by blank lines or
+    <|endoftext|>"""
+    text_field: str = Field("text", min_length=1)
+    """the story field of .jsonl rows (and hub rows)"""
+    limit: int | None = Field(5000, ge=1)
+    """stories read (streamed); null = all"""
+    vocab: Literal["compact", "gpt2"] = Field("compact")
+    """text sources: compact = the training stories' GPT-2 ids + unk + pad (mapped back to GPT-2 on output); gpt2 = all
+    50,258"""
+    seq_max_len: int = Field(128, ge=8)
+    """longest prompt + continuation, in tokens"""
+    prompt_sentences: int = Field(2, ge=1)
+    """sentences in the prompt"""
+    continuation_sentences: int | None = Field(3, ge=1)
+    """sentences in the chosen continuation; null = as many as fit in seq_max_len"""
+    min_continuation_tokens: int = Field(4, ge=2)
+    """skip stories whose continuation is shorter"""
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    """share of stories in val (val_fraction + test_fraction < 0.9)"""
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    """share of stories in test"""
+    seed: Seed = Field(0)
+    """seed of the story split and the pair sampling"""
+    synthetic: DataConfig = Field(default_factory=DataConfig)
+    """source synthetic: the sequences, as a training run's data section (splits from its n_train/n_val/n_test)"""
+    synthetic_prompt_fraction: float = Field(0.5, gt=0, lt=1)
+    """source synthetic: share of a sequence used as the prompt"""
 
     @model_validator(mode="after")
     def _check(self) -> DPODataConfig:
@@ -59,43 +75,62 @@ class DPODataConfig(StrictModel):
 
 class DPOConfig(OptimConfig):
     # Parameters whose default values are overridden from OptimConfig
-    lr: float = Field(5e-4, gt=0, description="AdamW peak learning rate, reached after warmup_steps")
-    warmup_steps: int = Field(10, ge=0, description="linear warmup steps (at most half of all steps)")
+    lr: float = Field(5e-4, gt=0)
+    """AdamW peak learning rate, reached after warmup_steps"""
+    warmup_steps: int = Field(10, ge=0)
+    """linear warmup steps (at most half of all steps)"""
 
-    reference: str | None = Field(
-        None, description="registered model or run to use as reference; null = train an SFT reference"
-    )
+    reference: str | None = Field(None)
+    """registered model or run (any MODEL_REF) to use as reference; null = train an SFT reference"""
     beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field(
-        "sigmoid", description="simpo: reference-free, length-averaged log-probs, margin simpo_gamma"
-    )
-    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin γ (TRL's simpo_gamma)")
-    rpo_alpha: float | None = Field(
-        None, ge=0, description="add rpo_alpha x the chosen NLL per token (RPO, TRL's rpo_alpha); null = off"
-    )
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid only)")
-    length_normalize: bool = Field(False, description="divide sequence log-probs by the response length")
+    """β: strength of the tie to the reference (SimPO: scale of the per-token margin)"""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field("sigmoid")
+    """the preference loss: sigmoid (DPO), ipo, hinge, or simpo (reference-free, length-averaged log-probs, margin
+    simpo_gamma)"""
+    simpo_gamma: float = Field(0.5, ge=0)
+    """SimPO target reward margin γ (TRL's simpo_gamma)"""
+    rpo_alpha: float | None = Field(None, ge=0)
+    """add rpo_alpha x the chosen NLL per token (RPO, TRL's rpo_alpha); null = off"""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """conservative DPO ε (loss_type sigmoid and simpo only)"""
+    length_normalize: bool = Field(False)
+    """divide sequence log-probs by the response length"""
     corruptions: list[Corruption] = Field(default_factory=lambda: ["other_story", "swap_tokens"], min_length=1)
-    swap_k: int = Field(2, ge=1, description="swap_tokens: adjacent swaps per continuation")
-    replace_k: int = Field(2, ge=1, description="replace_words: words replaced per continuation")
+    """schemes that make the rejected continuations, each listed once; pairs cycle through them"""
+    swap_k: int = Field(2, ge=1)
+    """swap_tokens: adjacent swaps per continuation"""
+    replace_k: int = Field(2, ge=1)
+    """replace_words: words replaced per continuation"""
     train_pairs: int = Field(2000, ge=1)
+    """training pairs (every story with every scheme before a story repeats; a pair whose continuations become equal in
+    the compact vocabulary is dropped)"""
     val_pairs: int = Field(200, ge=1)
+    """validation pairs"""
     test_pairs: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1, description="pairs per step (2x sequences in the forward pass)")
+    """test pairs"""
+    batch_size: int = Field(16, ge=1)
+    """pairs per step (2x sequences in the forward pass)"""
     max_steps: int = Field(200, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16 autocast for the policy and reference forward passes; auto = bf16 on CUDA"
-    )
-    eval_every: int = Field(25, ge=1, description="evaluate on val every N steps")
-    early_stopping_patience: int | None = Field(
-        4, ge=1, description="stop after this many evaluations without the monitor improving"
-    )
-    monitor: Literal["val/loss", "val/accuracy", "val/rewards/accuracies", "val/rewards/margins"] = "val/loss"
+    """optimizer steps; the cosine decay runs over them"""
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto")
+    """bf16 autocast for the policy and reference forward passes (log-probs and their sums stay fp32); auto = bf16 on
+    CUDA"""
+    eval_every: int = Field(25, ge=1)
+    """evaluate on val every N steps (and at step 0 and the last step)"""
+    early_stopping_patience: int | None = Field(4, ge=1)
+    """stop after this many evaluations without the monitor improving, keeping the best policy; null = off"""
+    monitor: Literal["val/loss", "val/accuracy", "val/rewards/accuracies", "val/rewards/margins"] = Field("val/loss")
+    """validation metric of early stopping and the best policy (val/loss: lower is better)"""
     log_every: int = Field(5, ge=1)
+    """log the windowed train/ metrics every N steps"""
     eval_batch_size: int = Field(32, ge=1)
-    num_samples: int = Field(4, ge=0, description="test prompts continued by reference and policy")
+    """pairs per evaluation batch (also for the reference log-probs)"""
+    num_samples: int = Field(4, ge=0)
+    """test prompts continued (greedy) by reference and policy"""
     sample_tokens: int = Field(32, ge=1)
-    seed: Seed = 0
+    """tokens generated per sample continuation"""
+    seed: Seed = Field(0)
+    """seed of the batch order and dropout"""
 
     @model_validator(mode="after")
     def _check(self) -> DPOConfig:
@@ -108,8 +143,13 @@ class DPOConfig(OptimConfig):
 
 class DPOTrackingConfig(TrackingConfig):
     experiment: str = Field("picollm-dpo", min_length=1)
-    registered_model: str | None = Field("picollm-dpo", description="the DPO policy; null = don't register")
-    sft_registered_model: str | None = Field("picollm-sft", description="the SFT reference; null = don't register")
+    """MLflow experiment (at most 500 characters)"""
+    run_name: str | None = Field(None)
+    """MLflow run name; null = dpo-<source>-<schemes>-<loss_type>-<MMDD-HHMMSS> (UTC)"""
+    registered_model: str | None = Field("picollm-dpo")
+    """register the DPO policy under this name; null = don't register"""
+    sft_registered_model: str | None = Field("picollm-sft")
+    """the SFT reference; null = don't register"""
 
     @field_validator("sft_registered_model")
     @classmethod
@@ -123,18 +163,26 @@ class SFTConfig(TrainConfig):
     """TrainConfig with defaults sized for a 50k-token output head (the logits dominate memory)."""
 
     epochs: int = Field(3, ge=1)
+    """passes over the training stories"""
     batch_size: int = Field(16, ge=1)
+    """sequences per optimizer step"""
     eval_batch_size: int = Field(16, ge=1)
+    """sequences per evaluation batch"""
 
 
 class DPORunConfig(StrictModel):
     data: DPODataConfig = Field(default_factory=DPODataConfig)
+    """Stories (or synthetic sequences) cut into prompt + continuation at sentence boundaries."""
     model: ModelConfig = Field(default_factory=ModelConfig)
-    sft: SFTConfig = Field(
-        default_factory=SFTConfig, description="SFT of the reference; its device and num_threads apply to the whole run"
-    )
+    """The policy (and SFT reference), as for training; leave model.vocab_size null: it comes from the data (the
+    compact vocabulary's size, or 50,258 with data.vocab gpt2)."""
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    """SFT of the reference on prompt + true continuation: a training run's train keys, with defaults sized for a large
+    output head; its device and num_threads apply to the whole run."""
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    """Preference tuning of the policy against the reference: loss, pairs, optimiser and schedule."""
     tracking: DPOTrackingConfig = Field(default_factory=DPOTrackingConfig)
+    """Where the run is logged; the SFT reference is a nested run, policy and reference are registered apart."""
 
     @model_validator(mode="after")
     def _link(self) -> DPORunConfig:

@@ -24,20 +24,29 @@ if TYPE_CHECKING:
 class SweepBase(StrictModel):
     """What each trial trains: a base config and overrides; the space's values are applied on top."""
 
-    flow: Literal["train"] = Field("train", description="the flow a trial runs; only train for now")
-    config: Path = Field(Path("configs/linear.yaml"), description="base training config")
-    overrides: list[str] = Field(default_factory=list, description="--set overrides of the base config")
+    flow: Literal["train"] = Field("train")
+    """the flow a trial runs; only train for now"""
+    config: Path = Field(Path("configs/linear.yaml"))
+    """base training config"""
+    overrides: list[str] = Field(default_factory=list)
+    """--set overrides of the base config"""
 
 
 class ParamSpace(StrictModel):
     """One searched key: a float or int range (linear or log), or categorical choices."""
 
-    type: Literal["float", "int", "categorical"]
-    low: int | float | None = None
-    high: int | float | None = None
-    log: bool = Field(False, description="sample uniformly in log space (low > 0)")
-    step: int | float | None = Field(None, gt=0, description="grid spacing of a range; null = continuous (int: 1)")
-    choices: list[bool | int | float | str | None] | None = None
+    type: Literal["float", "int", "categorical"] = Field()
+    """a float or int range (low, high; log or step), or categorical choices"""
+    low: int | float | None = Field(None)
+    """float, int: the lower end of the range (inclusive)"""
+    high: int | float | None = Field(None)
+    """float, int: the upper end of the range (inclusive), above low"""
+    log: bool = Field(False)
+    """sample uniformly in log space (needs low > 0; not with step)"""
+    step: int | float | None = Field(None, gt=0)
+    """grid spacing of a range; null = continuous (int: 1)"""
+    choices: list[bool | int | float | str | None] | None = Field(None)
+    """categorical: the values, each listed once"""
 
     @model_validator(mode="after")
     def _check(self) -> ParamSpace:
@@ -107,51 +116,85 @@ class ParamSpace(StrictModel):
 
 
 class Objective(StrictModel):
-    metric: str = Field("val/loss", description="a metric every training run logs: val/... or test/...")
-    direction: Literal["minimize", "maximize"] | None = Field(
-        None, description="null = minimize a loss or perplexity, maximize anything else"
-    )
+    metric: str = Field("val/loss")
+    """a metric every training run logs: val/... (last epoch) or test/..., also per family (val/accuracy/alternating);
+    select on val/, report on test/"""
+    direction: Literal["minimize", "maximize"] | None = Field(None)
+    """null = minimize a loss or perplexity, maximize anything else"""
 
 
 class SamplerConfig(StrictModel):
-    name: Literal["tpe", "random", "grid"] = "tpe"
-    seed: int | None = Field(0, description="null = unseeded")
-    startup_trials: int = Field(4, ge=0, description="tpe: random trials before TPE takes over")
+    name: Literal["tpe", "random", "grid"] = Field("tpe")
+    """Optuna sampler; grid needs a step or choices on every range, and trials at most the grid's size"""
+    seed: int | None = Field(0)
+    """sampler seed; null = unseeded"""
+    startup_trials: int = Field(4, ge=0)
+    """tpe: random trials before TPE models the good region"""
 
 
 class PrunerConfig(StrictModel):
-    name: Literal["none", "median", "successive_halving"] = "median"
-    metric: str = Field("val/loss", description="per-epoch metric reported to the pruner (val/... or train/loss)")
-    startup_trials: int = Field(2, ge=0, description="median: trials that finish before any is pruned")
-    warmup_epochs: int = Field(0, ge=0, description="median: no pruning up to this epoch")
-    min_epochs: int = Field(1, ge=1, description="successive_halving: epochs every trial gets (min_resource)")
-    reduction_factor: int = Field(3, ge=2, description="successive_halving: 1/factor of the trials go on per rung")
+    name: Literal["none", "median", "successive_halving"] = Field("median")
+    """Optuna pruner that stops unpromising trials early; none = every trial runs to the end"""
+    metric: str = Field("val/loss")
+    """per-epoch metric reported to the pruner at step = epoch (val/... or train/loss; negated when it goes the other
+    way from the objective)"""
+    startup_trials: int = Field(2, ge=0)
+    """median: trials that finish before any is pruned"""
+    warmup_epochs: int = Field(0, ge=0)
+    """median: no pruning up to this epoch"""
+    min_epochs: int = Field(1, ge=1)
+    """successive_halving: epochs every trial gets (min_resource)"""
+    reduction_factor: int = Field(3, ge=2)
+    """successive_halving: 1/factor of the trials go on per rung"""
 
 
 class SweepTrackingConfig(TrackingConfig):
     # Parameters whose default values are overridden from TrackingConfig
     experiment: str = Field("picollm-sweep", min_length=1)
-    registered_model: str | None = Field("picollm-sweep", description="--promote registers the best under it")
+    """MLflow experiment (at most 500 characters)"""
+    run_name: str | None = Field(None)
+    """the parent run's name; null = the study name"""
+    registered_model: str | None = Field("picollm-sweep")
+    """promote registers the best config's model under it (only promote registers)"""
+    log_model: bool = Field(True)
+    """unused: trials and re-runs log no model, the promoted one always does"""
 
 
 class SweepConfig(StrictModel):
     """`picollm sweep`: an Optuna study over a base training config, one MLflow parent run per study."""
 
     base: SweepBase = Field(default_factory=SweepBase)
-    space: dict[str, ParamSpace] = Field(min_length=1, description="dotted key (as for --set) -> its range")
+    """What each trial trains: a base config and overrides; the space's values are applied on top."""
+    space: dict[str, ParamSpace] = Field(min_length=1)
+    """dotted key of the base config (as for --set) -> its range; the keys contain dots, so edit the file (or replace
+    space whole) rather than --set one entry"""
     objective: Objective = Field(default_factory=Objective)
+    """The metric the study optimises, and which way."""
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    """How Optuna picks the next trial's values."""
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
-    trials: int = Field(12, ge=1, description="finished (complete + pruned) trials the study should have")
-    workers: int = Field(1, ge=1, description="local processes working on the study, the cores shared")
-    timeout_s: float | None = Field(None, gt=0, description="a trial running longer is stopped (failed)")
-    storage: str | None = Field(None, description="null = sqlite:///optuna.db in the cwd; team; or a database URL")
-    study: str | None = Field(None, description="study name; null = <base config name>-sweep")
-    enqueue: list[dict[str, Any]] = Field(default_factory=list, description="params of the first trials")
-    top_k: int = Field(0, ge=0, description="re-run the best k trials over top_k_seeds at the end")
-    top_k_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=2, description="train.seed values")
-    promote: bool = Field(False, description="train the best config, register it, move @champion to it")
+    """Which trials Optuna stops early, on a per-epoch metric."""
+    trials: int = Field(12, ge=1)
+    """finished (complete + pruned) trials the study should have, in all"""
+    workers: int = Field(1, ge=1)
+    """local processes working on the study (N-1 started), each with cores / N torch threads"""
+    timeout_s: float | None = Field(None, gt=0)
+    """a trial running longer is stopped (KILLED, failed in Optuna); null = no limit"""
+    storage: str | None = Field(None)
+    """Optuna storage: null = sqlite:///optuna.db in the cwd; team = database optuna on the team PostgreSQL; or a URL
+    (sqlite:///PATH, postgresql://...)"""
+    study: str | None = Field(None)
+    """study name; null = <base config name>-sweep"""
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    """params of the first trials, e.g. [{train.lr: 0.003, model.pos_encoding: learned}] (missing keys are sampled)"""
+    top_k: int = Field(0, ge=0)
+    """re-run the best k trials over top_k_seeds at the end; 0 = off"""
+    top_k_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=2)
+    """train.seed values of the re-runs, distinct (at least two: a confidence interval)"""
+    promote: bool = Field(False)
+    """train the best config, register it under tracking.registered_model, move @champion to it"""
     tracking: SweepTrackingConfig = Field(default_factory=SweepTrackingConfig)
+    """Where the parent run (one per study) and its trial children are logged."""
 
     @field_validator("top_k_seeds")
     @classmethod

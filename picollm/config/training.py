@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from picollm.config.base import RULE_FAMILIES, Beta, Family, Seed, StrictModel, model_name_problem
+from picollm.model.config import ModelConfig
 
 
 class DataConfig(StrictModel):
@@ -14,44 +15,47 @@ class DataConfig(StrictModel):
     so no sequence sticks at a bound and sequences of any length stay inside the trained range.
     Token M (the last id) is the pad token."""
 
-    seq_types: list[Family] = Field(
-        default_factory=lambda: list(RULE_FAMILIES), min_length=1, description="default: the five rule families"
-    )
+    seq_types: list[Family] = Field(default_factory=lambda: list(RULE_FAMILIES), min_length=1)
+    """families drawn, each listed once; the default is the five rule families, the recall families mqar and copy are
+    drawn only when listed"""
     vocab_size: int = Field(128, ge=8, le=65536)
+    """values are 0..vocab_size-2 (residues modulo M = vocab_size - 1) and token vocab_size-1 is the pad; the default
+    steps and ratios need at least 14"""
     min_len: int = Field(8, ge=3)
+    """shortest rule-family sequence; lengths are drawn uniformly in min_len..max_len"""
     max_len: int = Field(32, ge=3)
-    n_train: int = Field(2000, ge=1, description="training sequences per family")
-    n_val: int = Field(80, ge=1, description="validation sequences per family")
-    n_test: int = Field(80, ge=1, description="test sequences per family")
-    held_out_share: float = Field(
-        0.15,
-        gt=0,
-        lt=0.5,
-        description="share of each family's generators that val, and test, each hold (never in train)",
-    )
-    seed: Seed = 0
-    start_range: tuple[int, int] | None = Field(
-        None, description="inclusive range of first values; null = every value 0..M-1"
-    )
-    arithmetic_steps: list[int] = Field(
-        default_factory=lambda: [2, 3, 4, 5], min_length=1, description="common differences d (not 0 or 1 mod M)"
-    )
-    geometric_ratios: list[int] = Field(
-        default_factory=lambda: [2, 3], min_length=1, description="ratios r (not 0 or 1 mod M)"
-    )
+    """longest rule-family sequence; mqar (2P + 2Q tokens) and copy (2n tokens) must fit in it too"""
+    n_train: int = Field(2000, ge=1)
+    """training sequences per family"""
+    n_val: int = Field(80, ge=1)
+    """validation sequences per family"""
+    n_test: int = Field(80, ge=1)
+    """test sequences per family"""
+    held_out_share: float = Field(0.15, gt=0, lt=0.5)
+    """share of each family's generators that val, and test, each hold (never in train)"""
+    seed: Seed = Field(0)
+    """data generation seed: the cut of generators into splits and the draws"""
+    start_range: tuple[int, int] | None = Field(None)
+    """inclusive [lo, hi] range of first values; null = every value 0..M-1"""
+    arithmetic_steps: list[int] = Field(default_factory=lambda: [2, 3, 4, 5], min_length=1)
+    """common differences d: distinct modulo M, not 0, not 1 (step 1 is the counting family)"""
+    geometric_ratios: list[int] = Field(default_factory=lambda: [2, 3], min_length=1)
+    """ratios r: distinct modulo M, not 0 or 1 (the sequence would stick)"""
     walk_steps: list[int] = Field(default_factory=lambda: [-1, 1], min_length=1)
+    """random-walk steps, one drawn uniformly per position"""
     # The recall families (picollm.generators): keys are tokens 0..K-1, values K..K+V-1.
-    mqar_pairs: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [4], min_length=1, description="key-value pairs; each mqar sequence draws one"
-    )
-    mqar_key_vocab: int = Field(16, ge=1, description="mqar keys are the tokens 0..mqar_key_vocab-1")
-    mqar_value_vocab: int = Field(16, ge=1, description="mqar values are the next mqar_value_vocab tokens")
-    mqar_queries: int | None = Field(
-        None, ge=1, description="queries per mqar sequence (distinct keys); null = every key once, in random order"
-    )
-    copy_len: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [8], min_length=1, description="copy segment lengths; each sequence draws one"
-    )
+    mqar_pairs: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [4], min_length=1)
+    """mqar: numbers of key-value pairs P; each sequence draws one uniformly (a list is a curriculum mixture)"""
+    mqar_key_vocab: int = Field(16, ge=1)
+    """mqar: keys are the tokens 0..K-1 (K = mqar_key_vocab, at least the largest P)"""
+    mqar_value_vocab: int = Field(16, ge=1)
+    """mqar: values are the next V = mqar_value_vocab tokens, K..K+V-1 (disjoint from the keys; K + V ≤ vocab_size - 1,
+    V at least the largest P)"""
+    mqar_queries: int | None = Field(None, ge=1)
+    """mqar: queries per sequence, distinct keys in random order (at most the fewest mqar_pairs); null = every key
+    once"""
+    copy_len: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [8], min_length=1)
+    """copy: segment lengths n, each sequence draws one uniformly (2n tokens, within max_len)"""
 
     @property
     def modulus(self) -> int:
@@ -119,138 +123,79 @@ class DataConfig(StrictModel):
         return None
 
 
-class ModelConfig(StrictModel):
-    attention: Literal["softmax", "linear", "gated_linear", "deltanet", "gated_deltanet", "sliding_window"] = "softmax"
-    pos_encoding: Literal["alibi", "none", "sinusoidal", "learned"] = "alibi"
-    alibi_exponent: float = Field(
-        4.0, gt=0, description="ALiBi slopes m_h = 2^(-alibi_exponent * h / n_heads), h = 1..n_heads"
-    )
-    d_model: int = Field(128, ge=4)
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(4, ge=1)
-    d_mlp: int | None = Field(None, ge=1, description="MLP width; null = 4 * d_model")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    vocab_size: int | None = Field(None, ge=2, description="null = taken from data.vocab_size")
-    pad_id: int | None = Field(None, description="null = vocab_size - 1")
-    max_seq_len: int = Field(1024, ge=1, description="longest sequence a learned positional table supports")
-    tie_embeddings: bool = False
-    linear_chunk_size: int = Field(64, ge=1, description="chunk length of the chunkwise linear form")
-    linear_eps: float = Field(1e-6, gt=0)
-    feature_map: Literal["elu", "relu", "taylor"] = Field(
-        "elu", description="linear, gated_linear: phi = elu(x)+1, relu(x), or Based's 2nd-order Taylor map"
-    )
-    feature_dim: int | None = Field(
-        None, ge=1, le=64, description="taylor: q and k projected to this size per head; null = d_head"
-    )
-    normalizer: Literal["denominator", "rmsnorm"] = Field(
-        "denominator", description="linear, gated_linear: divide by phi(q).z, or RMSNorm each head's output"
-    )
-    window: int = Field(64, ge=1, description="sliding_window: keys at most window-1 positions back")
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        kernel = self.attention in ("linear", "gated_linear")
-        wrong = [
-            f"{key}={value}"
-            for key, value, default, applies in (
-                ("feature_map", self.feature_map, "elu", kernel),
-                ("normalizer", self.normalizer, "denominator", kernel),
-                ("feature_dim", self.feature_dim, None, kernel and self.feature_map == "taylor"),
-                ("window", self.window, 64, self.attention == "sliding_window"),
-            )
-            if value != default and not applies
-        ]
-        if wrong:
-            raise ValueError(
-                f"{', '.join(wrong)} does not apply to attention={self.attention}, feature_map={self.feature_map} "
-                "(feature_map, normalizer: linear and gated_linear; feature_dim: feature_map taylor; "
-                "window: sliding_window)"
-            )
-        return self
-
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def mlp_width(self) -> int:
-        return self.d_mlp or 4 * self.d_model
-
-    @property
-    def recurrent(self) -> bool:
-        """A mixer with a fixed-size state (S, z) rather than a KV cache."""
-        return self.attention in ("linear", "gated_linear", "deltanet", "gated_deltanet")
-
-    @property
-    def qk_dim(self) -> int:
-        """Per-head width of q and k: feature_dim for the taylor map, else d_head."""
-        return (self.feature_dim or self.d_head) if self.feature_map == "taylor" else self.d_head
-
-    @property
-    def pad_token(self) -> int:
-        assert self.vocab_size is not None
-        return self.vocab_size - 1 if self.pad_id is None else self.pad_id
-
-
 class OptimConfig(StrictModel):
     """The optimiser and its schedule (picollm/optim.py), shared by the `train`, `sft` and `dpo` sections:
     AdamW, linear warmup, cosine decay to lr * min_lr_ratio, gradient clipping."""
 
-    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate, reached after warmup_steps")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr of the cosine as a fraction of lr")
-    warmup_steps: int = Field(20, ge=0, description="linear warmup steps (at most half of all steps)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, on weight matrices only")
-    betas: tuple[Beta, Beta] = Field((0.9, 0.98), description="AdamW betas, each in [0, 1)")
-    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null = off")
+    lr: float = Field(3e-3, gt=0)
+    """AdamW peak learning rate, reached after warmup_steps"""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """final lr of the cosine decay, as a fraction of lr"""
+    warmup_steps: int = Field(20, ge=0)
+    """linear warmup steps (at most half of all steps)"""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay, on weight matrices only (not norms, biases, embeddings)"""
+    betas: tuple[Beta, Beta] = Field((0.9, 0.98))
+    """AdamW betas, each in [0, 1)"""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """max gradient norm; null = off"""
 
 
 class TrainConfig(OptimConfig):
     epochs: int = Field(10, ge=1)
+    """passes over the training split"""
     batch_size: int = Field(64, ge=1)
-    loss_on: Literal["all", "predictable"] = Field(
-        "all", description="train on every target, or only on those of Bayes ceiling 1 (mqar answers, as Zoology)"
-    )
-    seed: Seed = 0
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
-    early_stopping_patience: int | None = Field(
-        None, ge=1, description="stop after this many epochs without val/loss improving"
-    )
-    log_every: int = Field(10, ge=1, description="log train loss every N optimizer steps")
-    checkpoint_every: int = Field(1, ge=1, description="log the checkpoint artifact every N epochs")
+    """sequences per optimizer step (batches group similar lengths, so little padding)"""
+    loss_on: Literal["all", "predictable"] = Field("all")
+    """train on every target, or only on those whose Bayes ceiling is 1 (mqar answers and last query, copy's repeat,
+    the rule families' certain steps; as Zoology); train/loss is then over those"""
+    seed: Seed = Field(0)
+    """seed of the initialisation, batch order and dropout; same seed, same metrics on CPU"""
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
+    """where the model trains; auto = CUDA if available, else MPS, else CPU"""
+    num_threads: int | None = Field(None, ge=1)
+    """torch CPU threads; null = torch default"""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """stop after this many epochs without val/loss improving and keep the best weights; null = off"""
+    log_every: int = Field(10, ge=1)
+    """log train/loss_step every N optimizer steps (metrics are written in batches once per epoch)"""
+    checkpoint_every: int = Field(1, ge=1)
+    """log the checkpoint artifact every N epochs (and always at the end)"""
     eval_batch_size: int = Field(256, ge=1)
-    peak_flops: float | None = Field(None, gt=0, description="FLOP/s used for MFU; null = measured fp32 matmul peak")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16 autocast for matmuls (state, normaliser and losses stay fp32); auto = bf16 on CUDA"
-    )
-    compile: bool = Field(False, description="torch.compile the model (CUDA or a C++ compiler on CPU)")
-    nonfinite: Literal["stop", "skip_batch"] = Field(
-        "stop", description="on a NaN/inf loss: stop the run (FAILED), or skip that batch and go on"
-    )
-    max_skipped_batches: int = Field(
-        10, ge=0, description="with nonfinite=skip_batch, stop after this many skipped batches in all"
-    )
-    system_metrics: bool = Field(
-        False, description="log MLflow's system metrics (system/cpu_utilization_percentage, memory, ...) every 10 s"
-    )
+    """sequences per evaluation batch"""
+    peak_flops: float | None = Field(None, gt=0)
+    """FLOP/s used for MFU; null = this machine's measured fp32 matmul peak"""
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto")
+    """bf16 autocast for matmuls (losses, softmax statistics and the linear-attention state and normaliser stay fp32);
+    auto = bf16 on a CUDA GPU that supports it, else fp32"""
+    compile: bool = Field(False)
+    """torch.compile the model for training (CUDA, or a C++ compiler on CPU); worth it on a GPU, on a 2-core CPU
+    compiling takes minutes"""
+    nonfinite: Literal["stop", "skip_batch"] = Field("stop")
+    """on a NaN/inf loss: stop the run (FAILED, the last good checkpoint kept), or skip that batch (counted in
+    train/skipped_batches) and go on"""
+    max_skipped_batches: int = Field(10, ge=0)
+    """with nonfinite=skip_batch, stop once more batches than this were skipped in all"""
+    system_metrics: bool = Field(False)
+    """log MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network; GPU with nvidia-ml-py)
+    every 10 s while the run is open"""
 
 
 class TrackingConfig(StrictModel):
-    uri: str | None = Field(None, description="tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    uri: str | None = Field(None)
+    """tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd"""
     experiment: str = Field("picollm", min_length=1)
-    run_name: str | None = None
-    registered_model: str | None = Field(
-        "picollm-baseline", description="register the model under this name; null = don't register"
-    )
-    log_model: bool = True
-    lock_timeout_s: float = Field(
-        60.0, ge=0, description="how long a store write retries while SQLite is locked by another writer"
-    )
-    http_timeout_s: float = Field(
-        30.0, ge=3, description="how long one request to an http(s) tracking server may take, retries included"
-    )
+    """MLflow experiment (at most 500 characters)"""
+    run_name: str | None = Field(None)
+    """MLflow run name; null = one the flow makes (training: <attention>-<pos_encoding>-seed<k>-<MMDD-HHMMSS>, UTC)"""
+    registered_model: str | None = Field("picollm-baseline")
+    """register the model under this name; null = don't register"""
+    log_model: bool = Field(True)
+    """log the model at the end of the run"""
+    lock_timeout_s: float = Field(60.0, ge=0)
+    """seconds a store write retries while SQLite is locked by another writer, then exit 1"""
+    http_timeout_s: float = Field(30.0, ge=3)
+    """seconds one request to an http(s) tracking server may take, retries included"""
 
     @field_validator("experiment")
     @classmethod
@@ -280,9 +225,14 @@ def link_vocab(model: ModelConfig, data: DataConfig) -> None:
 
 class TrainRunConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
+    """Synthetic integer sequences: values live in Z_M with M = vocab_size - 1 and token M is the pad; splits are
+    disjoint by generator."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The Transformer and its token mixer."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """The trainer: AdamW with linear warmup and cosine decay, batches, evaluation and checkpoints."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Where the run is logged (MLflow) and what is registered."""
 
     @model_validator(mode="after")
     def _link_model_to_data(self) -> TrainRunConfig:

@@ -208,6 +208,104 @@ class _Hypotheses:
     walk_logp: float = 0.0  # log probability of the walk's steps so far
 
 
+@dataclass(frozen=True)
+class _Space:
+    """What the Bayes predictor knows of the config: the values and every family's parameter sets."""
+
+    m: int
+    starts: frozenset[int]
+    fams: frozenset[str]
+    steps: list[int]
+    ratios: list[int]
+    walk_counts: dict[int, int]  # step -> how often walk_steps lists it
+    n_walk: int
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> _Space:
+        m = cfg.modulus
+        walk = [s % m for s in cfg.walk_steps]
+        return cls(
+            m, frozenset(_starts(cfg).tolist()), frozenset(cfg.seq_types), [d % m for d in cfg.arithmetic_steps],
+            [r % m for r in cfg.geometric_ratios], {s: walk.count(s) for s in set(walk)}, len(walk),
+        )  # fmt: skip
+
+
+def _observe(h: _Hypotheses, sp: _Space, x: list[int], t: int) -> None:
+    """Update each family's consistency with the newest transition x_{t-1} -> x_t (t >= 1)."""
+    m, prev, cur = sp.m, x[t - 1], x[t]
+    h.counting &= (cur - prev) % m == 1
+    if t == 1:
+        h.arith_step = (cur - prev) % m
+        h.arithmetic = h.arith_step in sp.steps
+        h.alternating = cur != prev
+    else:
+        h.arithmetic &= (cur - prev) % m == h.arith_step
+        h.alternating &= cur == x[t - 2]
+    h.geo_ratios = [r for r in h.geo_ratios if cur == (r * prev) % m]
+    h.walk &= ((cur - prev) % m) in sp.walk_counts
+    if h.walk:
+        h.walk_logp += math.log(sp.walk_counts[(cur - prev) % m] / sp.n_walk)
+
+
+def _posterior_weights(h: _Hypotheses, sp: _Space, x: list[int], t: int) -> tuple[dict[int, float], float]:
+    """Unnormalised probability of each next value after x_0..x_t (the common family prior 1/|families| left
+    out), and the floor every other value carries (alternating's unknown b at t = 0)."""
+    cur, n_start, fams = x[t], len(sp.starts), sp.fams
+    weights: dict[int, float] = {}
+    floor = 0.0
+    add = partial(_add_weight, weights, sp.m)
+    if x[0] in sp.starts:
+        if "counting" in fams and h.counting:
+            add(cur + 1, -math.log(n_start))
+        if "arithmetic" in fams:
+            if t == 0:
+                for d in sp.steps:
+                    add(cur + d, -math.log(n_start * len(sp.steps)))
+            elif h.arithmetic:
+                n_same = sp.steps.count(h.arith_step)
+                add(cur + h.arith_step, math.log(n_same) - math.log(n_start * len(sp.steps)))
+        if "alternating" in fams:
+            if t == 0:  # b is any value but a: a uniform floor, added below without a loop
+                floor = 1.0 / (n_start * (sp.m - 1))
+            elif h.alternating:
+                add(x[t - 1], -math.log(n_start * (sp.m - 1)))
+        if "random_walk" in fams and h.walk:
+            base = -math.log(n_start) + h.walk_logp
+            for s, c in sp.walk_counts.items():
+                add(cur + s, base + math.log(c / sp.n_walk))
+    if "geometric" in fams and x[0] != 0 and x[0] in sp.starts:
+        n_start_geo = len(sp.starts - {0})
+        for r in h.geo_ratios:
+            add(cur * r, math.log(sp.ratios.count(r)) - math.log(n_start_geo * len(sp.ratios)))
+    # Values not in `weights` (other than cur) carry only the floor; they tie for the argmax only when
+    # nothing else is consistent.
+    for v in weights:
+        if v != cur:
+            weights[v] += floor
+    return weights, floor
+
+
+def _expected_hit(weights: dict[int, float], floor: float, sp: _Space, x: list[int], t: int, family: str) -> float:
+    """Probability that the argmax of `weights` (ties split evenly) is the true next value x_{t+1}: 1 or 0 for
+    a deterministic family, the true step probabilities of the argmax values for a random walk."""
+    cur, m = x[t], sp.m
+    n_floor_only = (m - 1 - sum(v != cur for v in weights)) if floor > 0 else 0
+    best = max([*weights.values(), floor if n_floor_only else 0.0])
+    if best == 0.0:
+        return 0.0
+    argmax = {v for v, w in weights.items() if w >= best * (1 - 1e-9)}
+    floor_wins = n_floor_only > 0 and floor >= best * (1 - 1e-9)
+    n_argmax = len(argmax) + (n_floor_only if floor_wins else 0)
+
+    def in_argmax(v: int) -> bool:
+        return v in argmax or (floor_wins and v not in weights and v != cur)
+
+    if family == "random_walk":
+        true_p = {(cur + s) % m: c / sp.n_walk for s, c in sp.walk_counts.items()}
+        return sum(p for v, p in true_p.items() if in_argmax(v)) / n_argmax
+    return float(in_argmax(x[t + 1])) / n_argmax
+
+
 def ceiling_per_position(seq: np.ndarray, family: str, cfg: DataConfig) -> np.ndarray:
     """Expected accuracy of the Bayes-optimal predictor for each target x_1..x_{L-1}.
 
@@ -222,85 +320,15 @@ def ceiling_per_position(seq: np.ndarray, family: str, cfg: DataConfig) -> np.nd
     """
     if family in RECALL_FAMILIES:
         return recall_ceilings(seq, family, cfg)
-    m = cfg.modulus
-    starts = set(_starts(cfg).tolist())
-    fams = set(cfg.seq_types)
-    n_start = len(starts)
-    n_start_geo = len(starts - {0})
-    steps = [d % m for d in cfg.arithmetic_steps]
-    ratios = [r % m for r in cfg.geometric_ratios]
-    walk = [s % m for s in cfg.walk_steps]
-    walk_counts = {s: walk.count(s) for s in set(walk)}
-
+    sp = _Space.of(cfg)
     x = [int(v) for v in seq]
-    h = _Hypotheses(x0=x[0], geo_ratios=list(dict.fromkeys(ratios)) if x[0] != 0 else [])
-    in_starts = x[0] in starts
+    h = _Hypotheses(x0=x[0], geo_ratios=list(dict.fromkeys(sp.ratios)) if x[0] != 0 else [])
     out = np.zeros(len(x) - 1)
     for t in range(len(x) - 1):
-        if t >= 1:  # update consistency with the newest transition x_{t-1} -> x_t
-            prev, cur = x[t - 1], x[t]
-            h.counting &= (cur - prev) % m == 1
-            if t == 1:
-                h.arith_step = (cur - prev) % m
-                h.arithmetic = h.arith_step in steps
-                h.alternating = cur != prev
-            else:
-                h.arithmetic &= (cur - prev) % m == h.arith_step
-                h.alternating &= cur == x[t - 2]
-            h.geo_ratios = [r for r in h.geo_ratios if cur == (r * prev) % m]
-            h.walk &= ((cur - prev) % m) in walk_counts
-            if h.walk:
-                h.walk_logp += math.log(walk_counts[(cur - prev) % m] / len(walk))
-        cur = x[t]
-        weights: dict[int, float] = {}
-        floor = 0.0
-        add = partial(_add_weight, weights, m)
-        # Log prior weights, leaving out the common family prior 1/|families|.
-        if in_starts:
-            if "counting" in fams and h.counting:
-                add(cur + 1, -math.log(n_start))
-            if "arithmetic" in fams:
-                if t == 0:
-                    for d in steps:
-                        add(cur + d, -math.log(n_start * len(steps)))
-                elif h.arithmetic:
-                    n_same = steps.count(h.arith_step)
-                    add(cur + h.arith_step, math.log(n_same) - math.log(n_start * len(steps)))
-            if "alternating" in fams:
-                if t == 0:  # b is any value but a: a uniform floor, added below without a loop
-                    floor = 1.0 / (n_start * (m - 1))
-                elif h.alternating:
-                    add(x[t - 1], -math.log(n_start * (m - 1)))
-            if "random_walk" in fams and h.walk:
-                base = -math.log(n_start) + h.walk_logp
-                for s, c in walk_counts.items():
-                    add(cur + s, base + math.log(c / len(walk)))
-        if "geometric" in fams and x[0] != 0 and x[0] in starts:
-            for r in h.geo_ratios:
-                n_r = ratios.count(r)
-                add(cur * r, math.log(n_r) - math.log(n_start_geo * len(ratios)))
-        # Values not in `weights` (other than cur) carry only the floor; they tie for the argmax
-        # only when nothing else is consistent.
-        for v in weights:
-            if v != cur:
-                weights[v] += floor
-        n_floor_only = (m - 1 - sum(v != cur for v in weights)) if floor > 0 else 0
-        best = max([*weights.values(), floor if n_floor_only else 0.0])
-        if best == 0.0:
-            out[t] = 0.0
-            continue
-        argmax = {v for v, w in weights.items() if w >= best * (1 - 1e-9)}
-        floor_wins = n_floor_only > 0 and floor >= best * (1 - 1e-9)
-        n_argmax = len(argmax) + (n_floor_only if floor_wins else 0)
-
-        def in_argmax(v: int, argmax=argmax, floor_wins=floor_wins, weights=weights, cur=cur) -> bool:
-            return v in argmax or (floor_wins and v not in weights and v != cur)
-
-        if family == "random_walk":
-            true_p = {(cur + s) % m: c / len(walk) for s, c in walk_counts.items()}
-            out[t] = sum(p for v, p in true_p.items() if in_argmax(v)) / n_argmax
-        else:
-            out[t] = float(in_argmax(x[t + 1])) / n_argmax
+        if t >= 1:
+            _observe(h, sp, x, t)
+        weights, floor = _posterior_weights(h, sp, x, t)
+        out[t] = _expected_hit(weights, floor, sp, x, t, family)
     return out
 
 

@@ -43,6 +43,7 @@ class NeuronRow:
 class ViewData:
     title: str
     attention: str
+    pattern_label: str  # what the heads' matrices are (the mixer's `pattern_label`)
     families: list[str]
     examples: list[Example]
     neurons: list[NeuronRow] = field(default_factory=list)
@@ -231,17 +232,12 @@ _JS = r"""
 
 def render(d: ViewData) -> str:
     """The whole page as one string."""
-    what = {
-        "softmax": "softmax weights",
-        "sliding_window": "softmax weights",
-        "linear": "kernel weights",
-        "gated_linear": "gated kernel weights",
-    }.get(d.attention, "the delta rule's value-to-output matrix; entries can be negative")
+    what = f"{html.escape(d.attention)} attention ({html.escape(d.pattern_label)})"
     body = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(d.title)}</title>
 <style>{_CSS}</style></head><body>
 <h1 id="title"></h1>
-<div class="note">{html.escape(d.attention)} attention ({what}); every number is embedded in this page.</div>
+<div class="note">{what}; every number is embedded in this page.</div>
 <h2>Attention</h2>
 <div class="controls"><label>example <select id="ex"></select></label>
 <label><select id="layer"></select></label><label><select id="head"></select></label></div>

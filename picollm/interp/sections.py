@@ -47,9 +47,10 @@ def _metric_component(component: str) -> str:
 # Activation patching
 
 
-def section_patching(
+def _patch_families(
     model: Transformer, batch: Batch, data_cfg: DataConfig, cfg: AnalysisConfig, run: RunLog
-) -> list[str]:
+) -> dict[str, patching.PatchingResult]:
+    """Patch every family's prompt pairs, logging the per-family metrics; families without pairs are left out."""
     length = min(cfg.patching_length, data_cfg.max_len - 1)
     results: dict[str, patching.PatchingResult] = {}
     for i, family in enumerate(batch.families):
@@ -59,19 +60,23 @@ def section_patching(
             log.warning("patching: no usable %s prompt pairs; skipped", family)
             continue
         results[family] = res = patching.patch_all(model, pairs)
-        run.log_metrics(
-            {f"patching/clean_ld/{family}": res.clean_ld, f"patching/corrupted_ld/{family}": res.corrupted_ld}
-        )
-        run.log_metrics(
-            {
-                f"patching/{_metric_component(c)}/{family}": float(v)
-                for c, v in zip(res.components, res.component_recovered, strict=True)
-            }
-        )
+        metrics = {f"patching/clean_ld/{family}": res.clean_ld, f"patching/corrupted_ld/{family}": res.corrupted_ld}
+        metrics |= {
+            f"patching/{_metric_component(c)}/{family}": float(v)
+            for c, v in zip(res.components, res.component_recovered, strict=True)
+        }
         # The residual at the last position (the one that is read out), per block input; the rest is a table.
-        run.log_metrics(
-            {f"patching/L{s}/resid_pre_last/{family}": float(res.resid[s, -1]) for s in range(model.cfg.n_layers)}
-        )
+        metrics |= {
+            f"patching/L{s}/resid_pre_last/{family}": float(res.resid[s, -1]) for s in range(model.cfg.n_layers)
+        }
+        run.log_metrics(metrics)
+    return results
+
+
+def section_patching(
+    model: Transformer, batch: Batch, data_cfg: DataConfig, cfg: AnalysisConfig, run: RunLog
+) -> list[str]:
+    results = _patch_families(model, batch, data_cfg, cfg, run)
     if not results:
         return ["patching: no prompt pairs"]
     families = list(results)
@@ -296,7 +301,11 @@ def section_interactive(model: Transformer, batch: Batch, cfg: AnalysisConfig, r
         for n in torch.nonzero(~st.dead).flatten().tolist():
             pref = batch.families[int(st.means[:, n].argmax())]
             neurons.append(html_view.NeuronRow(layer, n, st.means[:, n].tolist(), float(st.si[n]), pref))
-    page = html_view.render(html_view.ViewData(label, model.cfg.attention, batch.families, examples, neurons))
+    page = html_view.render(
+        html_view.ViewData(
+            label, model.cfg.attention, model.blocks[0].attn.pattern_label, batch.families, examples, neurons
+        )
+    )
     refs = html_view.external_refs(page)
     if refs:  # a bug here, never the user's input: refuse to log a page that would reach out
         raise AssertionError(f"interactive view references external resources: {refs[:3]}")

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from picollm.config import ModelConfig
 from picollm.errors import PicollmError
+from picollm.model.config import ModelConfig
 from picollm.model.transformer import Transformer
 
 

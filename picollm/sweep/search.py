@@ -34,17 +34,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from picollm.config import (
-    ServerConfig,
-    TrainRunConfig,
-    apply_overrides,
-    flatten,
-    load_config,
-    parse_override,
-    read_yaml,
-    set_key,
-    validate,
-)
+from picollm.config import ServerConfig, TrainRunConfig
+from picollm.config.base import apply_overrides, flatten, load_config, parse_override, read_yaml, set_key, validate
 from picollm.config.sweep import SweepConfig, direction_of
 from picollm.errors import ConfigError, PicollmError, RunStopped
 from picollm.tracking.server import alive as process_alive  # zombies count as gone

@@ -95,13 +95,13 @@ class RunLog:
         """Log a matplotlib figure as PNG and close it (open figures pile up in long flows). At FIGURE_DPI,
         cropped to its content: multi-panel figures stay legible in MLflow's artifact viewer. The bytes
         are kept (`figure_files`) for reports that inline them."""
-        from picollm.training.plots import close
+        import matplotlib.pyplot as plt  # imported when a figure is logged, not at start-up
 
         try:
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
         finally:
-            close(fig)
+            plt.close(fig)
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / Path(path).name
             file.write_bytes(buf.getvalue())

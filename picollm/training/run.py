@@ -164,20 +164,7 @@ def train(
     process spent before this run, logged as time/startup_s: `picollm train` passes its start-up)."""
     ctx = session.dist
     watch = Stopwatch(startup_s)  # logged as time/*: where the run's wall time went
-    ckpt, failure = None, None
-    if resume is not None and ctx.is_main:  # a resume must make sense before any work starts
-        try:
-            if not resume.strip():
-                raise PicollmError("--resume needs a run id (it was empty)")
-            # Claimed first, so of two resumes of one run only one goes on; the run holds it from here.
-            store_faults.preclaim(mlflow.get_tracking_uri(), resume)
-            ckpt = load_resume(resume, cfg)
-        except Exception as e:
-            store_faults.release_preclaim(resume)
-            failure = e
-    if resume is not None:
-        distributed.share_failure(ctx, failure)
-        ckpt = distributed.broadcast_checkpoint(ctx, ckpt)
+    ckpt = None if resume is None else _claim_resume(resume, cfg, ctx)
     prep = prepare(cfg, ctx, session.device, ckpt, data, watch)
     if not ctx.is_main:
         result = prep.fit(NullCallbacks())
@@ -217,6 +204,24 @@ def train(
         run.log_metrics(timing, step=SINGLE_VALUE_STEP, flush=True)
     model = prep.trainer.model.cpu()
     return TrainOutcome(run.run_id, model_uri, version, final, result.history, prep.data.families, model, timing=timing)
+
+
+def _claim_resume(resume: str, cfg: TrainRunConfig, ctx: distributed.DistContext) -> dict[str, Any]:
+    """The checkpoint `resume` continues from, on every rank; checked (and the run claimed) by rank 0 before
+    any work starts, its failure raised on every rank."""
+    ckpt, failure = None, None
+    if ctx.is_main:
+        try:
+            if not resume.strip():
+                raise PicollmError("--resume needs a run id (it was empty)")
+            # Claimed first, so of two resumes of one run only one goes on; the run holds it from here.
+            store_faults.preclaim(mlflow.get_tracking_uri(), resume)
+            ckpt = load_resume(resume, cfg)
+        except Exception as e:
+            store_faults.release_preclaim(resume)
+            failure = e
+    distributed.share_failure(ctx, failure)
+    return distributed.broadcast_checkpoint(ctx, ckpt)
 
 
 def _run_params(cfg: TrainRunConfig, session: Session, prep: Prepared) -> dict[str, Any]:

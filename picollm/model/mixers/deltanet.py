@@ -1,5 +1,5 @@
-"""The (gated) delta rule: DeltaNet (Schlag et al. 2021; Yang et al. 2024, "Parallelizing Linear
-Transformers with the Delta Rule over Sequence Length") and Gated DeltaNet (Yang et al. 2025).
+"""The (gated) delta rule: DeltaNet (Schlag et al. 2021; Yang et al. 2024, "Parallelizing Linear Transformers
+with the Delta Rule over Sequence Length") and Gated DeltaNet (Yang et al. 2025).
 
 With the state S (dk, dv) (the transpose of the papers' (dv, dk) S, so y = S^T q):
 
@@ -18,13 +18,24 @@ Forms, tested against each other on outputs, final state and gradients:
   mixing_matrix    the parallel form with S0 = 0 over the whole sequence: O = P V with
                    P = tril(D * Q K^T) (I + L)^-1 diag(beta), the matrix `hook_pattern` exposes
   recurrent_step   one position (generation); `recurrent` loops it (the reference)
+
+In the model, q and k are L2-normalised per head and beta_t = sigmoid(w.x_t + b) (starts at 1/2); alpha is
+1 (deltanet without ALiBi), the ALiBi decay exp(-m_h) (deltanet with pos_encoding alibi) or a gate
+sigmoid(w.x_t + b) started at that decay (gated_deltanet). Padding gets beta 0 (and a gate log alpha 0). The decode
+step runs `recurrent_step` in place on S, beta (and the gate) from the same matmul as q, k, v.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from picollm.model.config import ModelConfig
+from picollm.model.mixers.base import DecayGate, LayerCache, Mixer
 from picollm.model.mixers.feature_maps import at_least_fp32 as _fp32
 
 
@@ -124,3 +135,127 @@ def recurrent(
         y, state = recurrent_step(q[:, :, i], k[:, :, i], v[:, :, i], beta[:, :, i], log_alpha[:, :, i], state)
         out.append(y)
     return torch.stack(out, dim=2), state
+
+
+# --------------------------------------------------------------------------------------------------
+# The mixers
+
+
+@dataclass
+class _Decode:
+    wqkv_t: torch.Tensor  # (d, out): q, k, v, then beta's (and the gate's) logits
+    bqkv: torch.Tensor
+    state: torch.Tensor  # (B, H, dk, dv) fp32, updated in place
+    decay: torch.Tensor | None  # (1, H, 1, 1) constant decay, or None
+
+
+class DeltaNet(Mixer):
+    """The delta rule (Yang et al. 2024): S_t = alpha_h (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
+    y_t = S_t^T q_t, q and k L2-normalised, beta_t = sigmoid(w.x_t + b), a constant alpha_h (ALiBi's decay with
+    pos_encoding alibi, else 1)."""
+
+    forms: ClassVar[tuple[str, ...]] = ("chunk", "parallel", "recurrent")
+    pattern_label: ClassVar[str] = "the delta rule's value-to-output matrix; entries can be negative"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.beta = nn.Linear(cfg.d_model, cfg.n_heads)  # the write rate per head and token
+
+    @classmethod
+    def state_floats(cls, cfg: ModelConfig, context: int) -> int:
+        """S: d_head x d_head per head."""
+        return cfg.n_heads * cfg.d_head * cfg.d_head
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.beta.weight, std=0.02)
+        nn.init.zeros_(self.beta.bias)  # beta starts at 1/2
+
+    def log_gates(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """log alpha (B, H, N): the constant decay -m_h at every position."""
+        b, n, _ = x.shape
+        return (-self.slopes.float()).view(1, -1, 1).expand(b, -1, n)
+
+    def mix(self, q, k, v, x, key_mask, cache, form):
+        # The state sums over the whole prefix: fp32 even under bf16 autocast.
+        with torch.autocast(q.device.type, enabled=False):
+            n = q.shape[2]
+            m = key_mask[:, -n:][:, None, :].float()  # (B, 1, N)
+            x = x.float()
+            q, k, v = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1), v.float()
+            beta = torch.sigmoid(self.beta(x)).transpose(1, 2) * m  # (B, H, N): 0 on padding
+            return self._mix(q, k, v, beta, self.log_gates(x, key_mask[:, -n:]), cache, form)
+
+    def _mix(self, q, k, v, beta, log_alpha, cache, form):
+        if cache is not None and not cache.empty:  # generation: one step at a time
+            out = []
+            for i in range(q.shape[2]):
+                y, cache.state = recurrent_step(
+                    q[:, :, i], k[:, :, i], v[:, :, i], beta[:, :, i], log_alpha[:, :, i], cache.state
+                )
+                out.append(y)
+            return torch.stack(out, dim=2)
+        if form == "parallel" or self.hook_pattern.active:
+            y = self.hook_pattern(mixing_matrix(q, k, beta, log_alpha)) @ v
+            if cache is None:
+                return y
+        y_chunk, state = chunkwise(q, k, v, beta, log_alpha, self.cfg.linear_chunk_size)
+        if cache is not None:  # prefill
+            cache.state = state
+        return y if form == "parallel" or self.hook_pattern.active else y_chunk
+
+    # -- decoding -------------------------------------------------------------------------------------
+    def _gate_modules(self) -> list[nn.Linear]:
+        return [self.beta]
+
+    @torch.no_grad()
+    def decode_init(self, cache: LayerCache, key_mask: torch.Tensor, capacity: int, shared: dict[str, Any]) -> _Decode:
+        assert cache.state is not None
+        w = self.qkv.weight
+        extras = self._gate_modules()
+        wqkv = torch.cat([w, *(lin.weight for lin in extras)])
+        bqkv = torch.cat([w.new_zeros(w.shape[0]), *(lin.bias for lin in extras)])
+        slopes = self.slopes.float()
+        decay = torch.exp(-slopes).view(1, -1, 1, 1) if bool(slopes.any()) else None
+        state = cache.state.clone(memory_format=torch.contiguous_format)  # owned here: updated in place
+        return _Decode(wqkv.t(), bqkv, state, decay)
+
+    def decode_step(self, st: _Decode, hn: torch.Tensor, t: int, aux: Any) -> torch.Tensor:
+        """recurrent_step in place on the state (fp32)."""
+        b, h, dk, dh = hn.shape[0], self.n_heads, self.d_qk, self.d_head
+        proj = torch.addmm(st.bqkv, hn, st.wqkv_t)  # (B, 2 H dk + H dh + H [+ H])
+        q, k = F.normalize(proj[:, : 2 * h * dk].view(b, 2, h, dk).float(), dim=-1).unbind(1)  # (B, H, dk)
+        v = proj[:, 2 * h * dk : (2 * dk + dh) * h].view(b, h, 1, dh)
+        extra = proj[:, (2 * dk + dh) * h :]
+        beta = torch.sigmoid(extra[:, :h].float()).view(b, h, 1, 1)
+        s = st.state  # (B, H, dk, dv)
+        self.decode_decay(s, st, extra[:, h:])
+        u = (v.float() - k.unsqueeze(-2) @ s).mul_(beta)  # beta (v - S^T k): (B, H, 1, dv)
+        s.addcmul_(k.unsqueeze(-1), u)
+        return (q.unsqueeze(-2) @ s).to(hn.dtype).reshape(b, -1)  # (B, H, 1, dh) -> (B, H * dh)
+
+    def decode_decay(self, s: torch.Tensor, st: _Decode, gate_logits: torch.Tensor) -> None:
+        if st.decay is not None:
+            s.mul_(st.decay)
+
+
+class GatedDeltaNet(DeltaNet):
+    """The gated delta rule (Gated DeltaNet, Yang et al. 2025): alpha_t = sigmoid(w.x_t + b) per head and token,
+    started at the ALiBi decay."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        Mixer.__init__(self, cfg)
+        self.gate = DecayGate(cfg)  # before beta: the order of picollm's seeded init
+        self.beta = nn.Linear(cfg.d_model, cfg.n_heads)
+
+    def reset_parameters(self) -> None:
+        self.gate.start_at_alibi(self.cfg)
+        super().reset_parameters()
+
+    def log_gates(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.gate.log_gates(x, mask)
+
+    def _gate_modules(self) -> list[nn.Linear]:
+        return [self.beta, self.gate]
+
+    def decode_decay(self, s: torch.Tensor, st: _Decode, gate_logits: torch.Tensor) -> None:
+        DecayGate.decay_(s, gate_logits)
