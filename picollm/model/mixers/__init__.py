@@ -23,6 +23,7 @@ MIXERS: dict[str, str] = {
     "gated_linear": "linear:GatedLinear",
     "deltanet": "deltanet:DeltaNet",
     "gated_deltanet": "deltanet:GatedDeltaNet",
+    "retention": "retention:Retention",
 }
 DEFAULT = "softmax"  # model.attention's default
 REFERENCE_PAIR = ("softmax", "linear")  # what `compare` and `bench` set side by side unless told otherwise
