@@ -12,8 +12,6 @@ PORT   ?= 5002
 UI_PORT ?= 5000
 # The store `make ui` / `make serve` read: picollm's default (./mlflow.db) unless MLFLOW_TRACKING_URI is set.
 MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
-# MODEL as a registry reference (NAME@ALIAS, NAME/VERSION) or a full models:/ / runs:/ URI.
-MODEL_URI = $(if $(findstring :/,$(MODEL)),$(MODEL),models:/$(MODEL))
 
 # Offline copies for tests and CI, used only where ../shared/data exists (see README).
 ifneq ($(wildcard $(SHARED)/tiktoken_cache),)
@@ -58,7 +56,7 @@ compare: setup ## Softmax vs linear over 5 seeds each (configs/compare.yaml): me
 learning-curve: setup ## Test accuracy vs training-set size for both attentions (configs/learning_curve.yaml)
 	$(BIN)/picollm compare configs/learning_curve.yaml $(ARGS)
 
-recall: setup ## MQAR/copy recall study: 7 token mixers x 2 seeds, lr grid, accuracy vs key-value pairs (configs/recall.yaml)
+recall: setup ## MQAR recall study (Zoology's MQAR): softmax vs linear with short convs, lr grid, 5 seeds (configs/recall.yaml)
 	$(BIN)/picollm compare configs/recall.yaml $(ARGS)
 
 analyze: setup ## Interpretability report of MODEL (embeddings, attention, neurons, ablation, patching, logit lens, probes, heads, HTML view)
@@ -75,11 +73,14 @@ ui: setup ## MLflow UI on ./mlflow.db, lean (one worker, no job runner); prints 
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" \
 	  --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
-# `mlflow models serve --env-manager local` starts uvicorn by name: .venv/bin must be on PATH.
+# MODEL is read as every picollm command reads a reference (a bare NAME is its latest version; one error line
+# if it names nothing), then served. `mlflow models serve --env-manager local` starts uvicorn by name: .venv/bin
+# must be on PATH. The served model's limits: PICOLLM_SERVE_* (docs/commands.md#serving-over-rest).
 serve: setup ## Serve MODEL (default picollm-linear@champion) as REST on 127.0.0.1:PORT (default 5002), foreground
+	@uri="$$(MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" $(BIN)/python -m pipelines.model_uri "$(MODEL)")" || exit 2; \
+	echo "serving $$uri on http://127.0.0.1:$(PORT)"; \
 	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
-	  $(BIN)/mlflow models serve \
-	  -m "$(MODEL_URI)" --env-manager local --host 127.0.0.1 --port $(PORT) --workers 1
+	  exec $(BIN)/mlflow models serve -m "$$uri" --env-manager local --host 127.0.0.1 --port $(PORT) --workers 1
 
 test: setup ## Run the test suite (offline, CPU, a few minutes)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)

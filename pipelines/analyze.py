@@ -217,7 +217,9 @@ def section_activations(model: Transformer, batch: Batch, cfg: AnalysisConfig, r
 
 
 def section_ablation(model: Transformer, batch: Batch, cfg: AnalysisConfig, run: RunLog) -> list[str]:
-    res = an.mean_ablation(model, batch.tokens, batch.family_ids, len(batch.families), cfg.batch_size)
+    res = an.mean_ablation(
+        model, batch.tokens, batch.family_ids, len(batch.families), cfg.batch_size, targets=batch.targets
+    )
     columns = [*batch.families, "all"]
     keys = [c.replace(" ", "_") for c in res.components]
     run.log_metrics({f"ablation/clean_loss/{c}": float(res.clean[j]) for j, c in enumerate(columns)})

@@ -33,7 +33,9 @@ from picollm import compare as cmp
 from picollm.compare import keys, lr_grid, recall
 from picollm.compare.inputs import EvalSet, Inputs, Member, build_inputs, child_config, data_seed
 from picollm.compare.plots import learning_curve as learning_curve_figure
-from picollm.compare.summary import ByVariant, Summary, ci_text, recall_key, setup_lines, summarise
+from picollm.compare.recall import recall_key
+from picollm.compare.recall_study import recall_study
+from picollm.compare.summary import ByVariant, Summary, ci_text, setup_lines, summarise
 from picollm.config import CompareConfig, ModelConfig, flatten, to_yaml
 from picollm.runtime.hardware import torch_threads
 from picollm.tracking import runs
@@ -95,9 +97,9 @@ def _evaluate(
     member.metrics = {**metrics, **lg_metrics, "model/num_params": float(member.model.num_params())}
     if recall_sets:
         accs = recall.recall_metrics(member.model, recall_sets[member.data_seed], bs)
-        member.metrics |= {recall_key(n): a for n, a in accs.items()}
-        for n, a in accs.items():  # one chart: answer accuracy against the number of pairs
-            if math.isfinite(a):
+        member.metrics |= accs
+        for n in recall_sets[member.data_seed]:  # one chart: answer accuracy against the number of pairs
+            if math.isfinite(a := accs[recall_key(n)]):
                 run.log_metrics({"recall/accuracy": a}, step=n)
     member.curves = {**curves, **lg_curves}
     # The overall numbers as metrics; every per-family tail (of every split and length) in the table.
@@ -114,7 +116,8 @@ def _lr_grid(s: Session, cfg: CompareConfig, inp: Inputs, say: Say) -> tuple[dic
     """Each variant trained on the first seed at every lr of compare.lr_grid (nested runs, not registered),
     scored on validation data; returns ({variant: best lr}, the grid's rows)."""
     cc = cfg.compare
-    seed, epochs = cc.seeds[0], cc.lr_grid_epochs or cfg.train.epochs
+    seed = cc.seeds[0] if cc.lr_grid_seed is None else cc.lr_grid_seed
+    epochs = cc.lr_grid_epochs or cfg.train.epochs
     name, higher = lr_grid.score_name(inp.families, cc.lr_grid_metric)
     best, rows = {}, []
     for v in cc.variants:
@@ -206,7 +209,8 @@ def _recall_by_width(
                     out = train_run.train(s, child, nested=True, tags={"compare.d_model": str(d)})
                     assert out.model is not None
                     sets = recall_sets[data_seed(cfg, seed)]
-                    accs = recall.recall_metrics(out.model, sets, cfg.train.eval_batch_size)
+                    scores = recall.recall_metrics(out.model, sets, cfg.train.eval_batch_size)
+                    accs = {n: scores[recall_key(n)] for n in cc.recall_pairs}
                 for n, a in accs.items():
                     values.setdefault((v.name, d, n), []).append(a)
     return values
@@ -285,7 +289,7 @@ def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
             figures = _figures(parent, cfg, by_variant, summary.agg, inp)
             if recall_sets:
                 width = _recall_by_width(s, cfg, by_variant, lrs, recall_sets, say) if cc.d_models else {}
-                section, recall_figs = _log_recall(parent, cfg, summary, width)
+                section, recall_figs = _log_recall(parent, cfg, summary, by_variant, width)
                 extra.append(section)
                 figures += recall_figs
             efficiency = _efficiency(parent, cfg, {n: ms[0].model.cfg for n, ms in by_variant.items()}, say)
@@ -339,40 +343,37 @@ def _log_summary(parent: RunLog, cfg: CompareConfig, inp: Inputs, by_variant: By
 
 
 def _log_recall(
-    parent: RunLog, cfg: CompareConfig, summary: Summary, width: recall.RecallValues
+    parent: RunLog, cfg: CompareConfig, summary: Summary, by_variant: ByVariant, width: recall.RecallValues
 ) -> tuple[str, list[tuple[str, str]]]:
     """The recall curves (`recall/accuracy/<variant>`, step = pairs), the table, the figures and the section."""
     cc = cfg.compare
-    per_variant = {
-        v: {n: iv for n in cc.recall_pairs if (iv := summary.agg[v].get(recall_key(n))) is not None}
-        for v in summary.agg
-    }
-    for v, per in per_variant.items():
+    st = recall_study(cfg, summary, by_variant)
+    for v, per in st.per_variant.items():
         for n, iv in per.items():
             if math.isfinite(iv.mean):
                 parent.log_metrics({f"recall/accuracy/{v}": iv.mean}, step=n)
-    rows = [(v, n, iv) for v, per in per_variant.items() for n, iv in per.items()]
+    rows = [(v, n, iv) for v, per in st.per_variant.items() for n, iv in per.items()]
     columns = {"variant": [v for v, _, _ in rows], "pairs": [n for _, n, _ in rows]}
     columns |= {
         k: [getattr(iv, a) for _, _, iv in rows]
         for k, a in (("mean", "mean"), ("ci_low", "low"), ("ci_high", "high"), ("n", "n"))
     }
+    columns["recalls"] = [recall.recalls(iv, st.baselines[n]) for _, n, iv in rows]
+    columns["success_rate"] = [recall.success_rate(st.per_seed[v][n]) for v, n, _ in rows]
     parent.log_table(keys.table_json_safe(columns), "tables/recall.json")
     figures = []
     path = "figures/recall_vs_pairs.png"
-    parent.log_figure(cmp.recall_curves(per_variant), path)
-    figures.append(("MQAR answer accuracy vs number of key-value pairs (one line per variant, CI over seeds)", path))
-    width_ivs: dict[int, dict[str, dict[int, cmp.Interval]]] = {}
+    parent.log_figure(cmp.recall_curves(st.per_variant, baselines=st.baselines, trained=st.trained), path)
+    figures.append(("MQAR answer accuracy vs key-value pairs (CI over seeds; baselines dashed; trained shaded)", path))
     if width:
         table = recall.recall_table(width, cc.confidence, cc.ci)
         parent.log_table(keys.table_json_safe(table), "tables/recall_vs_d_model.json")
         for v, d, n, mean, low, high, k in zip(*table.values(), strict=True):
-            width_ivs.setdefault(n, {}).setdefault(v, {})[d] = cmp.Interval(mean, low, high, math.nan, k)
+            st.width.setdefault(n, {}).setdefault(v, {})[d] = cmp.Interval(mean, low, high, math.nan, k)
         path = "figures/recall_vs_d_model.png"
-        parent.log_figure(cmp.recall_vs_width(width_ivs), path)
+        parent.log_figure(cmp.recall_vs_width(st.width), path)
         figures.append(("MQAR answer accuracy vs d_model per number of pairs (Zoology's figure)", path))
-    section = cmp.recall_section(per_variant, width_ivs, summary.diffs, cfg.compare.alpha, list(summary.agg))
-    return section, figures
+    return cmp.recall_section(st, cfg.compare.alpha, list(summary.agg)), figures
 
 
 def _report(

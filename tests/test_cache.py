@@ -41,6 +41,9 @@ CHANGED = {
     "mqar_key_vocab": 8,
     "mqar_value_vocab": 8,
     "mqar_queries": 1,
+    "mqar_layout": "fed_back",
+    "mqar_length": 20,
+    "mqar_power_a": 0.5,
     "copy_len": [3],
 }
 
@@ -58,6 +61,7 @@ def same_data(a, b) -> bool:
         and all(np.array_equal(s, t) for s, t in zip(x.sequences, y.sequences, strict=True))
         and all(np.array_equal(s, t) for s, t in zip(x.ceilings, y.ceilings, strict=True))
         and all(np.array_equal(s, t) for s, t in zip(x.answers, y.answers, strict=True))
+        and all(np.array_equal(s, t) for s, t in zip(x.targets, y.targets, strict=True))
         and x.families == y.families
         and x.generators == y.generators
         for x, y in zip(a.splits().values(), b.splits().values(), strict=True)
@@ -195,3 +199,74 @@ def test_a_training_run_logs_its_time_breakdown(migrated_store: str, cache_dir: 
     assert logged["time/train_s"] > 0 and logged["time/eval_s"] > 0 and logged["time/logging_s"] > 0
     assert logged["time/total_s"] == pytest.approx(sum(logged[k] for k in keys - {"time/total_s"}), rel=1e-6)
     assert len(list((cache_dir / "data").glob("*.pt"))) == 1  # the run's data went through the cache
+
+
+# --------------------------------------------------------------------------------------------------
+# Entries of another layout: a valid key and checksum over an older structure
+
+
+def _older_layouts(data) -> dict[str, object]:
+    """Whole, checksummed entries of structures an older (or newer) picollm could have written under a key."""
+    state = cache._data_state(data)
+    no_targets = {
+        **state,
+        "splits": {n: {k: v for k, v in s.items() if k != "targets"} for n, s in state["splits"].items()},
+    }
+    plain_lists = {  # sequences as lists, not ragged tensors: `.numpy()` on a list is an AttributeError
+        **state,
+        "splits": {
+            n: {**s, "sequences": {"flat": s["sequences"]["flat"].tolist(), "lengths": s["sequences"]["lengths"]}}
+            for n, s in state["splits"].items()
+        },
+    }
+    short_families = {**state, "splits": {n: {**s, "families": s["families"][:1]} for n, s in state["splits"].items()}}
+    return {
+        "no-targets": no_targets,
+        "plain-lists": plain_lists,
+        "short-families": short_families,
+        "a-list": [1, 2, 3],
+        "no-splits": {"families": ["counting"]},
+    }
+
+
+@pytest.mark.parametrize("layout", ["no-targets", "plain-lists", "short-families", "a-list", "no-splits"])
+def test_an_entry_of_another_layout_is_recomputed_with_one_warning(cache_dir: Path, layout: str, caplog):
+    cfg = DataConfig(**SMALL)
+    key = cache.data_key(cfg)
+    path = cache_dir / "data" / f"{key}.pt"
+    cache.write_entry(path, key, _older_layouts(build_data(cfg))[layout])
+    with caplog.at_level("WARNING", logger="picollm.runtime.disk_cache"):
+        assert same_data(cache.cached_build_data(cfg), build_data(cfg))
+    [record] = [r for r in caplog.records if r.name == "picollm.runtime.disk_cache"]
+    assert "another layout" in record.getMessage() and "recomputing" in record.getMessage()
+    assert same_data(cache._data_from_state(cache.read_entry(path, key)), build_data(cfg))  # rewritten whole
+
+
+def test_the_key_covers_the_caches_own_layout(monkeypatch: pytest.MonkeyPatch):
+    cfg = DataConfig(**SMALL)
+    before = cache.data_key(cfg)
+    monkeypatch.setattr(cache, "LAYOUT", cache.LAYOUT + 1)
+    assert cache.data_key(cfg) != before
+    monkeypatch.undo()
+    source = Path(cache.__file__).read_bytes()
+    real_read = Path.read_bytes
+    monkeypatch.setattr(
+        Path, "read_bytes", lambda p: source + b"\n# edited" if p == Path(cache.__file__) else real_read(p)
+    )
+    assert cache.data_key(cfg) != before  # an edit of the module that reads entries back changes every key
+
+
+def test_a_training_run_over_an_old_layout_entry_recomputes_it(migrated_store: str, cache_dir: Path):
+    """`picollm train` (and so compare and sweep, which read data the same way) with an unreadable entry at
+    its data key: a normal run, not an AttributeError."""
+    from .test_faults import invoke
+
+    cfg = load_tiny()
+    key = cache.data_key(cfg.data)
+    path = cache_dir / "data" / f"{key}.pt"
+    cache.write_entry(path, key, _older_layouts(build_data(cfg.data))["plain-lists"])
+    result = invoke(
+        "train", REPO / "configs" / "tiny.yaml", "--set", "train.epochs=1", "--set", "tracking.log_model=false"
+    )
+    assert result.exit_code == 0, result.output
+    assert same_data(cache._data_from_state(cache.read_entry(path, key)), build_data(cfg.data))

@@ -39,6 +39,10 @@ OPTION_VARIANTS = {
     "linear-rmsnorm": {"attention": "linear", "normalizer": "rmsnorm"},
     "gated_linear-taylor-rmsnorm": {"attention": "gated_linear", "feature_map": "taylor", "normalizer": "rmsnorm"},
     "deltanet-nodecay": {"attention": "deltanet", "pos_encoding": "none"},
+    # model.short_conv applies to every mixer: once on a KV-cache mixer, once on each recurrent family
+    "softmax-conv3": {"attention": "softmax", "short_conv": 3},
+    "linear-conv4": {"attention": "linear", "short_conv": 4},
+    "gated_deltanet-conv2": {"attention": "gated_deltanet", "short_conv": 2},
 }
 VARIANTS = {name: {"attention": name} for name in mixers.names()} | OPTION_VARIANTS
 
@@ -91,7 +95,7 @@ def _run_form(mixer: Mixer, form: str, x: torch.Tensor, key_mask: torch.Tensor, 
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
     (out * weight).sum().backward()
     params = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in mixer.parameters()]
-    state = [t.detach() for t in (cache.k, cache.v, cache.state, cache.z) if t is not None]
+    state = [t.detach() for t in (cache.k, cache.v, cache.state, cache.z, cache.conv) if t is not None]
     return out.detach(), state, [x.grad, *params]
 
 
@@ -180,7 +184,7 @@ def test_state_floats_is_the_cache_size(model):
     with torch.no_grad():
         model(rand_tokens(1, 9), caches=caches)
     c = caches[0]
-    held = sum(t.numel() for t in (c.k, c.v, c.state, c.z) if t is not None)
+    held = sum(t.numel() for t in (c.k, c.v, c.state, c.z, c.conv) if t is not None)
     assert held == mixers.state_floats(model.cfg, 9)
 
 

@@ -1,5 +1,6 @@
-"""The recall families (mqar, copy): layout, Bayes ceilings, held-out generators, mixing with the rule
-families, validation, the answer metric and training on predictable targets only."""
+"""The recall families (mqar in its fed-back layout, copy): layout, Bayes ceilings, held-out generators, mixing
+with the rule families, validation, the answer metric and training on predictable targets only. Zoology's
+mqar layout (the default): tests/test_mqar_zoology.py."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from picollm.training.evaluation import accuracy_metrics
 from picollm.training.trainer import Trainer, lm_loss
 
 MQAR = DataConfig(
-    seq_types=["mqar"], vocab_size=16, max_len=16, mqar_pairs=[3], mqar_key_vocab=5, mqar_value_vocab=6, seed=2
-)
+    seq_types=["mqar"], mqar_layout="fed_back", vocab_size=16, max_len=16, mqar_pairs=[3], mqar_key_vocab=5,
+    mqar_value_vocab=6, seed=2,
+)  # fmt: skip
 
 
 def pairs_of(seq: list[int], p: int) -> dict[int, int]:
@@ -59,7 +61,7 @@ def test_copy_layout_repeats_the_segment():
 
 
 def test_mqar_ceilings_are_hand_computed():
-    cfg = DataConfig(seq_types=["mqar"], vocab_size=64, max_len=16, mqar_pairs=[2, 4])  # K = V = 16
+    cfg = DataConfig(seq_types=["mqar"], mqar_layout="fed_back", vocab_size=64, max_len=16, mqar_pairs=[2, 4])
     two = np.array([0, 17, 12, 20, 12, 20, 0, 17])
     # v1: 1/16 values; k2: another pair is certain (P >= 2), 1/15 new keys; v2: 1/15; q1: P = 2 or 4 equally,
     # a seen key (0.5 / 2) beats a new one (0.5 / 14): 1/2; answers 1; the last key asked is certain.
@@ -68,7 +70,7 @@ def test_mqar_ceilings_are_hand_computed():
     # k3 after 2 pairs: the Bayes bet is a query (0.25 each > 0.5/14), wrong here: 0; k4: P = 4 now: 1/13.
     expected = [1 / 16, 1 / 15, 1 / 15, 0, 1 / 14, 1 / 13, 1 / 13, 1 / 4, 1, 1 / 3, 1, 1 / 2, 1, 1, 1]
     assert ceiling_per_position(four, "mqar", cfg).tolist() == pytest.approx(expected)
-    assert answer_mask(four, "mqar").nonzero()[0].tolist() == [8, 10, 12, 14]
+    assert answer_mask(four, "mqar", cfg).nonzero()[0].tolist() == [8, 10, 12, 14]
 
 
 def test_copy_ceilings_are_hand_computed():
@@ -101,8 +103,9 @@ def brute_force_ceilings(seq: list[int], hypotheses: list[tuple[tuple[int, ...],
 def test_recall_ceilings_equal_brute_force_enumeration():
     k, v, pairs = 3, 3, [1, 2, 2]  # P = 2 twice as likely as P = 1
     cfg = DataConfig(
-        seq_types=["mqar"], vocab_size=8, max_len=8, mqar_pairs=pairs, mqar_key_vocab=k, mqar_value_vocab=v
-    )
+        seq_types=["mqar"], mqar_layout="fed_back", vocab_size=8, max_len=8, mqar_pairs=pairs, mqar_key_vocab=k,
+        mqar_value_vocab=v,
+    )  # fmt: skip
     hyps = []
     for p in set(pairs):
         prob = pairs.count(p) / len(pairs) / (math.perm(k, p) * math.perm(v, p) * math.factorial(p))
@@ -150,6 +153,7 @@ def test_mixed_with_rule_families_and_answer_metric():
         n_test=6,
         mqar_key_vocab=8,
         mqar_value_vocab=8,
+        mqar_layout="fed_back",
     )
     cfg = cfg.model_copy(update={"mqar_pairs": [2], "copy_len": [3]})  # as the compare flow overrides it
     data = build_data(cfg)
@@ -168,15 +172,22 @@ def test_mixed_with_rule_families_and_answer_metric():
 @pytest.mark.parametrize(
     ("update", "message"),
     [
-        ({"vocab_size": 24}, r"mqar_key_vocab \+ mqar_value_vocab \(16 \+ 16\) exceeds the 23 values"),
+        ({"vocab_size": 24}, r"mqar_key_vocab \+ mqar_value_vocab \(16 \+ 16\) and at least one noise token exceeds"),
+        ({"vocab_size": 33}, r"\(16 \+ 16\) and at least one noise token exceeds the 32 values"),
+        ({"vocab_size": 33, "mqar_layout": "fed_back"}, None),
         ({"mqar_pairs": [5], "mqar_key_vocab": 4}, "mqar_pairs up to 5 needs that many distinct keys"),
         ({"mqar_pairs": [2, 4], "mqar_queries": 3}, r"mqar_queries \(3\) exceeds the fewest mqar_pairs \(2\)"),
-        ({"mqar_pairs": [9]}, r"mqar sequences of 9 pairs have 36 tokens, more than max_len \(32\)"),
+        ({"mqar_pairs": [9]}, r"9 pairs and 9 queries need 36 tokens, more than mqar_length \(null: max_len\) \(32\)"),
+        ({"mqar_pairs": [4], "mqar_length": 14}, r"4 pairs and 4 queries need 16 tokens, more than mqar_length"),
+        ({"mqar_pairs": [9], "mqar_layout": "fed_back"}, r"9 pairs and 9 queries need 36 tokens, more than max_len"),
         ({"seq_types": ["copy"], "copy_len": [17]}, r"copy sequences of copy_len 17 have 34 tokens"),
         ({"mqar_pairs": [0]}, "greater than or equal to 1"),
     ],
 )
 def test_bad_recall_settings_fail_validation(update, message):
+    if message is None:  # the fed-back layout needs no noise token
+        DataConfig(**{"seq_types": ["mqar"], **update})
+        return
     with pytest.raises(ValidationError, match=message):
         DataConfig(**{"seq_types": ["mqar"], **update})
 
@@ -231,5 +242,8 @@ def test_loss_on_predictable_is_the_hand_computed_masked_loss():
 
 def test_mqar_config_is_valid_and_trains_on_answers():
     cfg = load_config(TrainRunConfig, Path(__file__).resolve().parents[1] / "configs" / "mqar.yaml")
-    assert cfg.data.seq_types == ["mqar", "copy"] and cfg.model.attention == "softmax"
-    assert cfg.train.loss_on == "predictable"
+    assert cfg.data.seq_types == ["mqar"] and cfg.data.mqar_layout == "zoology" and cfg.model.short_conv
+    data = build_data(cfg.data.model_copy(update={"n_train": 20, "n_val": 5, "n_test": 5}))
+    split = to_padded(data.train, cfg.data.pad_id, data.families)
+    _, targets = split.inputs_and_targets()
+    assert torch.equal(targets != -100, split.answers)  # loss_on all: the answers are the only targets

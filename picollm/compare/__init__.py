@@ -54,7 +54,7 @@ from picollm.compare.plots import (
     recall_vs_width,
 )
 from picollm.compare.report import ROW_COLUMNS, SPLIT_METRICS, ReportInput, md_table, render_report, report_html
-from picollm.compare.report_studies import lr_grid_section, recall_section
+from picollm.compare.report_studies import RecallStudy, lr_grid_section, recall_section
 from picollm.compare.stats import (
     MODELS,
     NA,
@@ -156,6 +156,7 @@ __all__ = [
     "predict",
     "recall_curves",
     "recall_section",
+    "RecallStudy",
     "recall_vs_width",
     "render_report",
     "report_html",

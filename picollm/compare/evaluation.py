@@ -28,7 +28,7 @@ from picollm.data.generators import (
     family_capacity,
     generate_sequence,
 )
-from picollm.data.splits import IGNORE_INDEX, PaddedSplit, SequenceSplit, inputs_and_targets
+from picollm.data.splits import IGNORE_INDEX, PaddedSplit, SequenceSplit
 from picollm.errors import PicollmError
 from picollm.training.evaluation import accuracy_metrics, predict_split
 
@@ -50,7 +50,7 @@ def predict(model: nn.Module, split: PaddedSplit, batch_size: int = 256) -> tupl
 
 
 def valid_targets(split: PaddedSplit) -> torch.Tensor:
-    return inputs_and_targets(split.tokens, split.pad_id)[1] != IGNORE_INDEX
+    return split.inputs_and_targets()[1] != IGNORE_INDEX
 
 
 def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 10) -> float:

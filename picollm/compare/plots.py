@@ -6,6 +6,7 @@ returns a matplotlib Figure (headless Agg backend); the caller logs it and `clos
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
@@ -293,9 +294,22 @@ def embedding_figures(models: dict[str, Transformer], seed: int = 0) -> tuple[di
     return figs, metrics
 
 
-def recall_curves(values: dict[str, dict[int, Interval]], title: str = "MQAR answer accuracy") -> Figure:
-    """Recall accuracy against the number of key-value pairs, a line per variant with its CI over seeds."""
+def recall_curves(
+    values: dict[str, dict[int, Interval]],
+    title: str = "MQAR answer accuracy",
+    baselines: dict[int, dict[str, float]] | None = None,
+    trained: Sequence[int] = (),
+) -> Figure:
+    """Recall accuracy against the number of key-value pairs, a line per variant with its CI over seeds, the
+    heuristic baselines dashed (chance, copying a context value, elimination where it applies) and the trained
+    pair counts shaded."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    for n in trained:
+        ax.axvspan(n * 0.93, n * 1.07, color="0.92", zorder=0)
+    for name, style in (("chance", ":"), ("copy", "--"), ("elimination", "-.")):
+        xs = sorted(n for n, b in (baselines or {}).items() if name in b)
+        if xs:
+            ax.plot(xs, [baselines[n][name] for n in xs], style, color="0.45", label=f"{name} baseline")
     _recall_panel(ax, values, "key-value pairs")
     ax.set(title=f"{title} vs number of key-value pairs (mean, CI over seeds)")
     fig.tight_layout()

@@ -13,6 +13,7 @@ import torch
 
 from picollm.compare.evaluation import predict, valid_targets
 from picollm.compare.inputs import EvalSet, Inputs, Member
+from picollm.compare.recall import recall_key
 from picollm.compare.stats import Aggregate, SeqIntervals, aggregate, sequence_bootstrap_ci, sequence_counts
 from picollm.compare.table import Comparisons, comparison_rows, diff_side, differences_vs_baseline, headline_keys
 from picollm.config import CompareConfig
@@ -37,11 +38,6 @@ def headline(cfg: CompareConfig) -> list[tuple[str, str, bool]]:
     rows = headline_keys(cfg.compare.length_factors)
     rows += [(recall_key(n), f"MQAR answer acc., {n} pairs", True) for n in cfg.compare.recall_pairs]
     return rows
-
-
-def recall_key(pairs: int) -> str:
-    """A member's metric: answer accuracy on the MQAR recall set with `pairs` key-value pairs."""
-    return f"recall/pairs{pairs}/accuracy"
 
 
 def summarise(cfg: CompareConfig, inp: Inputs, by_variant: ByVariant) -> Summary:

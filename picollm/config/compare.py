@@ -60,6 +60,9 @@ class CompareSettings(StrictModel):
     off, every variant uses train.lr"""
     lr_grid_epochs: int | None = Field(None, ge=1)
     """epochs of each grid run; null = train.epochs"""
+    lr_grid_seed: int | None = Field(None)
+    """train.seed (and data draw) of the grid runs; null = the first of compare.seeds. A seed outside compare.seeds
+    keeps the choice of lr off the runs that are reported"""
     lr_grid_metric: str | None = Field(None)
     """last-epoch validation metric that ranks the grid (lower is better for a loss or ECE); null =
     val/accuracy_answer/mqar when the data include mqar, else val/loss"""
@@ -68,6 +71,9 @@ class CompareSettings(StrictModel):
     report is off"""
     d_models: list[int] = Field(default_factory=list)
     """MQAR recall vs model width: every variant and seed trained again at each d_model; empty = off"""
+    contrasts: list[tuple[str, str]] = Field(default_factory=list)
+    """declared primary contrasts (a, b) of the recall study, each a - b on the test answer accuracy of the trained
+    mixture, paired over seeds, Holm-adjusted over these contrasts; empty = each variant against the baseline"""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     """train.seed of each seed's runs, the same for every variant"""
     resample_data: bool = Field(True)
@@ -145,6 +151,11 @@ class CompareSettings(StrictModel):
             raise ValueError("compare.equivalence_margins must all be > 0")
         if self.lr_grid_metric is not None and not self.lr_grid_metric.startswith("val/"):
             raise ValueError("compare.lr_grid_metric must be a validation metric (val/...), e.g. val/loss")
+        for a, b in self.contrasts:
+            if a not in names or b not in names or a == b:
+                raise ValueError(f"compare.contrasts ({a}, {b}) must name two different variants of {names}")
+        if len({tuple(c) for c in self.contrasts}) != len(self.contrasts):
+            raise ValueError("compare.contrasts lists a contrast twice")
         for key in ("lr_grid", "recall_pairs", "d_models"):
             values = getattr(self, key)
             if len(set(values)) != len(values) or any(not x > 0 for x in values):

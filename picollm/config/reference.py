@@ -47,7 +47,12 @@ class Kind:
 
 KINDS = (
     Kind("Training runs", TrainRunConfig, "train CONFIG", "baseline linear mqar tiny"),
-    Kind("Compare", CompareConfig, "compare CONFIG", "compare compare_tiny learning_curve recall recall_long"),
+    Kind(
+        "Compare",
+        CompareConfig,
+        "compare CONFIG",
+        "compare compare_tiny learning_curve recall recall_fed_back recall_zoology",
+    ),  # fmt: skip
     Kind("DPO", DPORunConfig, "dpo CONFIG", "dpo"),
     Kind("Analysis", AnalysisConfig, "analyze MODEL_REF --config CONFIG", "analysis"),
     Kind("Bench", BenchConfig, "bench CONFIG", "bench"),

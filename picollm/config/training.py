@@ -51,6 +51,16 @@ class DataConfig(StrictModel):
     mqar_value_vocab: int = Field(16, ge=1)
     """mqar: values are the next V = mqar_value_vocab tokens, K..K+V-1 (disjoint from the keys; K + V ≤ vocab_size - 1,
     V at least the largest P)"""
+    mqar_layout: Literal["zoology", "fed_back"] = "zoology"
+    """mqar: `zoology` (Arora et al. 2023): the pairs, then queries among noise tokens at power-law gaps; an answer
+    is only a target, never an input (the next input is noise or another query). `fed_back` (picollm's first form,
+    for teaching): every answer follows its query as the next input, so a model can eliminate the values already
+    answered"""
+    mqar_length: int | None = Field(None, ge=4)
+    """mqar zoology: tokens per sequence (the pairs' 2P, then the query region); null = max_len"""
+    mqar_power_a: float = Field(0.01, gt=0, le=1)
+    """mqar zoology: the query gaps' power law, p(gap g) ~ g^(a-1) for g = 1..(L - 2P)/2 (Zoology's power_a; 1 is
+    uniform, small values put the queries near the pairs)"""
     mqar_queries: int | None = Field(None, ge=1)
     """mqar: queries per sequence, distinct keys in random order (at most the fewest mqar_pairs); null = every key
     once"""
@@ -97,10 +107,12 @@ class DataConfig(StrictModel):
         if family == "mqar":
             pairs, k, v = max(self.mqar_pairs), self.mqar_key_vocab, self.mqar_value_vocab
             queries = self.mqar_queries or pairs
-            if k + v > self.modulus:
+            zoology = self.mqar_layout == "zoology"
+            if k + v + zoology > self.modulus:
+                noise = " and at least one noise token" if zoology else ""
                 return (
-                    f"mqar_key_vocab + mqar_value_vocab ({k} + {v}) exceeds the {self.modulus} values of "
-                    f"vocab_size {self.vocab_size} (keys and values are disjoint tokens; the last id is the pad)"
+                    f"mqar_key_vocab + mqar_value_vocab ({k} + {v}){noise} exceeds the {self.modulus} values of "
+                    f"vocab_size {self.vocab_size} (keys, values and noise are disjoint tokens; the last id is the pad)"
                 )
             if pairs > k or pairs > v:
                 return (
@@ -112,10 +124,12 @@ class DataConfig(StrictModel):
                     f"mqar_queries ({self.mqar_queries}) exceeds the fewest mqar_pairs ({min(self.mqar_pairs)}): "
                     "the queries are distinct keys"
                 )
-            if 2 * pairs + 2 * queries > self.max_len:
+            length = (self.mqar_length or self.max_len) if zoology else self.max_len
+            if 2 * pairs + 2 * queries > length:
+                where = "mqar_length (null: max_len)" if zoology else "max_len"
                 return (
-                    f"mqar sequences of {pairs} pairs have {2 * pairs + 2 * queries} tokens, "
-                    f"more than max_len ({self.max_len})"
+                    f"mqar sequences of {pairs} pairs and {queries} queries need {2 * pairs + 2 * queries} tokens, "
+                    f"more than {where} ({length})"
                 )
         if family == "copy" and 2 * max(self.copy_len) > self.max_len:
             n = max(self.copy_len)

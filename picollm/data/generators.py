@@ -16,8 +16,15 @@ S = the start values (data.start_range, else all M), S' = those that are not 0. 
 The recall families need the whole context, not a local rule. mqar (multi-query associative recall,
 Zoology: arXiv:2312.04927): P ~ uniform over data.mqar_pairs, P distinct keys drawn uniformly from
 0..K-1 (K = data.mqar_key_vocab), P distinct values from K..K+V-1 (V = data.mqar_value_vocab), laid
-out in a random order, then Q = data.mqar_queries (null: P) distinct keys in random order, each
-followed by its value (the *answer*). copy: n ~ uniform over data.copy_len, a segment of n tokens
+out in a random order, then Q = data.mqar_queries (null: P) distinct keys in random order. In Zoology's
+layout (data.mqar_layout zoology, the default) the sequence has data.mqar_length tokens: after the pairs,
+noise tokens (K+V..M-1: neither keys nor values) with the queries at even offsets 2g, the gaps g
+power-law distributed (data.mqar_power_a); a query's target is its value (the *answer*), which is never
+an input, and no other position has a target (`targets_of`). Where picollm differs from Zoology: noise
+tokens exclude keys and values (Zoology draws them from the whole vocabulary, so a noise token can look
+like a query), and keys and values come from configurable ranges. In the fed-back layout (for teaching)
+each query is followed by its answer as the next input, which lets a model eliminate the values already
+answered. copy: n ~ uniform over data.copy_len, a segment of n tokens
 drawn uniformly from Z_M, then the segment again. A recall generator (the key->value assignment, or
 the segment) is one of astronomically many, so its split is fixed by a hash of it (`recall_split`):
 val and test hold unseen generators in every build, whatever its seed or pair counts, and the order
@@ -352,13 +359,16 @@ def _recall_sizes(family: str, cfg: DataConfig) -> list[int]:
 
 
 def _natural_length(family: str, size: int, cfg: DataConfig) -> int:
+    if family == "mqar" and cfg.mqar_layout == "zoology":
+        return cfg.mqar_length or cfg.max_len
     if family == "mqar":
         return 2 * size + 2 * (cfg.mqar_queries or size)
     return 2 * size
 
 
 def recall_length(family: str, gen: Generator, cfg: DataConfig) -> int:
-    """The one length a recall generator's sequences have: 2P + 2Q (mqar), 2n (copy)."""
+    """The one length a recall generator's sequences have: mqar_length (zoology mqar), 2P + 2Q (fed-back
+    mqar), 2n (copy)."""
     return _natural_length(family, len(gen), cfg)
 
 
@@ -418,26 +428,61 @@ def _recall_sequence(
     order = rng.permutation(len(keys))
     queries = rng.permutation(len(keys))[: cfg.mqar_queries or len(keys)]
     context = np.stack([keys[order], values[order]], axis=1).reshape(-1)  # (P, 2) -> k1 v1 k2 v2 ...
+    if cfg.mqar_layout == "zoology":
+        return np.concatenate([context, _query_region(keys[queries], length - len(context), cfg, rng)])
     asked = np.stack([keys[queries], values[queries]], axis=1).reshape(-1)  # (Q, 2) -> q1 a1 q2 a2 ...
     return np.concatenate([context, asked])
 
 
-def _mqar_pairs_in(seq: np.ndarray) -> int:
-    """P: the keys (even positions) before the first repeated one."""
+def _query_region(asked: np.ndarray, width: int, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """Zoology's query region of `width` tokens: noise tokens (neither keys nor values), the keys `asked`
+    at even offsets 2g, the gaps g drawn without replacement with p(g) ~ (g + 1)^(a - 1), a = mqar_power_a."""
+    noise_lo = cfg.mqar_key_vocab + cfg.mqar_value_vocab
+    region = rng.integers(noise_lo, cfg.modulus, size=width, dtype=np.int64)
+    space = width // 2
+    p = np.arange(1, space + 1, dtype=np.float64) ** (cfg.mqar_power_a - 1)
+    gaps = rng.choice(space, size=len(asked), replace=False, p=p / p.sum())
+    region[2 * gaps] = asked
+    return region
+
+
+# Target ids of the positions with no target (Zoology's -100; torch's cross-entropy ignore_index).
+NO_TARGET = -100
+
+
+def targets_of(seq: np.ndarray, family: str, cfg: DataConfig) -> np.ndarray | None:
+    """The targets of `seq`'s positions 0..L-2 when they are not the next tokens, else None. Zoology's mqar:
+    a query's target is its key's value (never an input), every other position has none (NO_TARGET)."""
+    if family != "mqar" or cfg.mqar_layout != "zoology":
+        return None
+    x = seq.astype(np.int64)
+    p = _mqar_pairs_in(x, cfg.mqar_key_vocab)
+    value_of = {int(x[2 * i]): int(x[2 * i + 1]) for i in range(p)}
+    out = np.full(len(x) - 1, NO_TARGET, dtype=np.int64)
+    for t in range(2 * p, len(x) - 1):
+        if int(x[t]) in value_of:  # noise is never a key: every key after the pairs is a query
+            out[t] = value_of[int(x[t])]
+    return out
+
+
+def _mqar_pairs_in(seq: np.ndarray, key_vocab: int) -> int:
+    """P: the keys (even positions) before the first repeated one or the first token that is no key."""
     keys: set[int] = set()
     for key in seq[::2].tolist():
-        if key in keys:
+        if key in keys or key >= key_vocab:
             break
         keys.add(key)
     return len(keys)
 
 
-def answer_mask(seq: np.ndarray, family: str) -> np.ndarray:
-    """Per target x_1..x_{L-1}: is it a recall answer (mqar: the value after a query; copy: the
-    repeated half)? The targets Zoology scores; none for the rule families."""
+def answer_mask(seq: np.ndarray, family: str, cfg: DataConfig) -> np.ndarray:
+    """Per target: is it a recall answer (mqar: a query's value; copy: the repeated half)? The targets
+    Zoology scores; none for the rule families."""
     out = np.zeros(len(seq) - 1, dtype=bool)
+    if (targets := targets_of(seq, family, cfg)) is not None:
+        return targets != NO_TARGET
     if family == "mqar":
-        out[2 * _mqar_pairs_in(seq) :: 2] = True  # target t predicts x_{t+1}: x_t is a query
+        out[2 * _mqar_pairs_in(seq, cfg.mqar_key_vocab) :: 2] = True  # target t predicts x_{t+1}: x_t is a query
     elif family == "copy":
         out[len(seq) // 2 - 1 :] = True
     return out
@@ -446,8 +491,9 @@ def answer_mask(seq: np.ndarray, family: str) -> np.ndarray:
 def recall_ceilings(seq: np.ndarray, family: str, cfg: DataConfig) -> np.ndarray:
     """Bayes ceilings of a recall sequence for an ideal predictor that knows the family and the draw
     (sizes, keys, values and tokens uniform, as `random_recall_generator` draws them) but not this
-    sequence's P or n. 1 on every answer. mqar: 1/(V-i+1) for the i-th value; for the (i+1)-th key,
-    1/(K-i) if another pair is more likely than the first query (P(P > i | P >= i) / (K - i) against
+    sequence's P or n. 1 on every answer; zoology's mqar has no other targets. Fed-back mqar: 1/(V-i+1) for
+    the i-th value; for the (i+1)-th key, 1/(K-i) if another pair is more likely than the first query
+    (P(P > i | P >= i) / (K - i) against
     (1 - that) / i), else 0 (1/K on a tie); the first query 1/P if the queries are the likelier (else
     0); a later query 1/(keys not yet asked); the last of every key asked is certain (1). copy: 1/M
     on the random half; on the repeat, whether the repeat of the likeliest consistent segment length
@@ -473,8 +519,10 @@ def recall_ceilings(seq: np.ndarray, family: str, cfg: DataConfig) -> np.ndarray
             argmax = {v for v, w in point.items() if w >= best * (1 - 1e-9)} if best > 0 else set(range(m))
             out[t] = float(x[nxt] in argmax) / len(argmax)
         return out
+    if (targets := targets_of(seq, family, cfg)) is not None:  # zoology: the answers are the only targets
+        return (targets != NO_TARGET).astype(np.float64)
     k, v, pairs = cfg.mqar_key_vocab, cfg.mqar_value_vocab, cfg.mqar_pairs
-    p = _mqar_pairs_in(seq)
+    p = _mqar_pairs_in(seq, k)
     for t in range(len(x) - 1):
         nxt = t + 1
         if nxt < 2 * p and nxt % 2 == 1:  # the value of pair (nxt + 1) / 2

@@ -31,6 +31,7 @@ import torch
 from picollm.config import DataConfig
 from picollm.config.base import RECALL_FAMILIES
 from picollm.data.generators import (
+    NO_TARGET,
     Generator,
     answer_mask,
     ceiling_per_position,
@@ -43,13 +44,14 @@ from picollm.data.generators import (
     recall_split,
     sequence_from_generator,
     sequences_per_generator,
+    targets_of,
 )
 from picollm.errors import PicollmError
 
 if TYPE_CHECKING:
     pass
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = NO_TARGET  # a target the loss and the metrics skip (padding, zoology's non-queries)
 
 CONTEXT_K = {"counting": 1, "arithmetic": 1, "geometric": 1, "alternating": 2, "random_walk": 1, "mqar": 1, "copy": 1}
 
@@ -69,15 +71,20 @@ def training_ngrams(sequences: list[np.ndarray], sizes: set[int]) -> set[tuple[i
 
 
 def seen_context_flags(
-    sequences: list[np.ndarray], families: list[str], train_sequences: list[np.ndarray]
+    sequences: list[np.ndarray],
+    families: list[str],
+    train_sequences: list[np.ndarray],
+    targets: list[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """Per sequence, a bool per target x_1..x_{L-1}: does (last CONTEXT_K tokens, target) occur
-    anywhere in `train_sequences` (any family)? See the module docstring."""
+    """Per sequence, a bool per target: does (last CONTEXT_K tokens, target) occur anywhere in
+    `train_sequences` (any family)? See the module docstring. `targets` (per position) where a target is not
+    the next token (zoology's mqar); a position without a target counts as unseen."""
     grams = training_ngrams(train_sequences, set(range(2, max(CONTEXT_K[f] for f in {*families, "counting"}) + 2)))
     out = []
-    for seq, fam in zip(sequences, families, strict=True):
+    for i, (seq, fam) in enumerate(zip(sequences, families, strict=True)):
         k, x = CONTEXT_K[fam], [int(v) for v in seq]
-        out.append(np.array([tuple(x[max(0, t - k + 1) : t + 2]) in grams for t in range(len(x) - 1)], dtype=bool))
+        y = [int(v) for v in targets[i]] if targets else x[1:]
+        out.append(np.array([(*x[max(0, t - k + 1) : t + 1], y[t]) in grams for t in range(len(x) - 1)], dtype=bool))
     return out
 
 
@@ -97,6 +104,7 @@ class SequenceSplit:
     generators: list[Generator] = field(default_factory=list)  # e.g. {"start": 5, "step": 3}
     seen: list[np.ndarray] = field(default_factory=list)  # empty for train
     answers: list[np.ndarray] = field(default_factory=list)  # per target bool; empty = no recall answers
+    targets: list[np.ndarray] = field(default_factory=list)  # per position target id; empty = the next tokens
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -104,10 +112,14 @@ class SequenceSplit:
     def records(self) -> list[dict[str, Any]]:
         """One `{"family", "tokens", <generator parameters>}` per sequence (the logged jsonl lines)."""
         gens = self.generators or [{}] * len(self)
-        return [
+        out = [
             {"family": f, "tokens": [int(v) for v in s], **g}
             for s, f, g in zip(self.sequences, self.families, gens, strict=True)
         ]
+        for rec, s, y in zip(out, self.sequences, self.targets, strict=False):
+            if not np.array_equal(y, s[1:]):  # zoology's mqar: the targets are not the next tokens
+                rec["targets"] = [int(v) for v in y]
+        return out
 
 
 def _generator_key(family: str, gen: Generator) -> tuple[Any, ...]:
@@ -292,6 +304,7 @@ def build_data(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: i
     rng = np.random.default_rng(cfg.seed)
     hi = max_len or cfg.max_len
     seen: set[bytes] = set()
+    explicit = "mqar" in cfg.seq_types and cfg.mqar_layout == "zoology"  # targets that are not the next tokens
     out: dict[str, SequenceSplit] = {n: SequenceSplit(n, [], [], []) for n in sizes}
     pools: dict[str, dict[str, list[Generator]]] = {n: {} for n in sizes}
     for fam in cfg.seq_types:
@@ -308,10 +321,13 @@ def build_data(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: i
                 out[name].families.append(fam)
                 out[name].generators.append(gen)
                 out[name].ceilings.append(ceiling_per_position(seq, fam, cfg))
-                out[name].answers.append(answer_mask(seq, fam))
+                out[name].answers.append(answer_mask(seq, fam, cfg))
+                if explicit:  # every sequence of the split, so the list stays aligned with `sequences`
+                    targets = targets_of(seq, fam, cfg)
+                    out[name].targets.append(seq[1:].copy() if targets is None else targets)
     for name, split in out.items():
         if name != "train" and "train" in out:
-            split.seen = seen_context_flags(split.sequences, split.families, out["train"].sequences)
+            split.seen = seen_context_flags(split.sequences, split.families, out["train"].sequences, split.targets)
     return SyntheticData(families=list(cfg.seq_types), pools=pools, **out)
 
 
@@ -331,6 +347,7 @@ class PaddedSplit:
     family_names: list[str] = field(default_factory=list)
     seen: torch.Tensor | None = None  # (N, Lmax-1) bool: the target's context occurs in train; False on padding
     answers: torch.Tensor | None = None  # (N, Lmax-1) bool: a recall answer (`answer_mask`); False on padding
+    targets: torch.Tensor | None = None  # (N, Lmax-1) target ids where they are not the next tokens; None: they are
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -350,7 +367,12 @@ class PaddedSplit:
             family_names=self.family_names,
             seen=None if self.seen is None else self.seen[idx, : max(width - 1, 0)],
             answers=None if self.answers is None else self.answers[idx, : max(width - 1, 0)],
+            targets=None if self.targets is None else self.targets[idx, : max(width - 1, 0)],
         )
+
+    def inputs_and_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, Lmax-1) inputs and targets, IGNORE_INDEX on padding and where a position has no target."""
+        return inputs_and_targets(self.tokens, self.pad_id, self.targets)
 
 
 def pad_sequences(seqs: list[np.ndarray] | list[list[int]], pad_id: int, side: str = "right") -> torch.Tensor:
@@ -372,6 +394,11 @@ def to_padded(split: SequenceSplit, pad_id: int, families: list[str]) -> PaddedS
         ceilings[i, : len(c)] = torch.as_tensor(c, dtype=torch.float32)
     seen = _padded_flags(split.seen, len(split), ceilings.shape)
     answers = _padded_flags(split.answers, len(split), ceilings.shape)
+    targets = None
+    if split.targets:
+        targets = torch.full(ceilings.shape, IGNORE_INDEX, dtype=torch.long)
+        for i, y in enumerate(split.targets):
+            targets[i, : len(y)] = torch.as_tensor(y, dtype=torch.long)
     return PaddedSplit(
         tokens=tokens,
         lengths=torch.tensor([len(s) for s in split.sequences]),
@@ -381,6 +408,7 @@ def to_padded(split: SequenceSplit, pad_id: int, families: list[str]) -> PaddedS
         family_names=list(families),
         seen=seen,
         answers=answers if answers is not None and bool(answers.any()) else None,
+        targets=targets,
     )
 
 
@@ -394,11 +422,14 @@ def _padded_flags(flags: list[np.ndarray], n: int, shape: torch.Size) -> torch.T
     return out
 
 
-def inputs_and_targets(tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token pairs; targets that are padding become IGNORE_INDEX."""
+def inputs_and_targets(
+    tokens: torch.Tensor, pad_id: int, targets: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token pairs (or the explicit `targets` (N, L-1) where given); padding targets become IGNORE_INDEX."""
     inputs = tokens[:, :-1]
-    targets = tokens[:, 1:].masked_fill(tokens[:, 1:] == pad_id, IGNORE_INDEX)
-    return inputs, targets
+    if targets is not None:
+        return inputs, targets.to(tokens.device).masked_fill(tokens[:, 1:] == pad_id, IGNORE_INDEX)
+    return inputs, tokens[:, 1:].masked_fill(tokens[:, 1:] == pad_id, IGNORE_INDEX)
 
 
 def length_bucketed_batches(

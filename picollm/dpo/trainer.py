@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from picollm.config import DPOConfig
-from picollm.data.splits import IGNORE_INDEX, PaddedSplit, inputs_and_targets, length_bucketed_batches
+from picollm.data.splits import IGNORE_INDEX, PaddedSplit, length_bucketed_batches
 from picollm.dpo.losses import (
     PairBatch,
     batch_logps,
@@ -94,7 +94,7 @@ def lm_metrics(
     order = torch.argsort(split.lengths, stable=True)
     bs = max(1, min(batch_size, max_logits // max(1, split.tokens.shape[1] * vocab)))
     for idx in order.split(bs):
-        inputs, targets = inputs_and_targets(split.subset(idx).tokens.to(device), split.pad_id)
+        inputs, targets = (t.to(device) for t in split.subset(idx).inputs_and_targets())
         logits = model(inputs).float()
         valid = targets != IGNORE_INDEX
         nll_sum += float(

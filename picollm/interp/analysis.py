@@ -61,21 +61,25 @@ def family_losses(
     n_families: int,
     fwd_hooks: list | None = None,
     batch_size: int = 256,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy per family, then over all targets: (n_families + 1,), token-weighted."""
+    """Next-token cross-entropy per family, then over all targets: (n_families + 1,), token-weighted.
+    `targets` (B, N-1) where they are not the next tokens (zoology's mqar)."""
     model.eval()
     total = torch.zeros(n_families + 1, dtype=torch.float64)
     count = torch.zeros(n_families + 1, dtype=torch.float64)
     lengths = (tokens != model.pad_id).sum(1)
     # Chunks of similar length, each cut to its longest row: right padding costs compute, not accuracy.
     for idx in torch.argsort(lengths, stable=True).split(batch_size):
-        chunk, fams = tokens[idx, : int(lengths[idx].max())], family_ids[idx]
-        inputs, targets = inputs_and_targets(chunk.to(model.device), model.pad_id)
+        width = int(lengths[idx].max())
+        chunk, fams = tokens[idx, :width], family_ids[idx]
+        explicit = None if targets is None else targets[idx, : width - 1]
+        inputs, chunk_targets = inputs_and_targets(chunk.to(model.device), model.pad_id, explicit)
         logits = model.run_with_hooks(inputs, fwd_hooks=fwd_hooks or [])
         nll = F.cross_entropy(
-            logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+            logits.float().transpose(1, 2), chunk_targets, ignore_index=IGNORE_INDEX, reduction="none"
         ).cpu()
-        valid = (targets != IGNORE_INDEX).cpu()
+        valid = (chunk_targets != IGNORE_INDEX).cpu()
         per_row, n_row = (nll * valid).sum(1).double(), valid.sum(1).double()
         total[:n_families] += torch.zeros(n_families, dtype=torch.float64).index_add(0, fams, per_row)
         count[:n_families] += torch.zeros(n_families, dtype=torch.float64).index_add(0, fams, n_row)
@@ -288,7 +292,12 @@ class AblationResult:
 
 
 def mean_ablation(
-    model: Transformer, tokens: torch.Tensor, family_ids: torch.Tensor, n_families: int, batch_size: int = 256
+    model: Transformer,
+    tokens: torch.Tensor,
+    family_ids: torch.Tensor,
+    n_families: int,
+    batch_size: int = 256,
+    targets: torch.Tensor | None = None,
 ) -> AblationResult:
     """Delta loss per family when each head's hook_z slice, and each layer's hook_mlp_out, is replaced
     by its mean over all real input positions of the batch."""
@@ -298,7 +307,7 @@ def mean_ablation(
     cache = run_cached(model, inputs, names, batch_size)
     real = inputs != model.pad_id
     means = {n: masked_mean(cache[n], real).to(model.device) for n in names}
-    clean = family_losses(model, tokens, family_ids, n_families, batch_size=batch_size)
+    clean = family_losses(model, tokens, family_ids, n_families, batch_size=batch_size, targets=targets)
 
     def replace_head(head: int, mu: torch.Tensor):
         def fn(z: torch.Tensor, hook) -> torch.Tensor:
@@ -316,11 +325,11 @@ def mean_ablation(
         for head in range(n_heads):
             hooks = [(act_name("z", layer), replace_head(head, means[act_name("z", layer)]))]
             components.append(f"L{layer}H{head}")
-            deltas.append(family_losses(model, tokens, family_ids, n_families, hooks, batch_size) - clean)
+            deltas.append(family_losses(model, tokens, family_ids, n_families, hooks, batch_size, targets) - clean)
     for layer in range(n_layers):
         hooks = [(act_name("mlp_out", layer), replace_all(means[act_name("mlp_out", layer)]))]
         components.append(f"L{layer} MLP")
-        deltas.append(family_losses(model, tokens, family_ids, n_families, hooks, batch_size) - clean)
+        deltas.append(family_losses(model, tokens, family_ids, n_families, hooks, batch_size, targets) - clean)
     return AblationResult(components, clean, torch.stack(deltas))
 
 
@@ -335,6 +344,7 @@ class Batch:
     family_ids: torch.Tensor  # (B,)
     families: list[str]
     generators: list[dict[str, int]] = field(default_factory=list)  # (B,) e.g. {"start": 5, "step": 3}
+    targets: torch.Tensor | None = None  # (B, N-1) where they are not the next tokens (zoology's mqar)
 
     def rows(self, family: int) -> torch.Tensor:
         return torch.nonzero(self.family_ids == family).flatten()
@@ -350,4 +360,4 @@ def analysis_batch(data_cfg: DataConfig, split: str, n_per_family: int, pad_id: 
     sub = padded.subset(idx)
     assert sub.family_ids is not None
     gens = [dict(chosen.generators[i]) for i in idx.tolist()] if chosen.generators else []
-    return Batch(sub.tokens, sub.lengths, sub.family_ids, list(data.families), gens)
+    return Batch(sub.tokens, sub.lengths, sub.family_ids, list(data.families), gens, sub.targets)

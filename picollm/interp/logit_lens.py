@@ -40,10 +40,16 @@ class LensResult:
 
 @torch.no_grad()
 def logit_lens(
-    model: Transformer, tokens: torch.Tensor, family_ids: torch.Tensor, families: list[str], batch_size: int = 256
+    model: Transformer,
+    tokens: torch.Tensor,
+    family_ids: torch.Tensor,
+    families: list[str],
+    batch_size: int = 256,
+    targets: torch.Tensor | None = None,
 ) -> LensResult:
-    """Next-token accuracy and loss of every lens site on right-padded `tokens` (B, N)."""
-    inputs, targets = inputs_and_targets(tokens, model.pad_id)
+    """Next-token accuracy and loss of every lens site on right-padded `tokens` (B, N); `targets` (B, N-1)
+    where they are not the next tokens."""
+    inputs, targets = inputs_and_targets(tokens, model.pad_id, targets)
     sites = lens_sites(model.cfg.n_layers)
     cache = run_cached(model, inputs, [name for _, name in sites], batch_size)
     valid = targets != IGNORE_INDEX

@@ -123,7 +123,9 @@ def section_patching(
 
 
 def section_logit_lens(model: Transformer, batch: Batch, cfg: AnalysisConfig, run: RunLog) -> list[str]:
-    res = logit_lens.logit_lens(model, batch.tokens, batch.family_ids, batch.families, cfg.batch_size)
+    res = logit_lens.logit_lens(
+        model, batch.tokens, batch.family_ids, batch.families, cfg.batch_size, targets=batch.targets
+    )
     for s, site in enumerate(res.sites):
         for g, group in enumerate(res.groups):
             run.log_metrics(

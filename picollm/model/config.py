@@ -69,6 +69,9 @@ class ModelConfig(BaseModel):
     normalizer: Literal["denominator", "rmsnorm"] = Field("denominator")
     """Kernel mixers: `denominator` (divide by phi(q).z, Katharopoulos) or `rmsnorm` (the numerator alone, each head's
     output RMS-normalised, as fla does; no z in the state)."""
+    short_conv: int | None = Field(None, ge=1, le=16)
+    """Every mixer: width k of a causal depthwise convolution over the mixer's input, added to it and zero at init
+    (Zoology puts one before every mixer; it lets one layer see the previous tokens); null = none."""
     window: int = Field(64, ge=1)
     """sliding_window: each query sees itself and the window-1 keys before it."""
 

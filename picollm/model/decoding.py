@@ -4,12 +4,12 @@
 its per-token cost is Python and per-op overhead, not arithmetic: concatenating the KV cache and the key
 mask every token, rebuilding position and mask tensors, module dispatch through hook points. A
 `Decoder` prefills through that same forward (so the prompt is processed exactly as before), then asks
-each layer's mixer for its decode state (`Mixer.decode_init`: buffers sized for the whole generation, its
+each layer's mixer for its decode state (`Mixer.begin_decode`: buffers sized for the whole generation, its
 projections fused into one matrix) and runs each new token through plain functional ops on the raw
 weights, about twenty calls per layer:
 
 - the residual adds are fused into the projections (`addmm(x, z, W_out^T)`), the positional rows of every
-  step are gathered at prefill, and the mixer's step (`Mixer.decode_step`) does the token mixing (each
+  step are gathered at prefill, and the mixer's step (`Mixer.decode`) does the token mixing (each
   mixer module describes its own: a KV cache written in place, or a recurrent state updated in place);
 - oneDNN is switched off for the step: its per-call set-up (about 10 us for a 512-wide GELU, more than the
   arithmetic) is the largest single cost at batch 1; the native kernels compute the same functions.
@@ -105,7 +105,7 @@ class Decoder:
         logits = self.model(tokens, key_mask=key_mask, caches=caches)[:, -1]
         shared: dict[str, Any] = {}  # what the layers' decode states share (e.g. a bias table)
         self.states = [
-            m.decode_init(c, key_mask, self.capacity, shared) for m, c in zip(self.mixers, caches, strict=True)
+            m.begin_decode(c, key_mask, self.capacity, shared) for m, c in zip(self.mixers, caches, strict=True)
         ]
         self.t0 = self.t = t
         self.pos0 = key_mask.long().sum(-1)  # the first fed token's position: real tokens before it
@@ -162,10 +162,10 @@ class Decoder:
         x = torch.embedding(self.embed_w, tokens)  # (B, d); torch.* calls skip the F.* Python wrappers
         if self.pe is not None:
             x = x + self.pe[:, t - self.t0]
-        aux = self.mixers[0].decode_aux(self.states[0], t)  # once per step, shared by every layer
+        aux = self.mixers[0].decode_aux(self.states[0].inner, t)  # once per step, shared by every layer
         for mixer, state, w in zip(self.mixers, self.states, self.layers, strict=True):
             hn = torch.layer_norm(x, self.dshape, w.ln1_w, w.ln1_b, self.ln_eps)
-            x = torch.addmm(x, mixer.decode_step(state, hn, t, aux), w.wo_t)  # (B, H * dh) -> (B, d)
+            x = torch.addmm(x, mixer.decode(state, hn, t, aux), w.wo_t)  # (B, H * dh) -> (B, d)
             hn = torch.layer_norm(x, self.dshape, w.ln2_w, w.ln2_b, self.ln_eps)
             x = torch.addmm(x, F.gelu(torch.addmm(w.bfc, hn, w.wfc_t)), w.wproj_t).add_(w.bproj)
         self.t = t + 1
@@ -183,10 +183,15 @@ def prompt_mask(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, tokens: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling()
+    model: nn.Module,
+    tokens: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    before_token: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """`Transformer.generate` on the fast path (the cached loop when a hook is active): same tokens,
-    same sampling, one pre-allocated output."""
+    same sampling, one pre-allocated output. `before_token(i)` is called before the i-th new token is chosen
+    (after the prompt for i = 0): a caller's deadline raises from there (the served model's time budget)."""
     if hooks_active(model):
         return generate_cached(model, tokens, max_new_tokens, sampling)
     was_training = model.training
@@ -202,6 +207,8 @@ def generate(
         pad_bias = torch.zeros(logits.shape[-1], device=tokens.device)
         pad_bias[model.pad_id] = float("-inf")
         for i in range(max_new_tokens):
+            if before_token is not None:
+                before_token(i)
             nxt = greedy_next(logits, pad_bias) if sampling.temperature <= 0 else sampling.next(logits, model.pad_id)
             out[:, t + i] = nxt
             if i == max_new_tokens - 1:

@@ -6,10 +6,13 @@ Where: `$PICOLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/picollm`, else `~/.cache/pico
 `PICOLLM_CACHE=off` turns both caches off. Delete the directory to re-measure the peak.
 
 Keys. A data entry's key is the SHA-256 of the data config (every field, JSON with sorted keys), the
-build arguments and the source of picollm/data.py and picollm/generators.py: a changed config or a
-changed generator never reads an old entry. The key is also stored inside the entry and checked on
-load, with a SHA-256 of the payload, so a truncated, corrupted or mislabelled file is recomputed (and
-rewritten), never trusted. Writes go to a temporary file in the same directory, then `os.replace`:
+build arguments, the source of picollm/data/splits.py and picollm/data/generators.py, and this module's own
+source and `LAYOUT` (how an entry is laid out): a changed config, generator or cache layout never reads an
+old entry. The key is also stored inside the entry and checked on load, with a SHA-256 of the payload, and
+the data read back is checked for its shape (lists of arrays of one length per split, families as
+strings). An entry that cannot be read for any reason (truncated, corrupted, mislabelled, of another
+layout) is recomputed and rewritten, with one warning line; it never fails the run.
+Writes go to a temporary file in the same directory, then `os.replace`:
 processes racing on one key (DDP ranks, sweep workers) each write a whole file, and readers only ever
 see a whole one. Entries hold only tensors, strings and numbers, read back with torch's weights-only
 loader: like every other load in picollm, reading the cache never unpickles code.
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAGIC = b"picollm-cache v1\n"
+LAYOUT = 2  # of a data entry (`_data_state`); part of its key, with this module's source
 _SOURCES = ("splits.py", "generators.py")  # in picollm/data/
 
 
@@ -57,10 +61,12 @@ def digest(payload: Any) -> str:
 
 
 def _code_fingerprint() -> str:
+    """The data code that builds an entry and this module, which lays it out and reads it back."""
     here = Path(__file__).resolve().parents[1] / "data"
     h = hashlib.sha256()
     for name in _SOURCES:
         h.update((here / name).read_bytes())
+    h.update(Path(__file__).read_bytes())
     return h.hexdigest()
 
 
@@ -72,33 +78,43 @@ def data_key(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: int
             "config": cfg.model_dump(mode="json"),
             "splits": splits,
             "max_len": max_len,
+            "layout": LAYOUT,
             "code": _code_fingerprint(),
         }
     )
 
 
 def read_entry(path: Path, key: str) -> Any | None:
-    """The object stored at `path` under `key`, or None if it is missing, for another key, or damaged."""
+    """The object stored at `path` under `key`, or None if it is missing (silently) or cannot be used: not a
+    cache entry, for another key, damaged, unreadable (one warning line each: the caller recomputes)."""
     try:
         raw = path.read_bytes()
-    except OSError:
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("cache: %s cannot be read (%s); recomputing", path, e.strerror or e)
         return None
     head = len(MAGIC)
     if not raw.startswith(MAGIC) or len(raw) < head + 130:
-        log.debug("cache: %s is not a cache entry; recomputing", path)
+        log.warning("cache: %s is not a cache entry; recomputing", path)
         return None
     stored_key = raw[head : head + 64].decode(errors="replace")
     body_sha, body = raw[head + 65 : head + 129], raw[head + 130 :]
     if stored_key != key or hashlib.sha256(body).hexdigest().encode() != body_sha:
-        log.debug("cache: %s is stale or damaged; recomputing", path)
+        log.warning("cache: %s is stale or damaged; recomputing", path)
         return None
     import torch
 
     try:
         return torch.load(io.BytesIO(body), weights_only=True)
-    except Exception:  # a checksummed payload that still will not load (another picollm version)
-        log.debug("cache: %s does not load; recomputing", path)
+    except Exception as e:  # a checksummed payload that still will not load (another picollm version)
+        log.warning("cache: %s does not load (%s); recomputing", path, _first_line(e))
         return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def write_entry(path: Path, key: str, obj: Any) -> None:
@@ -138,9 +154,9 @@ def cached_build_data(
     hit = read_entry(path, key)
     if hit is not None:
         try:
-            return _data_from_state(hit)
-        except (KeyError, TypeError, ValueError, IndexError):  # another layout: recompute
-            log.debug("cache: %s has another layout; recomputing", path)
+            return _checked(_data_from_state(hit))
+        except Exception as e:  # another layout (an older picollm wrote it under this key): recompute
+            log.warning("cache: %s has another layout (%s: %s); recomputing", path, type(e).__name__, _first_line(e))
     data = build_data(cfg, splits, max_len)  # errors (too few generators) surface here, uncached
     write_entry(path, key, _data_state(data))
     return data
@@ -171,10 +187,28 @@ def _data_state(data: SyntheticData) -> dict[str, Any]:
             "generators": [dict(g) for g in s.generators],
             "seen": _ragged(s.seen),
             "answers": _ragged(s.answers),
+            "targets": _ragged(s.targets),
         }
         for name, s in data.splits().items()
     }
     return {"splits": splits, "families": list(data.families), "pools": data.pools}
+
+
+def _checked(data: SyntheticData) -> SyntheticData:
+    """`data` read back from an entry, if it has the shape a run reads (ValueError naming what is off)."""
+    if not isinstance(data.families, list) or not all(isinstance(f, str) for f in data.families):
+        raise ValueError("families are not a list of names")
+    for name, s in data.splits().items():
+        n, rows = len(s.sequences), (s.sequences, s.ceilings, s.seen, s.answers, getattr(s, "targets", []))
+        if not all(isinstance(a, np.ndarray) and a.ndim == 1 for r in rows for a in r):
+            raise ValueError(f"{name}: not every sequence, ceiling, seen, answer or target row is a 1-d array")
+        if not all(a.dtype.kind in "iu" for a in s.sequences):
+            raise ValueError(f"{name}: sequences are not integers")
+        if len(s.families) != n or len(s.ceilings) != n or any(len(x) not in (0, n) for x in (s.generators, *rows[2:])):
+            raise ValueError(f"{name}: its lists have different lengths")
+        if not set(s.families) <= set(data.families) or not all(isinstance(g, dict) for g in s.generators):
+            raise ValueError(f"{name}: families or generators of another kind")
+    return data
 
 
 def _data_from_state(state: dict[str, Any]) -> SyntheticData:
@@ -189,6 +223,7 @@ def _data_from_state(state: dict[str, Any]) -> SyntheticData:
             generators=[dict(g) for g in s["generators"]],
             seen=_unragged(s["seen"]),
             answers=_unragged(s["answers"]),
+            targets=_unragged(s["targets"]),
         )
         for name, s in state["splits"].items()
     }
@@ -231,6 +266,8 @@ def cached_matmul_peak(device: torch.device, world_size: int = 1) -> float:
     hit = read_entry(path, key)
     if isinstance(hit, dict) and isinstance(hit.get("peak_flops"), float) and hit["peak_flops"] > 0:
         return hit["peak_flops"]
+    if hit is not None:
+        log.warning("cache: %s has another layout (no positive peak_flops); measuring again", path)
     peak = measure_matmul_peak(device)
     write_entry(path, key, {"peak_flops": peak, "measured_at": time.time(), **machine_key(device)})
     return peak

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picollm.data.splits import IGNORE_INDEX, PaddedSplit, inputs_and_targets
+from picollm.data.splits import IGNORE_INDEX, PaddedSplit
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def predict_split(
     nll, conf = torch.zeros(len(split), width), torch.zeros(len(split), width)
     for idx in torch.argsort(split.lengths, stable=True).split(batch_size):
         sub = split.subset(idx)
-        inputs, targets = inputs_and_targets(sub.tokens.to(device), split.pad_id)
+        inputs, targets = (t.to(device) for t in sub.inputs_and_targets())
         logits = model(inputs).float()
         w = targets.shape[1]
         preds[idx, :w] = logits.argmax(-1).cpu()
@@ -38,7 +38,7 @@ def predict_split(
         )
         nll[idx, :w] = loss.view(targets.shape).cpu()
     model.train(was_training)
-    _, targets = inputs_and_targets(split.tokens, split.pad_id)
+    _, targets = split.inputs_and_targets()
     correct = (preds == targets) & (targets != IGNORE_INDEX)
     return (preds, correct, nll, conf) if with_confidence else (preds, correct, nll)
 
@@ -56,7 +56,7 @@ def accuracy_metrics(split: PaddedSplit, correct: torch.Tensor, nll: torch.Tenso
     `accuracy/novel_context[/family]` split the accuracy by whether the target's context occurs in
     training, and `novel_context_fraction[/family]` is the share of novel targets.
     """
-    _, targets = inputs_and_targets(split.tokens, split.pad_id)
+    _, targets = split.inputs_and_targets()
     valid = targets != IGNORE_INDEX
     out: dict[str, float] = {}
 

@@ -168,7 +168,7 @@ class Trainer:
     def _forward(self, batch: PaddedSplit) -> tuple[torch.Tensor, int]:
         """This rank's summed next-token loss over its rows, and the global batch's count of the
         targets in the loss (`train.loss_on`)."""
-        inputs, targets = inputs_and_targets(batch.tokens, batch.pad_id)
+        inputs, targets = batch.inputs_and_targets()
         if self.cfg.loss_on == "predictable":
             if batch.ceilings is None:
                 raise PicollmError("train.loss_on=predictable needs data with Bayes ceilings (the synthetic families)")

@@ -44,5 +44,6 @@ def mixer_class(name: str) -> Any:
 
 def state_floats(cfg: Any, context: int) -> int:
     """Floats of generation state per layer and sequence after `context` positions (KV cache or S, z) of the
-    model config `cfg`."""
-    return mixer_class(cfg.attention).state_floats(cfg, context)
+    model config `cfg`, with the short convolution's last k-1 inputs."""
+    conv = cfg.d_model * (cfg.short_conv - 1) if cfg.short_conv else 0
+    return mixer_class(cfg.attention).state_floats(cfg, context) + conv

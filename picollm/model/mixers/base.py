@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from picollm.model.config import ModelConfig
 from picollm.model.hooks import HookPoint
+from picollm.model.mixers.short_conv import ShortConv
 from picollm.model.positions import alibi_slopes
 
 
@@ -39,10 +40,17 @@ class LayerCache:
     v: torch.Tensor | None = None
     state: torch.Tensor | None = None  # (B, H, dk, dv) fp32
     z: torch.Tensor | None = None  # (B, H, dk) fp32
+    conv: torch.Tensor | None = None  # (B, k-1, d) the short convolution's last inputs (model.short_conv)
 
     @property
     def empty(self) -> bool:
         return self.k is None and self.state is None
+
+
+@dataclass
+class MixerDecode:
+    conv: torch.Tensor | None  # (B, k-1, d) the short convolution's last inputs, or None
+    inner: Any  # the mixer's own decode state (decode_init)
 
 
 Cache = LayerCache | None
@@ -95,6 +103,7 @@ class Mixer(nn.Module):
         use_decay = cfg.pos_encoding == "alibi"
         slopes = alibi_slopes(cfg.n_heads, cfg.alibi_exponent) if use_decay else torch.zeros(cfg.n_heads)
         self.register_buffer("slopes", slopes, persistent=False)  # (H,): ALiBi bias or the fixed decay
+        self.conv = ShortConv(cfg.d_model, cfg.short_conv) if cfg.short_conv else None
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_pattern, self.hook_z = HookPoint(), HookPoint()
 
@@ -135,6 +144,11 @@ class Mixer(nn.Module):
     ) -> torch.Tensor:
         """x: (B, N, d); key_mask: (B, T) True for real tokens, T = cached + N positions."""
         b, n, _ = x.shape
+        if self.conv is not None:  # x + a causal depthwise convolution of x: every form reads the same input
+            conv = self.conv.recurrent if form == "recurrent" else self.conv
+            x, conv_state = conv(x, key_mask[:, -n:], None if cache is None else cache.conv)
+            if cache is not None:
+                cache.conv = conv_state
         q, k, v = self.split_qkv(x)  # (B, N, H, d)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
@@ -174,6 +188,21 @@ class Mixer(nn.Module):
         return torch.cat(out, dim=2)
 
     # -- the fused decode step (picollm.model.decoding.Decoder) -------------------------------------
+    def begin_decode(
+        self, cache: LayerCache, key_mask: torch.Tensor, capacity: int, shared: dict[str, Any]
+    ) -> MixerDecode:
+        """What the decoder keeps for this layer: the short convolution's state (owned, updated in place)
+        and the mixer's own decode state."""
+        conv = None if cache.conv is None else cache.conv.clone(memory_format=torch.contiguous_format)
+        return MixerDecode(conv, self.decode_init(cache, key_mask, capacity, shared))
+
+    def decode(self, st: MixerDecode, hn: torch.Tensor, t: int, aux: Any) -> torch.Tensor:
+        """One token through the short convolution (if any), then the mixer's step."""
+        if self.conv is not None:
+            assert st.conv is not None
+            hn = self.conv.step_(hn, st.conv)
+        return self.decode_step(st.inner, hn, t, aux)
+
     def decode_init(self, cache: LayerCache, key_mask: torch.Tensor, capacity: int, shared: dict[str, Any]) -> Any:
         """This layer's decode state from its prefilled cache; `shared` holds what every layer can share."""
         raise NotImplementedError
