@@ -43,6 +43,11 @@ class StorageError(PicollmError):
     exit_code = 1
 
 
+class TimeBudgetExceeded(PicollmError):
+    """A generation that ran past its time budget (the served model's PICOLLM_SERVE_TIME_BUDGET_S) and was
+    stopped: the request asked for more than the budget allows. HTTP 504 from `mlflow models serve`."""
+
+
 class RunBusy(PicollmError):
     """A run another process is training or resuming right now (its claim is held): exit code 2."""
 

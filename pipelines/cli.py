@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import logging
-import math
 import os
 import signal
 from collections.abc import Iterator
@@ -34,6 +32,8 @@ from picollm.config import (
     TrainRunConfig,
     load_config,
 )
+from picollm.runtime import logs
+from picollm.tracking import limits
 
 console = Console()
 err_console = Console(stderr=True)
@@ -115,9 +115,7 @@ def main_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
 ) -> None:
     STATE["debug"] = debug or os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")  # per call, not sticky
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(verbose)  # library messages (urllib3's retries, MLflow's) only with -v
 
 
 class RichReporter:
@@ -321,13 +319,18 @@ def analyze(
     )
 
 
-MAX_NEW_TOKENS = 4096  # a documented cap: each new token is one forward pass (and a KV cache entry)
+def _checked(check: Any) -> Any:
+    """A Typer callback running one of the library's checks (picollm/tracking/limits.py, which the served
+    model runs too): the same limits and messages on the command line and over REST."""
+    from picollm.errors import PicollmError
 
+    def callback(value: Any) -> Any:
+        try:
+            return check(value)
+        except PicollmError as e:
+            raise typer.BadParameter(str(e)) from None
 
-def _finite(value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"{value} is not a finite number")
-    return value
+    return callback
 
 
 @app.command()
@@ -337,16 +340,27 @@ def generate(
     ],
     prompt: Annotated[str, typer.Argument(help="Space-separated integers, e.g. '2 4 6 8'")],
     max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", "-n", min=1, max=MAX_NEW_TOKENS, help="At most 4096.")
+        int,
+        typer.Option(
+            "--max-new-tokens",
+            "-n",
+            callback=_checked(limits.check_max_new_tokens),
+            help=f"1..{limits.MAX_NEW_TOKENS}.",
+        ),
     ] = 8,
     temperature: Annotated[
-        float, typer.Option(min=0.0, callback=_finite, help="0 = greedy; tiny values act greedy, huge ones uniform")
+        float,
+        typer.Option(
+            callback=_checked(limits.check_temperature), help="0 = greedy; tiny values act greedy, huge ones uniform"
+        ),
     ] = 0.0,
-    top_k: Annotated[int | None, typer.Option(min=1, help="Larger than the vocabulary = no limit.")] = None,
-    top_p: Annotated[
-        float | None, typer.Option(min=0.0, max=1.0, callback=_finite, help="0 keeps only the best token.")
+    top_k: Annotated[
+        int | None, typer.Option(callback=_checked(limits.check_top_k), help="Larger than the vocabulary = no limit.")
     ] = None,
-    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1)] = 0,
+    top_p: Annotated[
+        float | None, typer.Option(callback=_checked(limits.check_top_p), help="0..1; 0 keeps only the best token.")
+    ] = None,
+    seed: Annotated[int, typer.Option(callback=_checked(limits.check_seed), help="0..2^63-1.")] = 0,
 ) -> None:
     """Continue a prompt with a registered (or logged) model."""
     from picollm.tracking.prompts import continue_prompts

@@ -68,6 +68,12 @@ def _load_reference(cfg: DPORunConfig) -> Transformer:
     assert cfg.dpo.reference is not None
     model = registry.resolve(cfg.dpo.reference).load()
     compact = getattr(model, "text_vocab", None) is not None
+    if cfg.data.source != "synthetic" and not compact and model.cfg.vocab_size != GPT2_VOCAB:
+        raise PicollmError(
+            f"dpo.reference {cfg.dpo.reference!r} is not a text model (a vocabulary of {model.cfg.vocab_size} ids, "
+            f"neither GPT-2's {GPT2_VOCAB} nor a compact story vocabulary): data.source {cfg.data.source} needs a "
+            "text reference (e.g. picollm-sft) or none; an integer-sequence model goes with data.source synthetic"
+        )
     if cfg.data.source != "synthetic" and compact != (cfg.data.vocab == "compact"):
         has = "a compact vocabulary" if compact else "the full GPT-2 vocabulary"
         raise PicollmError(

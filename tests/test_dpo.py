@@ -528,6 +528,23 @@ def test_reference_with_another_vocabulary_is_refused_before_the_run() -> None:
     assert runs("dpo-vocab") == []
 
 
+@pytest.mark.parametrize("vocab", ["compact", "gpt2"])
+def test_an_integer_model_as_a_text_reference_is_refused_with_a_hint_that_works(vocab: str) -> None:
+    """Neither data.vocab fits an integer-sequence model: the line says what does, not the other data.vocab
+    (which used to lead to a second refusal)."""
+    from picollm.tracking.registry import log_model
+    from picollm.tracking.store import init_tracking, tracked_run
+    from pipelines.dpo import run
+
+    init_tracking()
+    with tracked_run("other"):
+        log_model(Transformer(ModelConfig(d_model=8, n_layers=1, n_heads=2, vocab_size=32)), "tiny-ints")
+    with pytest.raises(PicollmError, match="is not a text model") as err:
+        run(tiny_text("dpo.reference=tiny-ints", f"data.vocab={vocab}", "tracking.experiment=dpo-vocab"))
+    assert "set data.vocab" not in str(err.value) and "data.source synthetic" in str(err.value)
+    assert runs("dpo-vocab") == []
+
+
 # --------------------------------------------------------------------------------------------------
 # End to end
 

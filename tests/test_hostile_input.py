@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from picollm.errors import MAX_LINE
+from picollm.errors import MAX_LINE, PicollmError
 from picollm.model.sampling import Sampling
 from picollm.training import optim
 
@@ -102,7 +102,7 @@ def test_sampling_edges_are_finite_and_sane(temperature: float, top_k, top_p):
     "args, fragment",
     [
         (["-n", "4097"], "--max-new-tokens"),
-        (["--temperature", "inf"], "not a finite number"),
+        (["--temperature", "inf"], "temperature must be a finite number"),
         (["--temperature", "nan"], "--temperature"),
         (["--top-p", "nan"], "--top-p"),
         (["--seed", str(2**63)], "--seed"),
@@ -161,6 +161,119 @@ def test_a_run_interrupted_after_its_last_epoch_resumes_into_what_is_left(interr
     [version] = client.search_model_versions(f"run_id='{run_id}'")  # the model logged and registered once
     assert version.status == "READY"
     one_line(invoke("train", TINY, "--resume", run_id), 2, "already completed")
+
+
+def _checkpoint_of(run_id: str) -> Path:
+    [path] = Path.cwd().glob(f"mlruns/**/{run_id}/artifacts/checkpoints/checkpoint.pt")
+    return path
+
+
+@pytest.fixture
+def killed_run(migrated_store: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A 2-epoch run of configs/tiny.yaml (d_model 16) killed after its first checkpoint."""
+    from picollm.training.run import MlflowCallbacks
+
+    original = MlflowCallbacks.on_checkpoint
+
+    def then_interrupted(self, checkpoint, epoch):
+        original(self, checkpoint, epoch)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MlflowCallbacks, "on_checkpoint", then_interrupted)
+    assert invoke("train", TINY, "--set", "tracking.log_model=false").exit_code == 130
+    monkeypatch.setattr(MlflowCallbacks, "on_checkpoint", original)
+    [run] = all_runs()
+    assert run.info.status == "KILLED" and run.data.params["model.d_model"] == "16"
+    return run.info.run_id
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_both_values(killed_run: str):
+    """Another run's checkpoint (d_model 32) copied into a killed d_model-16 run: refused whichever d_model
+    the resume asks for (the run's own, or the checkpoint's, which the old hint led to), naming which side
+    holds which value; the run stays KILLED, its params and weights untouched."""
+    run_id = killed_run
+    other = invoke("train", TINY, "--set", "model.d_model=32", "--set", "tracking.log_model=false")
+    assert other.exit_code == 0, other.output
+    [other_run] = [r for r in all_runs() if r.info.run_id != run_id]
+    _checkpoint_of(run_id).write_bytes(_checkpoint_of(other_run.info.run_id).read_bytes())
+    client = MlflowClient()
+    before = client.get_run(run_id)
+    for d_model in ("16", "32"):
+        args = ["train", TINY, "--set", "tracking.log_model=false", "--set", f"model.d_model={d_model}"]
+        one_line(
+            invoke(*args, "--resume", run_id),
+            2,
+            f"the checkpoint of run {run_id} is not this run's",
+            "model.d_model is 32 in its checkpoint.pt but 16 in the run's logged params",
+        )
+        after = client.get_run(run_id)
+        assert after.info.status == "KILLED" and after.data.params == before.data.params
+        assert after.data.metrics == before.data.metrics
+
+
+def test_a_config_that_differs_from_the_run_names_both_sides(killed_run: str):
+    line = one_line(
+        invoke("train", TINY, "--set", "tracking.log_model=false", "--set", "model.d_model=32", "--resume", killed_run),
+        2,
+        f"model.d_model is 32 in this config but 16 in run {killed_run} (its logged params and checkpoint)",
+    )
+    assert "--resume" in line
+    assert MlflowClient().get_run(killed_run).info.status == "KILLED"
+
+
+def test_a_model_left_pending_by_an_interrupted_run_is_failed_when_it_resumes(
+    migrated_store: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Ctrl-C while MLflow uploads the model (after it created the LoggedModel, before it marked it READY):
+    the resumed run logs the model again and marks the orphan FAILED, so none stays PENDING."""
+    import mlflow.pyfunc
+
+    original = mlflow.pyfunc.save_model
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow.pyfunc, "save_model", interrupted)
+    assert invoke("train", TINY).exit_code == 130
+    monkeypatch.setattr(mlflow.pyfunc, "save_model", original)
+    [run] = all_runs()
+    client = MlflowClient()
+
+    def models() -> dict[str, str]:
+        found = client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
+        return {m.model_id: str(m.status) for m in found}
+
+    [orphan] = models()
+    assert run.info.status == "KILLED" and models()[orphan].endswith("PENDING")
+    result = invoke("train", TINY, "--resume", run.info.run_id)
+    assert result.exit_code == 0, result.output
+    statuses = models()
+    assert statuses.pop(orphan).endswith("FAILED")
+    assert [s.split(".")[-1] for s in statuses.values()] == ["READY"]  # the model logged by the resumed run
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_a_checkpoint_file_that_is_not_a_torch_file_is_called_so(tmp_path: Path):
+    import pickle
+    import random
+
+    path = tmp_path / "checkpoint.pt"
+    noise = random.Random(0).randbytes(4096)
+    assert noise[:2] != b"PK" and noise[0] != 0x80
+    for content, fragment in (
+        (noise, "not a torch checkpoint"),
+        (b"model: weights\n", "not a torch checkpoint"),
+        (b"", "the file is empty"),
+    ):
+        path.write_bytes(content)
+        with pytest.raises(PicollmError, match=fragment) as err:
+            optim.load_checkpoint(path)
+        assert "pickled objects" not in str(err.value)
+    path.write_bytes(pickle.dumps(Path("x")))  # a pickle of something other than tensors: that one is
+    with pytest.raises(PicollmError, match="pickled objects"):
+        optim.load_checkpoint(path)
 
 
 def corrupt(ckpt: dict, how: str) -> dict:

@@ -6,6 +6,7 @@ process. Each ends in one line, quickly, with no run left RUNNING unnoticed.
 from __future__ import annotations
 
 import http.server
+import os
 import sqlite3
 import subprocess
 import sys
@@ -220,6 +221,45 @@ def test_a_stalled_server_is_one_line_within_the_http_timeout(stalled_server: st
     result = invoke("train", TINY, "--set", "tracking.http_timeout_s=3")
     one_line(result, 2, f"tracking store {stalled_server} did not answer")
     assert time.perf_counter() - t0 < 20  # 3 attempts of 1 s, not MLflow's 120 s x 7 retries
+
+
+def test_a_stalled_server_is_one_line_on_stderr_of_a_real_process(stalled_server: str, tmp_path: Path):
+    """As a user sees it (a `picollm` process, not CliRunner): urllib3's "Retrying ..." warnings for the
+    stalled calls stay out of stderr, so the failure is the one error line (`-v` shows them: below)."""
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", str(TINY), "--set", "tracking.http_timeout_s=3"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": stalled_server}
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: tracking store {stalled_server} did not answer"), lines
+
+
+LIBRARY_MESSAGES = r"""
+import logging, sys, warnings
+from picollm.runtime import logs
+logs.configure(verbose=sys.argv[1] == "-v")
+from picollm.tracking import store
+store.init_tracking(sys.argv[2])  # MLflow's own handler gets the filter here
+logging.getLogger("urllib3.connectionpool").warning("Retrying (Retry(total=1))")
+logging.getLogger("mlflow.tracking.fluent").warning("an MLflow warning")
+logging.getLogger("mlflow.store.db.utils").error("an MLflow error with its traceback")
+warnings.warn_explicit("a library's warning", UserWarning, "site-packages/lib.py", 1, module="lib")
+logging.getLogger("picollm.runtime.disk_cache").warning("picollm's own warning")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_messages_reach_stderr_only_with_verbose(migrated_store: str, verbose: bool):
+    flag = "-v" if verbose else "-"
+    done = subprocess.run(
+        [sys.executable, "-c", LIBRARY_MESSAGES, flag, migrated_store], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == "WARNING picollm.runtime.disk_cache: picollm's own warning", lines
+    shown = "\n".join(lines)
+    for library in ("Retrying", "an MLflow warning", "an MLflow error", "a library's warning"):
+        assert (library in shown) == verbose, (library, lines)
 
 
 def test_a_write_to_a_server_frozen_mid_run_gives_up_within_the_budget(stalled_server: str):

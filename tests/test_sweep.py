@@ -171,6 +171,11 @@ ALIBI = {"type": "categorical", "choices": ["alibi"]}
         ({"pruner": {"metric": "test/loss"}}, [], ["pruner.metric", "never logged"]),
         ({}, ["--storage", "postgresql://u@127.0.0.1:1/optuna"], ["sweep storage", "unreachable"]),
         ({}, ["--storage", "sqlite:///{tmp}/a-file/optuna.db"], ["not usable"]),
+        (
+            {},
+            ["--storage", "sqlite:////proc/picollm-sweep.db"],
+            ["sweep storage sqlite:////proc/picollm-sweep.db", "/proc"],
+        ),
         ({}, ["--resume"], ["no study 'tiny-sweep'"]),
     ],
     ids=[
@@ -182,6 +187,7 @@ ALIBI = {"type": "categorical", "choices": ["alibi"]}
         "pruner-on-test",
         "unreachable",
         "under-a-file",
+        "proc",
         "resume-nothing",
     ],
 )

@@ -22,6 +22,7 @@ import math
 import os
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -242,10 +243,21 @@ def probe_storage(url: str) -> None:
         folder = next((p for p in path.parents if p.exists()), Path("/"))
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ConfigError(f"{where} is not usable: {folder} is not a writable folder")
+        try:  # root passes os.access everywhere (/proc too): a file is created there and removed at once
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".picollm-probe-"):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                f"{where} is not usable: no file can be created in {folder} ({e.strerror or e})"
+            ) from None
         if path.exists():
             head = path.read_bytes()[:16] if path.is_file() else b"?"
             if head and head != b"SQLite format 3\x00":
                 raise ConfigError(f"{where} is not usable: {path} is not a SQLite database")
+            try:
+                path.open("r+b").close()
+            except OSError as e:
+                raise ConfigError(f"{where} is not usable: {path} cannot be written ({e.strerror or e})") from None
         return
     if scheme not in ("postgresql", "mysql"):
         raise ConfigError(f"{where}: unsupported scheme {scheme!r} (use sqlite:///PATH, postgresql://..., or team)")

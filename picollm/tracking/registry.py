@@ -61,9 +61,11 @@ def pip_requirements(tokenizer: str = "integers") -> list[str]:
 
 
 def signature(tokenizer: str = "integers") -> ModelSignature:
-    """Prompts (strings) in, continuations (strings) out; the sampling settings as params."""
+    """Continuations (strings) out; the sampling settings as params. No input schema: MLflow would cut a
+    list of token lists or a two-column table down to its first column before predict sees it, so the
+    pyfunc checks every input shape itself (`serving.read_prompts`: prompt strings, or a 400 saying why)."""
     return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
+        inputs=None,
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema(
             [
@@ -196,6 +198,29 @@ def log_model(model: Transformer, registered_name: str | None, tokenizer: str = 
                 if CHAMPION not in client.get_registered_model(registered_name).aliases:
                     raise
     return Logged(info.model_uri, version, info.model_id)
+
+
+def fail_pending_models(run_id: str) -> list[str]:
+    """Mark FAILED the LoggedModels of `run_id` still PENDING, and return their ids. MLflow creates a
+    LoggedModel PENDING and marks it READY (or FAILED on an exception) once its files are uploaded; a process
+    stopped in between (Ctrl-C, SIGTERM, a kill) leaves it PENDING, and nothing else ever finalises it. A
+    resumed run (which holds the run's claim: no other process is logging to it) calls this before it logs
+    its model again."""
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient()
+    experiment = client.get_run(run_id).info.experiment_id
+    failed, token = [], None
+    while True:
+        page = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'", page_token=token)
+        for m in page:
+            if m.status == LoggedModelStatus.PENDING:
+                client.set_logged_model_tags(m.model_id, {"picollm.note": "interrupted while logged; run resumed"})
+                client.finalize_logged_model(m.model_id, LoggedModelStatus.FAILED)
+                failed.append(m.model_id)
+        token = page.token
+        if not token:
+            return failed
 
 
 def _mlflow_quiet() -> Any:

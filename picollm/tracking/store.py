@@ -33,6 +33,7 @@ from mlflow.entities import Metric, RunStatus, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from picollm.errors import PicollmError, RunStopped, StorageError  # noqa: E402
+from picollm.runtime import logs  # noqa: E402
 from picollm.tracking import faults as store_faults  # noqa: E402
 from picollm.tracking.faults import StoreUnavailable, retry_locked  # noqa: E402
 
@@ -72,6 +73,7 @@ def init_tracking(
     """
     store_faults.configure(lock_timeout_s, http_timeout_s)
     store_faults.quiet_store_loggers()
+    logs.quiet_library_handlers()  # MLflow's own stderr handler, installed when it was imported
     uri = resolve_uri(configured)
     scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0].lower() if "://" in uri else ""
     if scheme not in SCHEMES:
@@ -231,8 +233,13 @@ class MetricLogger:
             del self._buf[:1000]
 
 
+def param_value(value: Any) -> str:
+    """How a param is stored (`log_params`): a string, None as "null", at most 6000 characters."""
+    return ("null" if value is None else str(value))[:6000]
+
+
 def log_params(params: dict[str, Any]) -> None:
-    items = {k: ("null" if v is None else str(v))[:6000] for k, v in params.items()}
+    items = {k: param_value(v) for k, v in params.items()}
     keys = list(items)
     for i in range(0, len(keys), 100):  # as in MetricLogger.flush
         store_write(mlflow.log_params, {k: items[k] for k in keys[i : i + 100]}, what="logging params")

@@ -32,7 +32,7 @@ from picollm.runtime.hardware import resolve_device, torch_threads
 from picollm.runtime.timing import Stopwatch, TimedCallbacks
 from picollm.tracking import faults as store_faults
 from picollm.tracking import store as tracking
-from picollm.tracking.registry import SOURCE_CONFIG
+from picollm.tracking.registry import SOURCE_CONFIG, fail_pending_models
 from picollm.tracking.runs import CHECKPOINT_PATH, SINGLE_VALUE_STEP, RunLog, Session, unique_name
 from picollm.training.evaluation import evaluate
 from picollm.training.optim import load_checkpoint, make_optimizer, make_scheduler, validate_checkpoint
@@ -77,9 +77,10 @@ def load_resume(run_id: str, cfg: TrainRunConfig) -> dict[str, Any]:
     checkpoint is at its last epoch but that did not finish (interrupted while logging its model)
     resumes into what is left: the test metrics, the model and its registration."""
     try:
-        status = MlflowClient().get_run(run_id).info.status
+        run = MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise PicollmError(f"--resume: no run with id {run_id!r} in {mlflow.get_tracking_uri()}") from None
+    status, params = run.info.status, run.data.params
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_PATH, dst_path=tmp)
@@ -88,10 +89,12 @@ def load_resume(run_id: str, cfg: TrainRunConfig) -> dict[str, Any]:
         ckpt = load_checkpoint(path)
     saved = validate(TrainRunConfig, ckpt["config"], source=f"checkpoint of run {run_id}")
     old, new = flatten(saved.model_dump(mode="json")), flatten(cfg.model_dump(mode="json"))
+    check_checkpoint_matches_params(run_id, old, params)
     for key in sorted(old.keys() | new.keys()):
         if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):
             raise PicollmError(
-                f"--resume: {key} is {new.get(key)!r} but run {run_id} was trained with {old.get(key)!r}"
+                f"--resume: {key} is {new.get(key)!r} in this config but {old.get(key)!r} in run {run_id} "
+                "(its logged params and checkpoint)"
             )
     try:
         validate_checkpoint(ckpt, *_templates(cfg))
@@ -100,6 +103,25 @@ def load_resume(run_id: str, cfg: TrainRunConfig) -> dict[str, Any]:
     if int(ckpt["epoch"]) >= cfg.train.epochs and status == "FINISHED":
         raise PicollmError(f"--resume: run {run_id} already completed {ckpt['epoch']} epochs")
     return ckpt
+
+
+def check_checkpoint_matches_params(run_id: str, checkpoint_config: dict[str, Any], params: dict[str, str]) -> None:
+    """The checkpoint's config (flattened) against what the run logged as its params: a checkpoint that
+    is not the run's own (copied from another run, or the run's artifacts replaced) would finish the run
+    with weights its params do not describe. Keys the run did not log (an older picollm) are not compared."""
+    differ = [
+        key
+        for key in sorted(checkpoint_config)
+        if key not in RESUMABLE_KEYS and key in params and tracking.param_value(checkpoint_config[key]) != params[key]
+    ]
+    if differ:
+        key = differ[0]
+        more = f" ({len(differ) - 1} more differ: {', '.join(differ[1:4])}{', ...' if len(differ) > 4 else ''})"
+        raise PicollmError(
+            f"--resume: the checkpoint of run {run_id} is not this run's: {key} is "
+            f"{tracking.param_value(checkpoint_config[key])} in its checkpoint.pt but {params[key]} in the run's "
+            f"logged params{more if len(differ) > 1 else ''}; the run is left as it was"
+        )
 
 
 def _templates(cfg: TrainRunConfig) -> tuple[Transformer, Any, Any]:
@@ -187,8 +209,12 @@ def train(
         if ckpt is None:
             run.log_metrics({"hardware/peak_flops": prep.peak})  # measured (or set): a number to chart
             log_splits(run, prep.data)
-        elif ctx.enabled:
-            run.set_tags({"distributed.resumed_world_size": str(ctx.world_size)})
+        else:
+            pending = tracking.store_write(fail_pending_models, run.run_id, what="finalising a logged model")
+            for model_id in pending:  # left PENDING by the interrupted process
+                log.info("run %s: logged model %s was interrupted while logged; marked FAILED", run.run_id, model_id)
+            if ctx.enabled:
+                run.set_tags({"distributed.resumed_world_size": str(ctx.world_size)})
         watch.switch("train")  # the callbacks (metrics, checkpoints) count as logging, validation as eval
         result = prep.fit(TimedCallbacks(MlflowCallbacks(run, ui or NullCallbacks()), watch))
         watch.switch("eval")
