@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from picollm.config import DataConfig
-from picollm.data.generators import NO_TARGET, answer_mask, ceiling_per_position, targets_of
+from picollm.data.generators import ceiling_per_position
+from picollm.data.recall_families import NO_TARGET, answer_mask, targets_of
 from picollm.data.splits import IGNORE_INDEX, build_data, to_padded
 from picollm.runtime import disk_cache
 

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from picollm.config import DataConfig, TrainConfig, TrainRunConfig, load_config
-from picollm.data.generators import answer_mask, ceiling_per_position, random_recall_generator, sequence_from_generator
+from picollm.data.generators import ceiling_per_position, sequence_from_generator
+from picollm.data.recall_families import answer_mask, random_recall_generator
 from picollm.data.splits import PaddedSplit, build_data, to_padded
 from picollm.errors import PicollmError
 from picollm.training.evaluation import accuracy_metrics

@@ -53,8 +53,9 @@ from picollm.compare.plots import (
     recall_curves,
     recall_vs_width,
 )
+from picollm.compare.recall_study import RecallStudy
 from picollm.compare.report import ROW_COLUMNS, SPLIT_METRICS, ReportInput, md_table, render_report, report_html
-from picollm.compare.report_studies import RecallStudy, lr_grid_section, recall_section
+from picollm.compare.report_studies import lr_grid_section, recall_section
 from picollm.compare.stats import (
     MODELS,
     NA,

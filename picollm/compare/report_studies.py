@@ -97,15 +97,12 @@ def _speed_table(st: RecallStudy, variants: list[str]) -> list[str]:
     return md_table(["variant", "seeds that reached it", "median epoch"], rows)
 
 
-def recall_section(st: RecallStudy, alpha: float, variants: list[str]) -> str:
-    """The recall study: declared contrasts, answer accuracy on the trained and on unseen pair counts beside the
-    heuristic baselines, per query, learning speed, and against d_model when measured."""
-    trained = [n for n in sorted(st.baselines) if n in st.trained]
-    unseen = [n for n in sorted(st.baselines) if n not in st.trained]
+def _secondary_tests(st: RecallStudy, alpha: float, variants: list[str]) -> list[str]:
+    """Each variant - the baseline at every pair count, Holm over that table: "v − base, n pairs: d (p p)"."""
     keys = [f"recall/pairs{n}/accuracy" for n in sorted(st.baselines)]
     adjusted = holm_grid(st.secondary, keys)
     base = variants[0]
-    tests = [
+    return [
         f"{v} − {base}, {n} pairs: {c['diff']} (p {c['p']})"
         for v in variants[1:]
         for n in sorted(st.baselines)
@@ -113,6 +110,13 @@ def recall_section(st: RecallStudy, alpha: float, variants: list[str]) -> str:
         and (adj := adjusted.get((v, f"recall/pairs{n}/accuracy"))) is not None
         and (c := diff_cells(d, adj, alpha, True, names=(base, v)))
     ]
+
+
+def recall_section(st: RecallStudy, alpha: float, variants: list[str]) -> str:
+    """The recall study: declared contrasts, answer accuracy on the trained and on unseen pair counts beside the
+    heuristic baselines, per query, learning speed, and against d_model when measured."""
+    trained = [n for n in sorted(st.baselines) if n in st.trained]
+    unseen = [n for n in sorted(st.baselines) if n not in st.trained]
     lines = [
         "## Associative recall (MQAR)",
         "",
@@ -140,7 +144,8 @@ def recall_section(st: RecallStudy, alpha: float, variants: list[str]) -> str:
         "",
         *_speed_table(st, variants),
     ]
-    if tests:
+    if tests := _secondary_tests(st, alpha, variants):
+        base = variants[0]
         lines += ["", f"Secondary: each variant − {base} per pair count, Holm over these: " + "; ".join(tests) + "."]
     if st.width:
         widths = sorted({d for per in st.width.values() for dv in per.values() for d in dv})

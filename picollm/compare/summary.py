@@ -17,6 +17,7 @@ from picollm.compare.recall import recall_key
 from picollm.compare.stats import Aggregate, SeqIntervals, aggregate, sequence_bootstrap_ci, sequence_counts
 from picollm.compare.table import Comparisons, comparison_rows, diff_side, differences_vs_baseline, headline_keys
 from picollm.config import CompareConfig
+from picollm.config.base import RECALL_FAMILIES
 from picollm.model.transformer import Transformer
 
 ByVariant = dict[str, list[Member]]  # variant -> its members, in seed (or reference) order
@@ -126,10 +127,11 @@ def setup_lines(
         for v in archs
     )
     priors = {a.pos_encoding for a in archs.values()}
+    rules = [f for f in d.seq_types if f not in RECALL_FAMILIES]  # the recall families have their own lengths
+    lengths = f"lengths {d.min_len}–{d.max_len}, " if rules else ""
     lines = [
         f"Data (from {inp.data_source}): families {', '.join(d.seq_types)}; {d.n_train}/{d.n_val}/{d.n_test} "
-        f"sequences per family (train/val/test), lengths {d.min_len}–{d.max_len}, {draws}; generator-disjoint "
-        "splits.",
+        f"sequences per family (train/val/test), {lengths}{draws}; generator-disjoint splits.",
         f"Architecture: d_model {first.d_model}, {first.n_layers} layer(s), {first.n_heads} heads"
         + ("" if len(shape) == 1 else " (NOT the same for every variant: see the variants)")
         + f". Variants (baseline first): {changes}.",

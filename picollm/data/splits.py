@@ -31,19 +31,21 @@ import torch
 from picollm.config import DataConfig
 from picollm.config.base import RECALL_FAMILIES
 from picollm.data.generators import (
-    NO_TARGET,
     Generator,
-    answer_mask,
     ceiling_per_position,
     generator_at,
     generator_count,
     is_deterministic,
+    sequence_from_generator,
+    sequences_per_generator,
+)
+from picollm.data.recall_families import (
+    NO_TARGET,
+    answer_mask,
     random_recall_generator,
     recall_bounds,
     recall_length,
     recall_split,
-    sequence_from_generator,
-    sequences_per_generator,
     targets_of,
 )
 from picollm.errors import PicollmError

@@ -6,7 +6,7 @@ Where: `$PICOLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/picollm`, else `~/.cache/pico
 `PICOLLM_CACHE=off` turns both caches off. Delete the directory to re-measure the peak.
 
 Keys. A data entry's key is the SHA-256 of the data config (every field, JSON with sorted keys), the
-build arguments, the source of picollm/data/splits.py and picollm/data/generators.py, and this module's own
+build arguments, the source of picollm/data/{splits,generators,recall_families}.py, and this module's own
 source and `LAYOUT` (how an entry is laid out): a changed config, generator or cache layout never reads an
 old entry. The key is also stored inside the entry and checked on load, with a SHA-256 of the payload, and
 the data read back is checked for its shape (lists of arrays of one length per split, families as
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"picollm-cache v1\n"
 LAYOUT = 2  # of a data entry (`_data_state`); part of its key, with this module's source
-_SOURCES = ("splits.py", "generators.py")  # in picollm/data/
+_SOURCES = ("splits.py", "generators.py", "recall_families.py")  # in picollm/data/
 
 
 def cache_dir() -> Path | None:
