@@ -255,25 +255,29 @@ def test_a_model_left_pending_by_an_interrupted_run_is_failed_when_it_resumes(
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
-def test_a_checkpoint_file_that_is_not_a_torch_file_is_called_so(tmp_path: Path):
+@pytest.mark.parametrize("name", ["checkpoint.pt", "weights.pt"])
+def test_a_file_that_is_not_a_torch_file_is_called_so(tmp_path: Path, name: str):
     import pickle
     import random
 
-    path = tmp_path / "checkpoint.pt"
+    from picollm.model.weights import load_state_dict
+
+    load = optim.load_checkpoint if name == "checkpoint.pt" else load_state_dict
+    path = tmp_path / name
     noise = random.Random(0).randbytes(4096)
     assert noise[:2] != b"PK" and noise[0] != 0x80
     for content, fragment in (
-        (noise, "not a torch checkpoint"),
-        (b"model: weights\n", "not a torch checkpoint"),
+        (noise, "not a torch file"),
+        (b"model: weights\n", "not a torch file"),
         (b"", "the file is empty"),
     ):
         path.write_bytes(content)
         with pytest.raises(PicollmError, match=fragment) as err:
-            optim.load_checkpoint(path)
+            load(path)
         assert "pickled objects" not in str(err.value)
     path.write_bytes(pickle.dumps(Path("x")))  # a pickle of something other than tensors: that one is
     with pytest.raises(PicollmError, match="pickled objects"):
-        optim.load_checkpoint(path)
+        load(path)
 
 
 def corrupt(ckpt: dict, how: str) -> dict:

@@ -20,6 +20,8 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise PicollmError(f"weights file not found: {path}")
+    if (why := _not_a_torch_file(path)) is not None:
+        raise PicollmError(f"cannot load {path.name}: {why}")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
             warnings.simplefilter("ignore")
@@ -29,6 +31,22 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise PicollmError(f"cannot load {path.name}: it holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def _not_a_torch_file(path: str | Path) -> str | None:
+    """Why `path` cannot be a torch file by its first bytes, or None: `torch.save` writes a zip archive ("PK")
+    and older torch a pickle (0x80, protocol 2-5). Anything else (random bytes, text, another format) would
+    reach torch's weights-only unpickler, whose refusal reads as if the file held pickled objects."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return None  # load_state_dict names it
+    if not head:
+        return "the file is empty"
+    if head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return None
+    return "it is not a torch file (neither a torch.save archive nor a pickle: random bytes or another format)"
 
 
 def _load_failure(e: Exception) -> str:

@@ -306,8 +306,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A training checkpoint (weights_only, like every load), checked before anything uses it: every
     key a resume needs is there and its weights fit the model config stored beside them."""
     name = Path(path).name
-    if (why := _not_a_torch_file(path)) is not None:
-        raise PicollmError(f"cannot load {name}: {why}")
     ckpt = load_state_dict(path)
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
@@ -320,19 +318,3 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise PicollmError(f"{name}: its model entry is not a state dict")
     build_from_state(ckpt["model"], model_cfg, source=f"the weights in {name}")
     return ckpt
-
-
-def _not_a_torch_file(path: str | Path) -> str | None:
-    """Why `path` cannot be a checkpoint by its first bytes, or None: `torch.save` writes a zip archive ("PK")
-    and older torch a pickle (0x80, protocol 2-5). Anything else (random bytes, text, another format) would
-    reach torch's weights-only unpickler, whose refusal reads as if the file held pickled objects."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-    except OSError:
-        return None  # load_state_dict names it
-    if not head:
-        return "the file is empty"
-    if head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
-        return None
-    return "it is not a torch checkpoint (neither a torch.save archive nor a pickle: random bytes or another format)"
