@@ -107,8 +107,7 @@ sweep: setup ## Optuna sweep of learning rate x positional encoding (configs/swe
 	$(BIN)/picollm sweep configs/sweep.yaml $(ARGS)
 
 docs: setup ## Regenerate docs/reference (config keys from the schemas, token mixers from the registry)
-	$(BIN)/python -m picollm.config.reference
-	$(BIN)/python -m picollm.model.mixers.catalog
+	$(BIN)/python -m pipelines.docs $(ARGS)
 
 lock: setup ## Refresh requirements.lock from the current environment
 	@(echo "# Every package's version, from 'pip freeze' of a working environment (make lock)."; \

@@ -22,7 +22,7 @@ SCHEMAS = ref.schemas()
 
 def test_committed_reference_is_current() -> None:
     problem = ref.check()
-    assert problem is None, f"{problem} (python -m picollm.config.reference)"
+    assert problem is None, f"{problem} (make docs)"
 
 
 @pytest.mark.parametrize("schema", SCHEMAS, ids=lambda s: s.__name__)
@@ -134,12 +134,15 @@ def test_types_and_defaults_read_as_yaml() -> None:
 
 
 def test_check_command_exits_1_when_stale(tmp_path: Path) -> None:
+    from pipelines import docs
+
     doc = tmp_path / "config.md"
     doc.write_text("# old\n", encoding="utf-8")
-    cmd = [sys.executable, "-m", "picollm.config.reference", "--check", "--output", str(doc)]
+    cmd = [sys.executable, "-m", "pipelines.docs", "--check", "--config-output", str(doc)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert out.returncode == 1 and "make docs" in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    assert ref.main(["--output", str(doc)]) == 0 and ref.main(["--check", "--output", str(doc)]) == 0
+    assert str(doc) in out.stderr and "mixers.md" not in out.stderr  # only the stale one is named
+    assert docs.main(["--config-output", str(doc)]) == 0 and docs.main(["--check", "--config-output", str(doc)]) == 0
     assert doc.read_text(encoding="utf-8") == ref.render()
 
 

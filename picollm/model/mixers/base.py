@@ -126,6 +126,26 @@ class Mixer(nn.Module):
     def reset_parameters(self) -> None:
         """Mixer-specific initialisation, applied after the Transformer's generic one."""
 
+    # -- the decay of a recurrent state (DecayGate overrides it per token) ----------------------------
+    def fixed_log_decay(self) -> Tensor:
+        """log g_h (H,) of a constant decay: -m_h (ALiBi's slopes; 0, no decay, without ALiBi)."""
+        return -self.slopes.float()
+
+    def log_gates(self, x: Tensor, mask: Tensor) -> Tensor:
+        """(B, N, d) fp32 inputs, (B, N) real tokens -> log g (B, H, N): the constant decay at every position,
+        padded or not, as ALiBi's distance counts them."""
+        b, n, _ = x.shape
+        return self.fixed_log_decay().view(1, -1, 1).expand(b, -1, n)
+
+    def constant_decay(self) -> Tensor | None:
+        """(1, H, 1, 1) g_h for an in-place decode step, or None when there is no decay."""
+        log_decay = self.fixed_log_decay()
+        return torch.exp(log_decay).view(1, -1, 1, 1) if bool(log_decay.any()) else None
+
+    def decode_extras(self) -> list[nn.Linear]:
+        """Projections whose outputs follow q, k, v in the decode step's one fused matmul (gates, write rates)."""
+        return []
+
     # -- the forward ------------------------------------------------------------------------------
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(..., d_model) -> q, k (..., H, d_qk) and v (..., H, d_head)."""

@@ -170,11 +170,6 @@ class DeltaNet(Mixer):
         nn.init.normal_(self.beta.weight, std=0.02)
         nn.init.zeros_(self.beta.bias)  # beta starts at 1/2
 
-    def log_gates(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """log alpha (B, H, N): the constant decay -m_h at every position."""
-        b, n, _ = x.shape
-        return (-self.slopes.float()).view(1, -1, 1).expand(b, -1, n)
-
     def mix(self, q, k, v, x, key_mask, cache, form):
         # The state sums over the whole prefix: fp32 even under bf16 autocast.
         with torch.autocast(q.device.type, enabled=False):
@@ -204,20 +199,18 @@ class DeltaNet(Mixer):
         return y if form == "parallel" or self.hook_pattern.active else y_chunk
 
     # -- decoding -------------------------------------------------------------------------------------
-    def _gate_modules(self) -> list[nn.Linear]:
+    def decode_extras(self) -> list[nn.Linear]:
         return [self.beta]
 
     @torch.no_grad()
     def decode_init(self, cache: LayerCache, key_mask: torch.Tensor, capacity: int, shared: dict[str, Any]) -> _Decode:
         assert cache.state is not None
         w = self.qkv.weight
-        extras = self._gate_modules()
+        extras = self.decode_extras()
         wqkv = torch.cat([w, *(lin.weight for lin in extras)])
         bqkv = torch.cat([w.new_zeros(w.shape[0]), *(lin.bias for lin in extras)])
-        slopes = self.slopes.float()
-        decay = torch.exp(-slopes).view(1, -1, 1, 1) if bool(slopes.any()) else None
         state = cache.state.clone(memory_format=torch.contiguous_format)  # owned here: updated in place
-        return _Decode(wqkv.t(), bqkv, state, decay)
+        return _Decode(wqkv.t(), bqkv, state, self.constant_decay())
 
     def decode_step(self, st: _Decode, hn: torch.Tensor, t: int, aux: Any) -> torch.Tensor:
         """recurrent_step in place on the state (fp32)."""
@@ -254,7 +247,7 @@ class GatedDeltaNet(DeltaNet):
     def log_gates(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.gate.log_gates(x, mask)
 
-    def _gate_modules(self) -> list[nn.Linear]:
+    def decode_extras(self) -> list[nn.Linear]:
         return [self.beta, self.gate]
 
     def decode_decay(self, s: torch.Tensor, st: _Decode, gate_logits: torch.Tensor) -> None:

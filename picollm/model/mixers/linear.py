@@ -159,6 +159,8 @@ class _Decode:
     bqkv: torch.Tensor  # 0 on q, k, v, 1 on v's extra column, then the extras' biases
     state: torch.Tensor  # (B, H, dk, dv); with a denominator S' = [S | z]
     decay: torch.Tensor | None  # (1, H, 1, 1) constant decay, or None (none, or a gate)
+    eps: float | None  # the denominator's, or None: the per-head RMSNorm (looked up once, not every step)
+    rms_eps: float
 
 
 class Linear(Mixer):
@@ -197,20 +199,6 @@ class Linear(Mixer):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return fm.feature_map(x, self.cfg.feature_map)
-
-    def fixed_log_decay(self) -> torch.Tensor:
-        """log g_h (H,) of the constant decay: -m_h (ALiBi's slopes; 0 without ALiBi)."""
-        return -self.slopes.float()
-
-    def log_gates(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, N, d) fp32 inputs, (B, N) real tokens -> log g (B, H, N). A constant decay counts every
-        position, padded or not, as ALiBi's distance does."""
-        b, n, _ = x.shape
-        return self.fixed_log_decay().view(1, -1, 1).expand(b, -1, n)
-
-    def decode_extras(self) -> list[nn.Linear]:
-        """Projections whose outputs follow q, k, v' in the decode step's one matmul."""
-        return []
 
     # -- the forward ----------------------------------------------------------------------------------
     def mix(self, q, k, v, x, key_mask, cache, form):
@@ -271,9 +259,7 @@ class Linear(Mixer):
         wqkv = torch.cat([w_qk, w_v.flatten(0, 1), *(lin.weight for lin in extras)])
         biases = (lin.bias if lin.bias is not None else w.new_zeros(lin.out_features) for lin in extras)
         bqkv = torch.cat([w.new_zeros(n_qk), b_v.flatten(), *biases])
-        log_decay = self.fixed_log_decay()
-        decay = torch.exp(log_decay).view(1, h, 1, 1) if bool(log_decay.any()) else None
-        return _Decode(wqkv.t(), bqkv, state, decay)
+        return _Decode(wqkv.t(), bqkv, state, self.constant_decay(), self.eps, self.cfg.linear_eps)
 
     def decode_step(self, st: _Decode, hn: torch.Tensor, t: int, aux: Any) -> torch.Tensor:
         """recurrent_step in place on the state (fp32, as `mix`)."""
@@ -287,10 +273,10 @@ class Linear(Mixer):
         self.decode_decay(s, st, extra)
         s.addcmul_(fk.unsqueeze(-1), v.float())
         o = fq.unsqueeze(-2) @ s  # (B, H, 1, dv): with a denominator, the numerator and phi(q).z
-        if self.eps is not None:
-            y = o.narrow(-1, 0, dh) / (o.narrow(-1, dh, 1) + self.eps)
+        if st.eps is not None:
+            y = o.narrow(-1, 0, dh) / (o.narrow(-1, dh, 1) + st.eps)
         else:
-            y = o * fm.rms_scale(o, self.cfg.linear_eps)
+            y = o * fm.rms_scale(o, st.rms_eps)
         return self.decode_output(y.to(hn.dtype).reshape(b, -1), extra)  # (B, H, 1, dh) -> (B, H * dh)
 
     def decode_decay(self, s: torch.Tensor, st: _Decode, extra: torch.Tensor) -> None:

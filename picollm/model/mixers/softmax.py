@@ -24,10 +24,20 @@ from picollm.model.mixers.base import LayerCache, Mixer
 
 
 @dataclass
+class _BiasTable:
+    """The decode step's additive bias, built once and shared by every layer."""
+
+    rev_bias: torch.Tensor  # (H, capacity): rev_bias[:, capacity - 1 - j] = -m_h * j, the ALiBi bias j keys back
+    pad_bias: torch.Tensor | None  # (B, 1, capacity), -inf on prompt padding; None if there is none
+    capacity: int
+    decay: bool  # False with learned / sinusoidal / no positions: no ALiBi bias
+
+
+@dataclass
 class _Decode:
     wqkv_t: torch.Tensor  # (d, 3 H dh)
     kv: torch.Tensor  # (2, B, H, capacity, dh): keys and values in one buffer, one copy per step writes both
-    table: dict[str, Any]  # shared by every layer: rev_bias, pad_bias, capacity, decay
+    table: _BiasTable
 
 
 class Softmax(Mixer):
@@ -76,25 +86,19 @@ class Softmax(Mixer):
         assert cache.k is not None and cache.v is not None
         w = self.qkv.weight
         b, t = key_mask.shape
-        if "rev_bias" not in shared:
-            # rev_bias[:, capacity - 1 - j] = -m_h * j: the ALiBi bias of the key j positions back, so the bias
-            # of a step is one slice of it (as `mix`: -slope * distance).
+        if "softmax_bias" not in shared:
+            # The bias of a step is one slice of rev_bias (as `mix`: -slope * distance).
             rev = -self.slopes.float().view(-1, 1) * torch.arange(capacity, device=w.device).float()
-            pad_bias = None  # (B, 1, capacity), -inf on prompt padding; None if there is none
+            pad_bias = None
             if not bool(key_mask.all()):
                 pad_bias = torch.zeros(b, 1, capacity, device=w.device, dtype=w.dtype)
                 pad_bias[:, 0, :t] = torch.where(key_mask, 0.0, float("-inf"))
-            shared["rev_bias"] = {
-                "rev_bias": rev.flip(-1).to(w.dtype),  # (H, capacity)
-                "pad_bias": pad_bias,
-                "capacity": capacity,
-                "decay": bool(self.slopes.any()),  # learned / sinusoidal / none positions: no bias
-            }
+            shared["softmax_bias"] = _BiasTable(rev.flip(-1).to(w.dtype), pad_bias, capacity, bool(self.slopes.any()))
         kv = torch.zeros(2, b, self.n_heads, capacity, self.d_head, device=w.device, dtype=w.dtype)
         n_kept = cache.k.shape[2]  # sliding_window's cache holds only the last positions
         kv[0, :, :, t - n_kept : t] = cache.k
         kv[1, :, :, t - n_kept : t] = cache.v
-        return _Decode(w.t(), kv, shared["rev_bias"])
+        return _Decode(w.t(), kv, shared["softmax_bias"])
 
     def _first_key(self, t: int) -> int:
         """First key position a query at t attends to (sliding_window: the last `window` keys only)."""
@@ -103,11 +107,11 @@ class Softmax(Mixer):
     def decode_aux(self, state: _Decode, t: int) -> torch.Tensor | None:
         """The additive bias (B or 1, H, 1, keys) of the query at t over its keys, or None."""
         table, s = state.table, self._first_key(t)
-        if not table["decay"] and table["pad_bias"] is None:
+        if not table.decay and table.pad_bias is None:
             return None
-        bias = table["rev_bias"][:, table["capacity"] - 1 - t + s :]  # (H, keys)
-        if table["pad_bias"] is not None:
-            bias = bias + table["pad_bias"][:, :, s : t + 1]  # (B, H, keys)
+        bias = table.rev_bias[:, table.capacity - 1 - t + s :]  # (H, keys)
+        if table.pad_bias is not None:
+            bias = bias + table.pad_bias[:, :, s : t + 1]  # (B, H, keys)
         return bias.unsqueeze(-2)
 
     def decode_step(self, state: _Decode, hn: torch.Tensor, t: int, aux: torch.Tensor | None) -> torch.Tensor:
