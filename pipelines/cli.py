@@ -19,7 +19,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -34,8 +33,8 @@ from picollm.config import (
 )
 from picollm.runtime import logs
 from picollm.tracking import limits
+from pipelines.progress import RichReporter, console, progress_line
 
-console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")}
 
@@ -116,61 +115,6 @@ def main_options(
 ) -> None:
     STATE["debug"] = debug or os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")  # per call, not sticky
     logs.configure(verbose)  # library messages (urllib3's retries, MLflow's) only with -v
-
-
-class RichReporter:
-    """Progress bar over training steps, one summary line per epoch."""
-
-    def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
-        self.task: Any = None
-        self.steps_per_epoch = 1
-        self.running = False
-
-    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
-        self.steps_per_epoch = steps_per_epoch
-        self.progress.start()
-        self.running = True
-        self.task = self.progress.add_task(
-            "train", total=total_steps, completed=start_epoch * steps_per_epoch, epoch=start_epoch + 1, loss="-"
-        )
-
-    def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
-        fields = {"loss": f"{metrics['train/loss_step']:.3f}"} if metrics else {}
-        self.progress.update(self.task, completed=step, epoch=(step - 1) // self.steps_per_epoch + 1, **fields)
-
-    def on_epoch_end(self, epoch: int, step: int, m: dict[str, float]) -> None:
-        line = (
-            f"epoch {epoch:>3}  train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  "
-            f"val/accuracy {m['val/accuracy']:.4f}"
-        )
-        if "val/ceiling" in m:
-            line += f" (ceiling {m['val/ceiling']:.4f})"
-        line += f"  {m['throughput/tokens_per_s']:,.0f} tok/s"
-        if "throughput/mfu" in m:
-            line += f"  MFU {100 * m['throughput/mfu']:.1f}%"
-        self.progress.console.print(line, highlight=False, soft_wrap=True)
-
-    def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
-        pass
-
-    def stop(self) -> None:
-        if self.running:  # a progress bar never started (or already stopped) prints nothing, not a blank line
-            self.progress.stop()
-            self.running = False
-
-
-def progress_line(msg: str) -> None:
-    """A flow's progress message, dimmed."""
-    console.print(f"[dim]{msg}[/]", highlight=False)
 
 
 def family_table(metrics: dict[str, float], families: list[str], prefix: str = "test") -> Table:
