@@ -19,7 +19,16 @@ from typing import Any
 
 import torch
 
-from picollm.config import AnalysisConfig, DataConfig, apply_overrides, flatten, read_yaml, to_yaml, validate
+from picollm.config import (
+    ANALYSIS_SECTIONS,
+    AnalysisConfig,
+    DataConfig,
+    apply_overrides,
+    flatten,
+    read_yaml,
+    to_yaml,
+    validate,
+)
 from picollm.errors import ConfigError, PicollmError
 from picollm.interp import analysis as an
 from picollm.interp import analysis_plots as ap
@@ -29,6 +38,7 @@ from picollm.model.hooks import act_name
 from picollm.model.transformer import Transformer
 from picollm.tracking import registry, runs
 from picollm.tracking.runs import RunLog
+from pipelines.progress import FlowProgress, as_progress
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +264,10 @@ class AnalysisOutcome:
     seconds: float = 0.0
 
 
-def run(cfg: AnalysisConfig) -> AnalysisOutcome:
+def run(cfg: AnalysisConfig, progress: FlowProgress | Callable[[str], None] | None = None) -> AnalysisOutcome:
+    """The analysis run; `progress` gets its sections as the parts of a bar (pipelines/progress.py)."""
     start = time.perf_counter()
+    say = as_progress(progress)
     if not cfg.model:
         raise PicollmError("no model to analyse: give a model reference (e.g. picollm-linear@champion)")
     with runs.session("analyze", cfg.tracking, device=cfg.device, num_threads=cfg.num_threads) as s:
@@ -282,7 +294,8 @@ def run(cfg: AnalysisConfig) -> AnalysisOutcome:
         ) as tracked:
             tracked.log_params(flatten(model.cfg.model_dump(mode="json"), prefix="model_config."))
             tracked.log_text(to_yaml(data_cfg), "data_config.yaml")
-            summary = _sections(model, batch, data_cfg, cfg, tracked, f"{source.label} ({model.cfg.attention})")
+            label = f"{source.label} ({model.cfg.attention})"
+            summary = _sections(model, batch, data_cfg, cfg, tracked, label, say)
             seconds = time.perf_counter() - start
             tracked.log_metrics({"analysis/seconds": seconds})
             tracked.log_text("\n".join([f"model: {source.label} ({source.uri})", *summary]) + "\n", "summary.txt")
@@ -290,7 +303,13 @@ def run(cfg: AnalysisConfig) -> AnalysisOutcome:
 
 
 def _sections(
-    model: Transformer, batch: Batch | None, data_cfg: DataConfig, cfg: AnalysisConfig, run: RunLog, label: str
+    model: Transformer,
+    batch: Batch | None,
+    data_cfg: DataConfig,
+    cfg: AnalysisConfig,
+    run: RunLog,
+    label: str,
+    say: FlowProgress,
 ) -> list[str]:
     """The configured sections in a fixed order (whatever order `what` lists), each timed."""
 
@@ -309,8 +328,12 @@ def _sections(
         "heads": lambda: ai.section_heads(model, cfg, run),
         "interactive": lambda: ai.section_interactive(model, data(), cfg, run, label),
     }
+    assert tuple(sections) == ANALYSIS_SECTIONS  # the config's list (and the CLI's help) names these
     summary: list[str] = []
-    for name in (n for n in sections if n in cfg.what):
+    chosen = [n for n in sections if n in cfg.what]
+    say.plan(len(chosen), "sections")
+    for name in chosen:
+        say.part(name)
         t0 = time.perf_counter()
         with torch.no_grad():
             summary += sections[name]()

@@ -33,7 +33,9 @@ from picollm.config import (
 )
 from picollm.runtime import logs
 from picollm.tracking import limits
-from pipelines.progress import RichReporter, console, progress_line
+from pipelines import progress
+from pipelines.progress import RichReporter as RichReporter  # re-exported: tests patch the train bar here
+from pipelines.progress import console
 
 err_console = Console(stderr=True)
 STATE = {"debug": os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")}
@@ -148,13 +150,8 @@ def train(
 ) -> None:
     """Train a model, log it to MLflow and register it."""
     cfg = load_config(TrainRunConfig, config, overrides)
-    flow = _flow("train")
-
-    reporter = RichReporter()
-    try:
-        out = flow.run(cfg, resume=resume, ui=reporter)
-    finally:
-        reporter.stop()
+    with progress.reporter("train") as reporter:  # before the imports: a line (or the bar) within seconds
+        out = _flow("train").run(cfg, resume=resume, ui=reporter)
     if not out.run_id:  # a DDP rank other than 0: rank 0 reports
         return
     console.print(family_table(out.test_metrics, out.families))
@@ -166,18 +163,8 @@ def train(
 def dpo(config: ConfigArg, overrides: SetOpt = None) -> None:
     """SFT a reference on stories, then DPO it on corrupted continuations; register both."""
     cfg = load_config(DPORunConfig, config, overrides)
-    flow = _flow("dpo")
-
-    reporter = RichReporter()
-
-    def echo(line: str) -> None:  # DPO progress, after the SFT progress bar is gone
-        reporter.stop()
-        console.print(line, highlight=False)
-
-    try:
-        out = flow.run(cfg, ui=reporter, echo=echo)
-    finally:
-        reporter.stop()
+    with progress.reporter("dpo") as reporter:  # SFT steps on the bar; the DPO phases' lines above it
+        out = _flow("dpo").run(cfg, ui=reporter, echo=reporter)
     m = out.metrics
     table = Table(title=f"test pairs (step-0 loss {m['dpo/step0_loss']:.4f}, {m['time/total_s']:.0f} s)")
     for col in ("scheme", "reference accuracy", "DPO accuracy", "rewards/accuracies", "rewards/margins"):
@@ -203,9 +190,8 @@ def compare(
 ) -> None:
     """Attention variants against a baseline: train (or load) each over seeds, evaluate, report with CIs (MLflow)."""
     cfg = load_config(CompareConfig, config, overrides)
-    flow = _flow("compare")
-
-    out = flow.run(cfg, progress=progress_line)
+    with progress.reporter("compare", epoch_lines=False) as reporter:
+        out = _flow("compare").run(cfg, progress=reporter)
     n = {v: sum(m.variant == v for m in out.members) for v in out.variants}
     base, *others = out.variants
     runs = " vs ".join(f"{v} (n={k})" for v, k in n.items())
@@ -250,10 +236,10 @@ def analyze(
     overrides: SetOpt = None,
 ) -> None:
     """Interpretability report of a model (embeddings, attention, MLP neurons, ablations), logged to MLflow."""
-    flow = _flow("analyze")
-
-    cfg = flow.load_config(model_ref, config, overrides, what)
-    out = flow.run(cfg)
+    with progress.reporter("analyze") as reporter:
+        flow = _flow("analyze")
+        cfg = flow.load_config(model_ref, config, overrides, what)
+        out = flow.run(cfg, progress=reporter)
     for line in out.summary:
         console.print(line, highlight=False, soft_wrap=True)
     console.print(
@@ -322,9 +308,8 @@ def bench(
 ) -> None:
     """Benchmarks logged to MLflow: step time of both attentions vs length, DDP speedup, MLflow overhead."""
     cfg = load_config(BenchConfig, config, overrides)
-    flow = _flow("bench")
-
-    out = flow.run(cfg, progress=progress_line)
+    with progress.reporter("bench") as reporter:
+        out = _flow("bench").run(cfg, progress=reporter)
     for line in out.report:
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"run {out.run_id} (bench.md and metrics in experiment {cfg.tracking.experiment})")
@@ -355,9 +340,8 @@ def sweep(
     options = {"trials": trials, "workers": workers, "storage": storage, "study": study, "promote": promote or None}
     raw = apply_overrides(read_yaml(config), overrides or []) | {k: v for k, v in options.items() if v is not None}
     cfg = validate(SweepConfig, raw, source=str(config))
-    flow = _flow("sweep")
-
-    out = flow.run(cfg, resume=resume, worker=worker, progress=progress_line)
+    with progress.reporter("sweep", epoch_lines=False) as reporter:
+        out = _flow("sweep").run(cfg, resume=resume, worker=worker, progress=reporter)
     c = out.counts
     done = f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed"
     if out.parent_run_id is None:

@@ -41,10 +41,11 @@ from picollm.runtime.hardware import torch_threads
 from picollm.tracking import runs
 from picollm.tracking.runs import RunLog, Session
 from picollm.training import run as train_run
+from pipelines.progress import FlowProgress, as_progress
 
 log = logging.getLogger(__name__)
 
-Say = Callable[[str], None]
+Say = FlowProgress  # lines, the parts (runs) and their training steps: pipelines/progress.py
 
 
 @dataclass
@@ -62,16 +63,16 @@ class CompareOutcome:
 
 
 class _EpochLines:
-    """Training callbacks that report one line per epoch through `say`."""
+    """Training callbacks that report one line per epoch through `say`, and the steps to its bar."""
 
     def __init__(self, say: Say, label: str) -> None:
         self.say, self.label = say, label
 
     def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
-        pass
+        self.say.on_train_start(total_steps, steps_per_epoch, start_epoch)
 
     def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
-        pass
+        self.say.on_step(step, metrics)
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self.say(
@@ -124,9 +125,9 @@ def _lr_grid(s: Session, cfg: CompareConfig, inp: Inputs, say: Say) -> tuple[dic
         scores = {}
         for lr in cc.lr_grid:
             child = child_config(cfg, v, seed, f"{v.name}-lr{lr:g}", register=False, lr=lr, epochs=epochs)
-            say(f"lr grid: {v.name} lr={lr:g} ({epochs} epoch(s), seed {seed})")
+            say.part(f"lr grid: {v.name} lr={lr:g} ({epochs} epoch(s), seed {seed})")
             tags = {"compare.lr_grid": "true", "compare.model": v.name}
-            out = train_run.train(s, child, nested=True, tags=tags)
+            out = train_run.train(s, child, nested=True, tags=tags, ui=say)
             scores[lr] = lr_grid.grid_score(out.history, name)
             rows.append({"variant": v.name, "lr": lr, "score": scores[lr], "metric": name, "run_id": out.run_id})
         best[v.name] = lr_grid.best_lr(scores, higher)
@@ -150,7 +151,7 @@ def _train_children(
     for seed in cc.seeds:  # every variant of a seed back to back: machine load hits them alike
         for v in cc.variants:
             label = f"seed{seed}"
-            say(f"training {v.name} {label} ({len(inp.members) + 1}/{len(inp.child_cfgs)})")
+            say.part(f"training {v.name} {label}")
             child = inp.child_cfgs[(v.name, seed)]
             if v.name in lrs:
                 child = child.model_copy(update={"train": child.train.model_copy(update={"lr": lrs[v.name]})})
@@ -170,7 +171,7 @@ def _evaluate_loaded(
 ) -> None:
     client = MlflowClient()
     for member in inp.members:
-        say(f"evaluating {member.variant} {member.label}")
+        say.part(f"evaluating {member.variant} {member.label}")
         att = member.model.cfg.attention
         tags = {"compare.model": member.variant, "compare.run": member.label, "model.attention": att}
         if member.source_run_id:
@@ -205,8 +206,8 @@ def _recall_by_width(
                 else:
                     extra = {"lr": lrs[v.name]} if v.name in lrs else {}
                     child = child_config(cfg, v, seed, f"{v.name}-d{d}-seed{seed}", False, d, **extra)
-                    say(f"recall vs width: {v.name} d_model={d} seed{seed}")
-                    out = train_run.train(s, child, nested=True, tags={"compare.d_model": str(d)})
+                    say.part(f"recall vs width: {v.name} d_model={d} seed{seed}")
+                    out = train_run.train(s, child, nested=True, tags={"compare.d_model": str(d)}, ui=say)
                     assert out.model is not None
                     sets = recall_sets[data_seed(cfg, seed)]
                     scores = recall.recall_metrics(out.model, sets, cfg.train.eval_batch_size)
@@ -227,8 +228,8 @@ def _learning_curve(s: Session, cfg: CompareConfig, parent: RunLog, say: Say) ->
             for v in cfg.compare.variants:
                 child = child_config(cfg, v, seed, f"{v.name}-n{n}-seed{seed}", register=False)
                 child.data.n_train = n
-                say(f"learning curve: {v.name} n_train={n} seed{seed}")
-                out = train_run.train(s, child, nested=True)
+                say.part(f"learning curve: {v.name} n_train={n} seed{seed}")
+                out = train_run.train(s, child, nested=True, ui=say)
                 m = out.test_metrics
                 for group in ("all", *out.families):
                     sfx = "" if group == "all" else f"/{group}"
@@ -253,16 +254,29 @@ def _learning_curve(s: Session, cfg: CompareConfig, parent: RunLog, say: Say) ->
     return [("Learning curves: test accuracy / ceiling vs training sequences (held-out generators)", path)]
 
 
+def _parts(cfg: CompareConfig, inp: Inputs) -> int:
+    """The parts of the progress bar: every run trained (lr grid, seeds, widths, learning curve) or evaluated
+    (registry mode), and the efficiency timing."""
+    cc, lc = cfg.compare, cfg.learning_curve
+    n = len(inp.child_cfgs) + len(cc.variants) * len(cc.lr_grid) if inp.mode == "train" else len(inp.members)
+    if cc.recall_pairs and cc.d_models:
+        n += sum(d != cfg.variant_model(v).d_model for v in cc.variants for d in cc.d_models) * len(cc.seeds)
+    if lc.n_train:
+        n += len(lc.n_train) * len(lc.seeds if lc.seeds is not None else cc.seeds) * len(cc.variants)
+    return n + int(cfg.efficiency.enabled)
+
+
 # --------------------------------------------------------------------------------------------------
 # The flow
 
 
-def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
+def run(cfg: CompareConfig, progress: Say | Callable[[str], None] | None = None) -> CompareOutcome:
     start = time.perf_counter()
-    say: Say = progress or (lambda msg: log.info("%s", msg))
+    say = as_progress(progress)
     cc = cfg.compare
     with runs.session("compare", cfg.tracking, device=cfg.train.device, num_threads=cfg.train.num_threads) as s:
         inp = build_inputs(cfg, say)
+        say.plan(_parts(cfg, inp), "runs")
         recall_sets = (
             {seed: recall.recall_splits(ev.data_cfg, cc.recall_pairs) for seed, ev in inp.evalsets.items()}
             if cc.recall_pairs
@@ -429,7 +443,7 @@ def _efficiency(parent: RunLog, cfg: CompareConfig, archs: dict[str, ModelConfig
         batches = {n: max(1, e.tokens_per_step // n) for n in e.lengths}
         eff = cmp.Efficiency(e.lengths, batches, e.gen_contexts, torch.get_num_threads())
         eff.state_floats = cmp.state_sizes(archs, sorted(set(e.lengths) | set(e.gen_contexts)))
-        say(f"efficiency: training steps at N = {e.lengths}")
+        say.part(f"efficiency: training steps at N = {e.lengths}")
         eff.step_ms = cmp.time_train_steps(models, e.lengths, e.tokens_per_step, e.warmup_steps, e.timed_steps)
         say(f"efficiency: generation at contexts {e.gen_contexts}")
         eff.prefill_ms, eff.gen_ms_per_token = cmp.time_generation(models, e.gen_contexts, e.gen_tokens)

@@ -47,10 +47,11 @@ from picollm.tracking.runs import RunLog, Session
 from picollm.training import plots
 from picollm.training import run as train_run
 from picollm.training.trainer import NullCallbacks
+from pipelines.progress import FlowProgress, as_progress
 
 log = logging.getLogger(__name__)
 
-Say = Callable[[str], None]
+Say = FlowProgress  # lines and the trials as the parts of the bar: pipelines/progress.py
 POLL_S = 2.0  # a process with nothing to start waits this long for the others' running trials
 STOP_GRACE_S = 30.0  # local workers get this long to close their runs after an interrupt
 
@@ -122,11 +123,13 @@ class _GracefulStop(NullCallbacks):
         self.check()
 
 
-def run(cfg: SweepConfig, resume: bool = False, worker: bool = False, progress: Say | None = None) -> SweepOutcome:
+def run(
+    cfg: SweepConfig, resume: bool = False, worker: bool = False, progress: Say | Callable[[str], None] | None = None
+) -> SweepOutcome:
     """Run (`resume`: continue; `worker`: join) the study; everything that can fail on the user's input
     (config, space, metrics, storage, tracking store) fails before any study or run exists."""
     start = time.perf_counter()
-    say: Say = progress or (lambda msg: log.info("%s", msg))
+    say = as_progress(progress)
     search = sweep.prepare(cfg)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report the trials
     threads = max(1, _cores() // cfg.workers) if cfg.workers > 1 else search.base.train.num_threads
@@ -246,6 +249,7 @@ class _Trials:
         self.peak = search.base.train.peak_flops or measure_matmul_peak(s.device)  # once, not per trial
         self.client = MlflowClient()
         self._data: tuple[str, SyntheticData] | None = None  # the last data draw: trials share it
+        self.counts = sweep.Counts(0, 0, 0, 0)
 
     def data(self, tcfg: TrainRunConfig) -> SyntheticData:
         """The draw of `tcfg.data`, built once while the trials' data settings stay the same."""
@@ -256,10 +260,11 @@ class _Trials:
 
     def loop(self) -> None:
         n = self.cfg.trials
+        self.say.plan(n, "trials")
         while True:
             self.stop.check()
             sweep.fail_dead_trials(self.study, self.storage, on_stale=_kill_trial_run)
-            c = sweep.counts(self.study)
+            c = self.counts = sweep.counts(self.study)
             if c.finished >= n:
                 return
             if c.failed >= n:
@@ -323,7 +328,8 @@ class _Trials:
 
     def _objective(self, trial: Trial, cb: sweep.TrialCallbacks) -> float:
         params = self.search.suggest(trial)
-        self.say(f"{self.label}trial {trial.number}: " + " ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
+        line = f"{self.label}trial {trial.number}: " + " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+        self.say.part(line, done=self.counts.finished)  # the study's finished trials, whichever process ran them
         try:
             tcfg = self._config(params, f"trial-{trial.number}")
         except ConfigError as e:

@@ -3,9 +3,12 @@ one-line errors, flattening for MLflow params."""
 
 from __future__ import annotations
 
+import difflib
 import posixpath
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -54,12 +57,60 @@ class StrictModel(BaseModel):
 C = TypeVar("C", bound=BaseModel)
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate `word` most likely misspells, or None: every "did you mean" of the configs and the sweep."""
+    found = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _models_in(tp: Any) -> list[Any]:
+    """`tp` with Annotated, Optional and unions unwrapped: its alternatives."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return _models_in(get_args(tp)[0])
+    if origin in (Union, UnionType):
+        return [m for a in get_args(tp) for m in _models_in(a)]
+    return [tp]
+
+
+def known_keys(schema: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """The keys a mapping at `path` (a validation error's location) may have, read from the schema: through
+    sections, lists and dicts of sections; parts that name no field (a union's tag) are stepped over."""
+    types: list[Any] = [schema]
+    for part in path:
+        nxt = []
+        for tp in (m for t in types for m in _models_in(t)):
+            origin, args = get_origin(tp), get_args(tp)
+            if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(part, str):
+                if part in tp.model_fields:
+                    nxt.append(tp.model_fields[part].annotation)
+            elif origin in (list, tuple, set, frozenset) and isinstance(part, int) and args:
+                nxt.append(args[0])
+            elif origin is dict and len(args) == 2:
+                nxt.append(args[1])
+        types = nxt or types
+    keys = [
+        k
+        for t in types
+        for m in _models_in(t)
+        if isinstance(m, type) and issubclass(m, BaseModel)
+        for k in m.model_fields
+    ]
+    return list(dict.fromkeys(keys))
+
+
+def first_error(err: ValidationError, schema: type[BaseModel] | None = None, prefix: str = "") -> str:
+    """`<prefix><key>: <why>` of the first error (and how many more); an unknown key names the known key it
+    most likely misspells (with `schema`, the one validated)."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    path = tuple(first["loc"])
+    loc = prefix + ".".join(str(p) for p in path) if path else prefix.rstrip(".")
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+        near = closest(str(path[-1]), known_keys(schema, path[:-1])) if schema is not None and path else None
+        if near is not None:
+            msg += f" (did you mean {prefix}{'.'.join(str(p) for p in (*path[:-1], near))}?)"
     elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
         msg = f"{msg} (got {elide(repr(first['input']), 80)})"  # a huge value must not flood the line
     msg = msg.removeprefix("Value error, ")
@@ -118,7 +169,7 @@ def validate(schema: type[C], raw: dict[str, Any], source: str = "config") -> C:
     try:
         return schema.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_format_validation_error(e)}") from None
+        raise ConfigError(f"{source}: {first_error(e, schema)}") from None
 
 
 def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:

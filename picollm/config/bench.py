@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from picollm.config.base import StrictModel
+from picollm.config.base import StrictModel, first_error
 from picollm.config.compare import DEFAULT_VARIANTS, Variant
 from picollm.config.training import TrackingConfig
 from picollm.model.config import ModelConfig
@@ -122,7 +122,4 @@ class BenchConfig(StrictModel):
         try:
             return ModelConfig.model_validate({**self.model.model_dump(mode="json"), **v.model, **update})
         except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(x) for x in first["loc"])
-            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-            raise ValueError(f"variant {v.name}: model.{loc}: {msg}") from None
+            raise ValueError(f"variant {v.name}: {first_error(e, ModelConfig, 'model.')}") from None

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from picollm.config.base import StrictModel
+from picollm.config.base import StrictModel, first_error
 from picollm.config.training import DataConfig, TrackingConfig, TrainConfig, link_vocab
 from picollm.model.config import ModelConfig
 from picollm.model.mixers import REFERENCE_PAIR
@@ -269,19 +269,11 @@ class CompareConfig(StrictModel):
             return ModelConfig.model_validate(raw)
         except ValidationError as e:
             at = f" at d_model {d_model}" if d_model else ""
-            raise ValueError(f"variant {v.name}{at}: {_first_error(e, 'model')}") from None
+            raise ValueError(f"variant {v.name}{at}: {first_error(e, ModelConfig, 'model.')}") from None
 
     def variant_train(self, v: Variant, **update: Any) -> TrainConfig:
         """The shared `train` section with the variant's overrides (and `update`, e.g. a grid lr)."""
         try:
             return TrainConfig.model_validate({**self.train.model_dump(mode="json"), **v.train, **update})
         except ValidationError as e:
-            raise ValueError(f"variant {v.name}: {_first_error(e, 'train')}") from None
-
-
-def _first_error(e: ValidationError, section: str) -> str:
-    """`<section>.<key>: <why>` of the first error (`<section>: <why>` for a check of the whole section)."""
-    first = e.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-    return f"{section}.{loc}: {msg}" if loc else f"{section}: {msg}"
+            raise ValueError(f"variant {v.name}: {first_error(e, TrainConfig, 'train.')}") from None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import difflib
 import logging
 import math
 import os
@@ -36,7 +35,16 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from picollm.config import ServerConfig, TrainRunConfig
-from picollm.config.base import apply_overrides, flatten, load_config, parse_override, read_yaml, set_key, validate
+from picollm.config.base import (
+    apply_overrides,
+    closest,
+    flatten,
+    load_config,
+    parse_override,
+    read_yaml,
+    set_key,
+    validate,
+)
 from picollm.config.sweep import SweepConfig, direction_of
 from picollm.errors import ConfigError, PicollmError, RunStopped
 from picollm.tracking.server import alive as process_alive  # zombies count as gone
@@ -56,8 +64,8 @@ PARENT_ATTR = "sweep.parent_run_id"
 def _check_metric(metric: str, allowed: list[str], what: str) -> None:
     if metric in allowed:
         return
-    close = difflib.get_close_matches(metric, allowed, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}?" if close else "e.g. val/loss, val/accuracy, val/accuracy_vs_ceiling"
+    near = closest(metric, allowed)
+    hint = f"did you mean {near!r}?" if near else "e.g. val/loss, val/accuracy, val/accuracy_vs_ceiling"
     raise ConfigError(f"{what} {metric!r} is never logged by a training run ({hint})")
 
 
@@ -160,7 +168,6 @@ def prepare(cfg: SweepConfig) -> Search:
     base_raw = apply_overrides(read_yaml(cfg.base.config), list(cfg.base.overrides))
     base = validate(TrainRunConfig, copy.deepcopy(base_raw), source=f"base config {cfg.base.config}")
     search = Search(cfg, base_raw, base, cfg.objective.direction or direction_of(cfg.objective.metric), "", "")
-    known = sorted(flatten(base.model_dump(mode="json")))
     for key, spec in cfg.space.items():
         parse_override(f"{key}=0")  # the shape of a dotted key
         if key.startswith("tracking."):
@@ -168,9 +175,8 @@ def prepare(cfg: SweepConfig) -> Search:
         for value in spec.samples():
             try:
                 validate(TrainRunConfig, search.with_params({key: value}, f"space {key}"), source=f"space {key}")
-            except ConfigError as e:
-                close = difflib.get_close_matches(key, known, n=1) if "unknown key" in str(e) else []
-                raise ConfigError(f"{e} (value {value!r})" + (f"; did you mean {close[0]}?" if close else "")) from None
+            except ConfigError as e:  # an unknown key names its likely spelling (config.base.first_error)
+                raise ConfigError(f"{e} (value {value!r})") from None
     _check_grid(cfg)
     for i, params in enumerate(cfg.enqueue):
         for key, value in params.items():
