@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import platform
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -81,7 +83,28 @@ def _flow(name: str) -> ModuleType:
     return module
 
 
-class GuardedGroup(TyperGroup):
+def _plain_flags(command: click.Command, ctx: click.Context) -> None:
+    """Flags (--resume, --help, ...) take no value: their help shows none (Typer's default is `<bool>`)."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class PlainFlagsGroup(TyperGroup):
+    """A group whose help, and its commands' help, show flags without a value."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_flags(command, ctx)
+        return command
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        _plain_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+class GuardedGroup(PlainFlagsGroup):
     """Runs every command (subgroups' too: they are invoked from here) inside `guarded`, once."""
 
     def invoke(self, ctx: typer.Context) -> Any:
@@ -96,10 +119,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(help="Registered models: list them, move the champion alias.", no_args_is_help=True)
+models_app = typer.Typer(
+    cls=PlainFlagsGroup, help="Registered models: list them, move the champion alias.", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
 server_app = typer.Typer(
-    help="Team tracking server: PostgreSQL + mlflow server in the background (see README).", no_args_is_help=True
+    cls=PlainFlagsGroup,
+    help="Team tracking server: PostgreSQL + mlflow server in the background (see README).",
+    no_args_is_help=True,
 )
 app.add_typer(server_app, name="server")
 
@@ -110,21 +137,45 @@ SetOpt = Annotated[
 ]
 
 
+def versions() -> str:
+    """picollm's version and those of the libraries its results depend on (read without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"picollm {v('picollm')} (torch {v('torch')}, mlflow {v('mlflow')}, Python {platform.python_version()})"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(versions(), highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the versions and exit.")
+    ] = False,
 ) -> None:
     STATE["debug"] = debug or os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")  # per call, not sticky
     logs.configure(verbose)  # library messages (urllib3's retries, MLflow's) only with -v
 
 
 def family_table(metrics: dict[str, float], families: list[str], prefix: str = "test") -> Table:
-    table = Table(title=f"{prefix} accuracy per family")
+    """Accuracy per family within 80 columns: short headers, spelled out in the caption."""
     answers = any(k.startswith(f"{prefix}/accuracy_answer") for k in metrics)  # recall families (mqar, copy)
-    cols = ["family", "accuracy", "ceiling", "acc / ceiling", "acc (predictable pos.)"]
-    for col in cols + (["acc (answers)"] if answers else []):
-        table.add_column(col, justify="left" if col == "family" else "right")
+    caption = "acc/ceil: accuracy / Bayes ceiling; pred.: rule-determined positions"
+    caption += "; answers: recall answers" if answers else ""
+    table = Table(title=f"{prefix} accuracy per family", caption=caption)
+    for col in ["family", "accuracy", "ceiling", "acc/ceil", "acc pred.", *(["acc answers"] if answers else [])]:
+        table.add_column(col, justify="left" if col == "family" else "right", no_wrap=True)
 
     def fmt(key: str) -> str:
         return f"{metrics[key]:.4f}" if key in metrics else "-"
@@ -160,7 +211,10 @@ def train(
 
 
 @app.command()
-def dpo(config: ConfigArg, overrides: SetOpt = None) -> None:
+def dpo(
+    config: Annotated[Path, typer.Argument(help="DPO config, e.g. configs/dpo.yaml")],
+    overrides: SetOpt = None,
+) -> None:
     """SFT a reference on stories, then DPO it on corrupted continuations; register both."""
     cfg = load_config(DPORunConfig, config, overrides)
     with progress.reporter("dpo") as reporter:  # SFT steps on the bar; the DPO phases' lines above it
@@ -221,21 +275,20 @@ def compare(
     )
 
 
-@app.command()
+@app.command(help=f"Interpretability report of a model, logged to MLflow. Sections: {', '.join(ANALYSIS_SECTIONS)}.")
 def analyze(
     model_ref: Annotated[
         str, typer.Argument(help="NAME, NAME@ALIAS, NAME/VERSION, models:/..., runs:/... or a run id")
     ],
     what: Annotated[
         str | None,
-        typer.Option("--what", "-w", help=f"Sections, comma-separated: {','.join(ANALYSIS_SECTIONS)}"),
+        typer.Option("--what", "-w", help=f"Sections, comma-separated (default: all): {', '.join(ANALYSIS_SECTIONS)}"),
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Analysis config (default: configs/analysis.yaml if present)")
     ] = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Interpretability report of a model (embeddings, attention, MLP neurons, ablations), logged to MLflow."""
     with progress.reporter("analyze") as reporter:
         flow = _flow("analyze")
         cfg = flow.load_config(model_ref, config, overrides, what)

@@ -122,9 +122,10 @@ class RichReporter:
         interval: float | None = None,
         clock: Clock = time.monotonic,
         epoch_lines: bool = True,
+        beat_thread: bool = True,
     ) -> None:
         self.console = out or console
-        self.what, self.clock, self.epoch_lines = what, clock, epoch_lines
+        self.what, self.clock, self.epoch_lines, self.beat_thread = what, clock, epoch_lines, beat_thread
         self.live = self.console.is_terminal if live is None else live
         self.interval = heartbeat_interval() if interval is None else interval
         self.lock = threading.RLock()
@@ -167,7 +168,7 @@ class RichReporter:
                 self._render()
             elif self.interval >= 0:  # a negative interval: silent (a DDP rank other than 0)
                 self._beat()
-                if self.interval > 0:
+                if self.interval > 0 and self.beat_thread:  # without the thread: beats on events only (tests)
                     self.thread = threading.Thread(target=self._heartbeats, name="picollm-heartbeat", daemon=True)
                     self.thread.start()
         return self
@@ -286,6 +287,8 @@ class RichReporter:
     # -- TrainCallbacks
 
     def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
+        if not self.running:  # a caller that never started it (or stopped it for a line): the bar is back
+            self.start()
         with self.lock:
             self.steps_per_epoch = max(steps_per_epoch, 1)
             self.steps = (start_epoch * steps_per_epoch, total_steps)
