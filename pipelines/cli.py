@@ -38,6 +38,7 @@ from picollm.tracking import limits
 from pipelines import progress
 from pipelines.progress import RichReporter as RichReporter  # re-exported: tests patch the train bar here
 from pipelines.progress import console
+from pipelines.tables import family_table, markdown
 
 err_console = Console(stderr=True)
 STATE = {"debug": os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")}
@@ -168,31 +169,6 @@ def main_options(
     logs.configure(verbose)  # library messages (urllib3's retries, MLflow's) only with -v
 
 
-def family_table(metrics: dict[str, float], families: list[str], prefix: str = "test") -> Table:
-    """Accuracy per family within 80 columns: short headers, spelled out in the caption."""
-    answers = any(k.startswith(f"{prefix}/accuracy_answer") for k in metrics)  # recall families (mqar, copy)
-    caption = "acc/ceil: accuracy / Bayes ceiling; pred.: rule-determined positions"
-    caption += "; answers: recall answers" if answers else ""
-    table = Table(title=f"{prefix} accuracy per family", caption=caption)
-    for col in ["family", "accuracy", "ceiling", "acc/ceil", "acc pred.", *(["acc answers"] if answers else [])]:
-        table.add_column(col, justify="left" if col == "family" else "right", no_wrap=True)
-
-    def fmt(key: str) -> str:
-        return f"{metrics[key]:.4f}" if key in metrics else "-"
-
-    for fam in [*families, ""]:
-        sfx = f"/{fam}" if fam else ""
-        table.add_row(
-            fam or "[bold]all",
-            fmt(f"{prefix}/accuracy{sfx}"),
-            fmt(f"{prefix}/ceiling{sfx}"),
-            fmt(f"{prefix}/accuracy_vs_ceiling{sfx}"),
-            fmt(f"{prefix}/accuracy_predictable{sfx}"),
-            *([fmt(f"{prefix}/accuracy_answer{sfx}")] if answers else []),
-        )
-    return table
-
-
 @app.command()
 def train(
     config: ConfigArg,
@@ -294,7 +270,7 @@ def analyze(
         cfg = flow.load_config(model_ref, config, overrides, what)
         out = flow.run(cfg, progress=reporter)
     for line in out.summary:
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False)  # wrapped at spaces to the terminal's width
     console.print(
         f"run {out.run_id}  analysed {out.source.label}  {len(out.artifacts)} artifacts, "
         f"{len(out.metrics)} metrics, {out.seconds:.0f} s",
@@ -363,8 +339,8 @@ def bench(
     cfg = load_config(BenchConfig, config, overrides)
     with progress.reporter("bench") as reporter:
         out = _flow("bench").run(cfg, progress=reporter)
-    for line in out.report:
-        console.print(line, highlight=False, soft_wrap=True)
+    for part in markdown(out.report, console.width):  # its tables as console tables: within the terminal's width
+        console.print(part, highlight=False)
     console.print(f"run {out.run_id} (bench.md and metrics in experiment {cfg.tracking.experiment})")
 
 
