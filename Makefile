@@ -36,7 +36,7 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev,server]"
 	touch $@
 
-setup: $(BIN)/.installed ## Create .venv with the pinned dependencies (CPU torch 2.13.0)
+setup: $(BIN)/.installed ## Create .venv with the pinned dependencies (torch 2.13.0 as pip finds it; CPU build: README)
 
 train-baseline: setup ## Train the softmax baseline (configs/baseline.yaml) and register picollm-baseline
 	$(BIN)/picollm train configs/baseline.yaml $(ARGS)
