@@ -17,7 +17,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -84,7 +83,7 @@ def _flow(name: str) -> ModuleType:
     return module
 
 
-def _plain_flags(command: click.Command, ctx: click.Context) -> None:
+def _plain_flags(command: Any, ctx: typer.Context) -> None:
     """Flags (--resume, --help, ...) take no value: their help shows none (Typer's default is `<bool>`)."""
     for param in command.get_params(ctx):
         if getattr(param, "is_flag", False) and param.metavar is None:
@@ -94,13 +93,13 @@ def _plain_flags(command: click.Command, ctx: click.Context) -> None:
 class PlainFlagsGroup(TyperGroup):
     """A group whose help, and its commands' help, show flags without a value."""
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any:
         command = super().get_command(ctx, cmd_name)
         if command is not None:
             _plain_flags(command, ctx)
         return command
 
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_help(self, ctx: typer.Context, formatter: Any) -> None:
         _plain_flags(self, ctx)
         super().format_help(ctx, formatter)
 
@@ -193,7 +192,8 @@ def dpo(
 ) -> None:
     """SFT a reference on stories, then DPO it on corrupted continuations; register both."""
     cfg = load_config(DPORunConfig, config, overrides)
-    with progress.reporter("dpo") as reporter:  # SFT steps on the bar; the DPO phases' lines above it
+    # The SFT steps on the bar; the flow's lines (reference log-probs, DPO evaluations) above it or between beats.
+    with progress.reporter("dpo", after_training="reference log-probs, DPO") as reporter:
         out = _flow("dpo").run(cfg, ui=reporter, echo=reporter)
     m = out.metrics
     table = Table(title=f"test pairs (step-0 loss {m['dpo/step0_loss']:.4f}, {m['time/total_s']:.0f} s)")

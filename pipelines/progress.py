@@ -123,6 +123,7 @@ class RichReporter:
         clock: Clock = time.monotonic,
         epoch_lines: bool = True,
         beat_thread: bool = True,
+        after_training: str = "evaluating and logging",
     ) -> None:
         self.console = out or console
         self.what, self.clock, self.epoch_lines, self.beat_thread = what, clock, epoch_lines, beat_thread
@@ -131,6 +132,7 @@ class RichReporter:
         self.lock = threading.RLock()
         self.parts, self.unit, self.done = 1, "", 0
         self.label = "starting"
+        self.after_training = after_training  # the label once the (one) training run's last step is done
         self.in_part = False
         self.steps: tuple[int, int] | None = None  # (step, total) of the running part's training
         self.steps_per_epoch = 1
@@ -155,7 +157,7 @@ class RichReporter:
             if self.live:
                 self.progress = Progress(
                     TextColumn("[bold]{task.description}"),
-                    BarColumn(bar_width=16),
+                    BarColumn(bar_width=10),
                     TextColumn("{task.fields[counts]}"),
                     TextColumn("{task.percentage:>3.0f}%"),
                     TimeElapsedColumn(),
@@ -204,15 +206,16 @@ class RichReporter:
             return 0.0 if f >= 1.0 else None
         return (self.clock() - self.t0) * (1.0 - f) / (f - self.f0)
 
-    def counts(self) -> str:
+    def counts(self, compact: bool = False) -> str:
+        """`run 3/10  step 40/120  loss 2.310`; `compact` (the bar's column): no loss beside a part count."""
         bits = [f"{self.unit[:-1] if self.unit.endswith('s') else self.unit} {self.done + 1}/{self.parts}"]
         if self.parts <= 1 or not self.unit:
             bits = []
         if self.steps:
             bits.append(f"step {self.steps[0]}/{self.steps[1]}")
-        if self.loss is not None:
+        if self.loss is not None and not (compact and bits and self.parts > 1):
             bits.append(f"loss {self.loss:.3f}")
-        return "  ".join(bits)
+        return (" " if compact else "  ").join(bits)
 
     def status(self) -> str:
         """The heartbeat line."""
@@ -230,12 +233,12 @@ class RichReporter:
         if self.progress is None:
             return
         eta = self.remaining()
-        label = f"{self.what} {self.label}" if self.label != "starting" else self.what
+        label = self.label if self.in_part else f"{self.what} {self.label}"
         self.progress.update(
             self.task,
             completed=self.fraction(),
-            description=label[:28],
-            counts=self.counts(),
+            description=label if len(label) <= 24 else label[:23] + "…",
+            counts=self.counts(compact=True),
             eta="-:--:--" if eta is None else hms(eta),
         )
 
@@ -306,7 +309,7 @@ class RichReporter:
             if self.parts <= 1:
                 self.label = f"epoch {(step - 1) // self.steps_per_epoch + 1}"
                 if step >= total:
-                    self.label = "evaluating and logging"
+                    self.label = self.after_training
             self._maybe_beat()
 
     def on_epoch_end(self, epoch: int, step: int, m: dict[str, float]) -> None:

@@ -46,7 +46,7 @@ from picollm.tracking import store as tracking
 from picollm.tracking.runs import RunLog, Session
 from picollm.training import plots
 from picollm.training import run as train_run
-from picollm.training.trainer import NullCallbacks
+from picollm.training.trainer import NullCallbacks, TrainCallbacks
 from pipelines.progress import FlowProgress, as_progress
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class _GracefulStop(NullCallbacks):
     trials), never inside a database write (an interrupted SQLite write can keep its lock, and the
     runs could then not be closed). Another signal FORCE_AFTER_S later interrupts at once.
 
-    As trainer callbacks (`ui`), it checks every step and epoch."""
+    As trainer callbacks (`ui`), it checks every step and epoch, and passes the steps on to `progress`."""
 
     FORCE_AFTER_S = 5.0  # a terminal's Ctrl-C and the main process's forwarded SIGTERM count as one
 
@@ -88,6 +88,7 @@ class _GracefulStop(NullCallbacks):
         self.requested_at: float | None = None
         self.workers: list[subprocess.Popen] = []
         self.saved: dict[int, Any] = {}
+        self.progress: TrainCallbacks = NullCallbacks()
 
     def __enter__(self) -> _GracefulStop:
         if threading.current_thread() is threading.main_thread():
@@ -116,8 +117,12 @@ class _GracefulStop(NullCallbacks):
         if self.requested_at is not None:
             raise KeyboardInterrupt
 
+    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
+        self.progress.on_train_start(total_steps, steps_per_epoch, start_epoch)
+
     def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
         self.check()
+        self.progress.on_step(step, metrics)
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self.check()
@@ -140,6 +145,7 @@ def run(
         study = sweep.open_study(search, storage, create=create, worker_offset=os.getpid() if worker else 0)
         label = f"worker {os.getpid()} " if worker else ""
         with _GracefulStop() as stop:
+            stop.progress = say  # a trial's steps move the bar within the trial
             trials = _Trials(s, search, study, storage, threads, say, label, stop)
             if worker:
                 return _work(trials, study, search)

@@ -123,7 +123,7 @@ def test_the_terminal_bar_shows_elapsed_and_remaining_within_80_columns():
     text = shown.export_text()
     rep.stop()
     assert len(text.splitlines()) == 1, text  # one line, nothing wrapped
-    assert "run 1/10  step 50/100" in text and "5%" in text and "ETA 0:09:30" in text, text
+    assert "run 1/10 step 50/100" in text and "5%" in text and "ETA 0:09:30" in text, text
 
 
 def test_train_through_a_pipe_prints_heartbeat_lines(monkeypatch: pytest.MonkeyPatch):
@@ -150,3 +150,42 @@ def test_train_piped_to_cat_starts_with_a_progress_line(tmp_path, mlflow_tmp: st
     assert got[0].startswith("train: starting"), got[:3]
     assert sum(line.startswith("train: ") for line in got) >= 2
     assert "\x1b[" not in out.stdout  # no terminal control codes in a log
+
+
+class Recorder(LineProgress):
+    """A FlowProgress that records the plan, the parts and how many steps each part reported."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda msg: None)
+        self.planned: list[tuple[int, str]] = []
+        self.labels: list[str] = []
+        self.steps: list[int] = []
+
+    def plan(self, parts: int, unit: str = "parts") -> None:
+        self.planned.append((parts, unit))
+
+    def part(self, label: str, done: int | None = None) -> None:
+        self.labels.append(label)
+        self.steps.append(0)
+
+    def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
+        self.steps[-1] += 1
+
+
+@pytest.mark.slow
+def test_compare_plans_as_many_parts_as_it_runs(monkeypatch: pytest.MonkeyPatch):
+    """The bar's total is right: every run (lr grid and seeds) and the efficiency timing is one planned part,
+    and each training run moves its part along by its steps."""
+    import pipelines.compare
+    from picollm.config import CompareConfig, load_config
+
+    monkeypatch.setattr(pipelines.compare, "_figures", lambda *a, **k: [])  # checked in test_compare
+    cfg = load_config(
+        CompareConfig, TINY.parent / "compare_tiny.yaml", ["compare.lr_grid=[0.01,0.02]", "compare.lr_grid_epochs=1"]
+    )
+    rec = Recorder()
+    pipelines.compare.run(cfg, progress=rec)
+    assert rec.planned == [(2 * 2 + 2 * 2 + 1, "runs")]  # lr grid 2 variants x 2 lrs, 2 seeds x 2 variants, efficiency
+    assert len(rec.labels) == 9 and rec.labels[-1].startswith("efficiency")
+    assert [label.split(":")[0] for label in rec.labels[:4]] == ["lr grid"] * 4
+    assert all(n > 0 for n in rec.steps[:-1]) and rec.steps[-1] == 0
