@@ -233,7 +233,7 @@ class RichReporter:
         if self.progress is None:
             return
         eta = self.remaining()
-        label = self.label if self.in_part else f"{self.what} {self.label}"
+        label = f"{self.what}: starting" if self.label == "starting" else self.label  # the command is on screen
         self.progress.update(
             self.task,
             completed=self.fraction(),

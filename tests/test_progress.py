@@ -126,6 +126,7 @@ def test_the_terminal_bar_shows_elapsed_and_remaining_within_80_columns():
     assert "run 1/10 step 50/100" in text and "5%" in text and "ETA 0:09:30" in text, text
 
 
+@pytest.mark.slow
 def test_train_through_a_pipe_prints_heartbeat_lines(monkeypatch: pytest.MonkeyPatch):
     """The CLI outside a terminal (CliRunner's output is no TTY): a progress line at once, then on every event
     (interval 0 here; 10 s by default), each with the counts, the elapsed and the remaining time."""
