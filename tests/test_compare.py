@@ -513,7 +513,7 @@ def test_the_four_verdicts():
         "worse": "softmax better",
         "equivalent": "equivalent within ±0.01",
         "noisy": "inconclusive",
-        "single": "n/a (fewer than 2 runs a side)",
+        "single": cmp.NA_RUNS,
     }
     assert rows["noisy"]["margin"] == "0.02" and rows["single"]["p"] == "-" and rows["single"]["diff"] == "+0.100"
     assert rows["better"]["diff"].startswith("+0.010 ± ") and rows["better"]["test"] == "paired"

@@ -190,7 +190,8 @@ def _test_sentence(r: ReportInput) -> str:
 
 HOW_TO_READ = (
     "How to read the verdicts (the first that applies, picollm/compare/verdicts.py): **n/a (…)** = no test, "
-    "for the reason given (fewer than 2 runs a side; fewer than 2 pairs; no noise estimate: "
+    "for the reason given (< 2 runs a side: fewer than 2 runs with a value on a side; fewer than 2 pairs: "
+    "fewer than 2 seeds with the value on both sides; no noise estimate: "
     + WHY["n/a (no noise estimate)"]
     + "); **X better, by < m** = the difference test rejects equal means (adjusted p < alpha) and TOST shows "
     "the difference inside ±m (adjusted p TOST < alpha): real, but smaller than the margin; **X better** = the "

@@ -1,7 +1,7 @@
 """The verdict of one compared metric, from its difference test and its equivalence test (TOST), both
 p-values Holm-adjusted within their family, at level alpha. The first row that applies, in this order:
 
-    no test: fewer than 2 runs a side               -> "n/a (fewer than 2 runs a side)"
+    no test: fewer than 2 runs a side               -> "n/a (< 2 runs a side)"
     no test: fewer than 2 seeds with both values    -> "n/a (fewer than 2 pairs)"
     no noise estimate: the difference is the same
       on every seed (to rounding), identical runs   -> "n/a (no noise estimate)"
@@ -21,7 +21,7 @@ import math
 
 from picollm.model.mixers import REFERENCE_PAIR
 
-NA_RUNS = "n/a (fewer than 2 runs a side)"
+NA_RUNS = "n/a (< 2 runs a side)"  # the verdicts are short: the terminal's table keeps them whole in 80 columns
 NA_PAIRS = "n/a (fewer than 2 pairs)"
 NA_NOISE = "n/a (no noise estimate)"
 NA = NA_RUNS  # the former name
