@@ -1,7 +1,7 @@
 """Statistics over seeds, by hand (scipy is not a dependency; the tests check against it): Student-t
 intervals; the paired t-test on per-seed differences and Welch's test; TOST equivalence within a margin;
 Holm's step-down correction within a family; a sequence-level bootstrap for one run on a fixed test set;
-aggregation of per-run metrics, pointwise bands of curves and the verdicts of the summary table.
+aggregation of per-run metrics and pointwise bands of curves.
 
 Every comparison is softmax (the baseline, `a`) against linear (`b`); a difference is linear - softmax.
 A difference whose spread over the seeds is zero to rounding (`NOISE_RTOL`) has no noise estimate: no p, no
