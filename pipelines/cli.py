@@ -213,6 +213,35 @@ def dpo(
     console.print(f"run {out.run_id}  reference {out.reference}{reg}", highlight=False)
 
 
+def compare_table(rows: list[dict[str, str]], runs: dict[str, int], confidence: float) -> Table:
+    """The headline in 80 columns: one row per metric (per metric and variant with more than two), means only
+    (report.html has their intervals), Δ = variant − baseline with its interval, p Holm-adjusted within its
+    family, and the verdict whole (never wrapped: other cells wrap first). Primaries first, under a label."""
+    base, *others = runs
+    title = " vs ".join(f"{v} (n={k})" for v, k in runs.items())
+    table = Table(
+        title=f"{title}; Δ ± {100 * confidence:g} % CI, p Holm-adjusted",
+        box=None,
+        pad_edge=False,
+        collapse_padding=True,
+        title_justify="left",
+    )
+    two = len(others) == 1
+    columns = ["metric", *([base, others[0]] if two else ["variant", base, "mean"]), "Δ", "p", "verdict"]
+    for col in columns:
+        left = col in ("metric", "variant", "verdict")
+        table.add_column(col, justify="left" if left else "right", no_wrap=col == "verdict", header_style="bold")
+    for role in ("primary", "secondary"):
+        mine = [r for r in rows if r.get("role", "secondary") == role]
+        if not mine:
+            continue
+        table.add_row(f"[italic]{role}[/italic]", *[""] * (len(columns) - 1))
+        for r in mine:
+            means = [r["base_mean"], r["mean"]] if two else [r["variant"], r["base_mean"], r["mean"]]
+            table.add_row(escape(r["short"]), *map(escape, means), escape(r["diff"]), r["p"], escape(r["verdict"]))
+    return table
+
+
 @app.command()
 def compare(
     config: Annotated[Path, typer.Argument(help="Compare config")] = Path("configs/compare.yaml"),
@@ -223,23 +252,7 @@ def compare(
     with progress.reporter("compare", epoch_lines=False) as reporter:
         out = _flow("compare").run(cfg, progress=reporter)
     n = {v: sum(m.variant == v for m in out.members) for v in out.variants}
-    base, *others = out.variants
-    runs = " vs ".join(f"{v} (n={k})" for v, k in n.items())
-    table = Table(title=f"{runs}: mean ± CI, p Holm-adjusted")
-    if len(others) == 1:  # one row per metric: both values, the difference and its tests
-        columns = ["metric", base, others[0], f"{others[0]} − {base}", "p", "p TOST", "verdict"]
-        cells = [[r["metric"], r[base], r[others[0]], r["diff"], r["p"], r["p_tost"], r["verdict"]] for r in out.rows]
-    else:  # one row per (metric, variant): the variant against the baseline
-        columns = ["metric", "variant", base, "value", f"− {base}", "p", "p TOST", "verdict"]
-        cells = [
-            [r["metric"], r["variant"], r["base_value"], r["value"], r["diff"], r["p"], r["p_tost"], r["verdict"]]
-            for r in out.rows
-        ]
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("metric", "variant", "verdict") else "right")
-    for row in cells:
-        table.add_row(*row)
-    console.print(table)
+    console.print(compare_table(out.rows, n, cfg.compare.confidence))
     if out.lrs:
         console.print(
             "lr per variant (grid on validation data): " + ", ".join(f"{v} {lr:g}" for v, lr in out.lrs.items())

@@ -284,6 +284,7 @@ def run(cfg: CompareConfig, progress: Say | Callable[[str], None] | None = None)
         )
         run_name = cfg.tracking.run_name or runs.unique_name(f"compare-{inp.mode}")
         tags = {"compare.mode": inp.mode, "data.source": inp.data_source, "compare.baseline": cc.baseline}
+        tags["compare.primaries"] = ", ".join(cc.primaries) or "none declared (every row secondary)"
         lrs: dict[str, float] = {}
         with s.run(run_name, config=cfg, tags=tags) as parent:
             parent.log_text(to_yaml(inp.data_cfg), "data_config.yaml")
@@ -336,6 +337,11 @@ def _log_summary(parent: RunLog, cfg: CompareConfig, inp: Inputs, by_variant: By
     if keys.compact(names):  # many variants: the parent keeps the main numbers, the tables keep the rest
         headline = [k for k in headline if k in keys.COMPACT_HEADLINE or k == headline[-1]]
     metrics = keys.headline_metrics(summary.agg, summary.diffs, headline, summary.seq_ci, names)
+    adjusted = cmp.holm_families(summary.diffs, [k for k, _, _ in summary.headline], summary.primaries)
+    metrics |= keys.holm_metrics(adjusted, summary.primaries, names)
+    if primary := [r for r in summary.rows if r["role"] == "primary"]:  # the runs table can show it as a column
+        each = (f"{r['key']}{'' if len(names) == 2 else ' ' + r['variant']}: {r['verdict']}" for r in primary)
+        parent.set_tags({"compare.primary_verdicts": "; ".join(each)})
     metrics |= keys.family_metrics(summary.agg, inp.families, variants=names)
     metrics |= {f"model/num_params/{v}": float(n) for v, n in summary.params.items()}
     parent.log_metrics(metrics)
@@ -427,6 +433,7 @@ def _report(
             extra=[*extra, *(_reproduction_section(inp.members) if inp.mode == "registry" else [])],
             test=cc.test,
             seq_ci=summary.seq_ci,
+            primaries=summary.primaries,
         )
     )
 

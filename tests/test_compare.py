@@ -59,9 +59,13 @@ def test_interval_edge_cases_and_bootstrap():
     one = cmp.mean_ci([0.5])
     assert one.mean == 0.5 and one.n == 1 and math.isnan(one.low) and math.isnan(one.high)
     assert cmp.mean_ci([]).n == 0
-    boot = cmp.mean_ci([0.1, 0.2, 0.3, 0.4], method="bootstrap", n_boot=2000)
-    assert 0.1 <= boot.low < boot.mean < boot.high <= 0.4
-    assert boot == cmp.mean_ci([0.1, 0.2, 0.3, 0.4], method="bootstrap", n_boot=2000)  # seeded
+    twelve = [0.1 * i for i in range(1, 13)]
+    boot = cmp.mean_ci(twelve, method="bootstrap", n_boot=2000)
+    assert 0.1 <= boot.low < boot.mean < boot.high <= 1.2 and boot != cmp.mean_ci(twelve)  # percentile, not t
+    assert boot == cmp.mean_ci(twelve, method="bootstrap", n_boot=2000)  # seeded
+    # below BOOTSTRAP_MIN_RUNS values the bootstrap undercovers: the t interval instead
+    four = [0.1, 0.2, 0.3, 0.4]
+    assert cmp.mean_ci(four, method="bootstrap") == cmp.mean_ci(four)
 
 
 def test_welch_p_on_hand_computed_case():
@@ -70,7 +74,7 @@ def test_welch_p_on_hand_computed_case():
     a, b = [0.80, 0.82, 0.81], [0.85, 0.83, 0.86]
     assert cmp.welch_p(a, b) == pytest.approx(0.032199, abs=1e-5)
     assert cmp.welch_p(a, a) == pytest.approx(1.0)
-    assert cmp.welch_p([1.0, 1.0], [1.0, 1.0]) == 1.0  # no variance, same value
+    assert math.isnan(cmp.welch_p([1.0, 1.0], [1.0, 1.0]))  # identical runs: no noise estimate either
     # a constant non-zero difference gives no estimate of the noise: not "p = 0" (an infinite t)
     assert math.isnan(cmp.welch_p([1.0, 1.0], [0.0, 0.0]))
     assert math.isnan(cmp.paired_p([0.5, 0.6], [0.502, 0.602]))
@@ -311,6 +315,13 @@ def test_parent_with_one_child_per_model_and_seed(in_compared: Compared):
     # Readable in the UI: a bounded set of headline keys, metric first and the variant last (so both
     # variants share a chart section); the tails (other splits, families, lengths, tests) are tables.
     assert len(pm) <= keys.MAX_PARENT_KEYS, len(pm)
+    # the declared primaries, labelled: the tag names them, the Holm-adjusted p's key names its family
+    tags = parent.data.tags
+    assert tags["compare.primaries"] == "eval/test/loss, eval/test/accuracy"
+    assert tags["compare.primary_verdicts"].startswith("eval/test/loss: ")
+    assert {k.rsplit("/", 1)[1] for k in pm if "/p_holm_" in k} <= {"p_holm_primary", "p_holm_secondary"}
+    assert "eval/test/loss/p_holm_primary" in pm and "eval/test/ece/p_holm_secondary" in pm  # a loss: never tied
+    assert "eval/test/ece/p_holm_primary" not in pm and "eval/test/accuracy/p_holm_secondary" not in pm
     assert not any(k.startswith(("softmax/", "linear/", "diff/")) for k in pm)
     assert not any(k.startswith(("eval/train", "eval/val")) or "/welch_p" in k for k in pm)
     assert re.fullmatch(r"compare-train-\d{4}-\d{6}", parent.info.run_name)
@@ -345,13 +356,16 @@ def test_parent_with_one_child_per_model_and_seed(in_compared: Compared):
     report = mlflow.artifacts.load_text(f"runs:/{out.parent_run_id}/report.md")
     assert "## Headline" in report and "How to read the verdicts" in report and "![" in report
     assert "paired t-test on the 2 per-seed differences" in report
+    assert "**Primary** (declared before the runs in compare.primaries: eval/test/loss, eval/test/accuracy" in report
+    assert "**Secondary** (exploratory" in report
     assert "Holm-adjusted within this table of" in report
     assert {r["verdict"] for r in out.rows} <= {
-        "linear better",
-        "softmax better",
+        *(f"{v} better{by}" for v in ("linear", "softmax") for by in ("", ", by < 0.01")),
         "equivalent within ±0.01",
         "inconclusive",
+        "n/a (no noise estimate)",  # 2 seeds of a tiny test set: the same count difference on both happens
     }
+    assert [r["role"] for r in out.rows[:2]] == ["primary"] * 2  # compare_tiny.yaml declares loss and accuracy
     for key in ("diff", "diff_ci_low", "diff_ci_high", "p", "p_tost"):
         assert f"eval/test/accuracy/{key}" in pm
     # report.html: the report as MLflow's artifact viewer renders it, figures inlined at a legible dpi
@@ -426,9 +440,9 @@ def test_paired_difference_matches_scipy():
     assert welch.test == "welch" and welch.p == d.welch_p and welch.low < 0 < welch.high
     assert cmp.difference([0.8, 0.9], [0.8, 0.9, 1.0]).test == "welch"  # unequal n: no pairs
     assert cmp.difference([0.8], [0.9]) is None
-    # no variance of the differences: certain
+    # no variance of the differences: no noise estimate, so no test and no interval (not "certain")
     same = cmp.difference([0.5, 0.6], [0.5, 0.6], margin=0.01)
-    assert (same.p, same.p_tost, same.low, same.high) == (1.0, 0.0, 0.0, 0.0)
+    assert all(math.isnan(x) for x in (same.p, same.p_tost, same.low, same.high)) and not same.noise
     for confidence in (0.9, 0.99):
         for df in (1, 2, 5, 30):
             assert cmp.t_ppf(0.5 + confidence / 2, df) == pytest.approx(st.t.ppf(0.5 + confidence / 2, df), abs=1e-8)
@@ -499,7 +513,7 @@ def test_the_four_verdicts():
         "worse": "softmax better",
         "equivalent": "equivalent within ±0.01",
         "noisy": "inconclusive",
-        "single": "n/a (fewer than 2 runs a side)",
+        "single": cmp.NA_RUNS,
     }
     assert rows["noisy"]["margin"] == "0.02" and rows["single"]["p"] == "-" and rows["single"]["diff"] == "+0.100"
     assert rows["better"]["diff"].startswith("+0.010 ± ") and rows["better"]["test"] == "paired"

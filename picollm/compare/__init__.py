@@ -1,6 +1,7 @@
 """Computations behind `picollm compare`, one module per concern:
 
-- `stats`: Student-t intervals, paired t / Welch tests, TOST, Holm, sequence bootstrap, aggregation, verdicts;
+- `stats`: Student-t intervals, paired t / Welch tests, TOST, Holm, sequence bootstrap, aggregation;
+- `verdicts`: the verdict of a compared metric from its adjusted p-values, and its precedence;
 - `table`: every variant against the baseline, metric by metric: differences, adjusted p-values, table rows;
 - `inputs`: the child training configs (or loaded models) and data draws of a comparison;
 - `summary`: aggregates, differences and headline rows over the members; the report's set-up text;
@@ -58,7 +59,6 @@ from picollm.compare.report import ROW_COLUMNS, SPLIT_METRICS, ReportInput, md_t
 from picollm.compare.report_studies import lr_grid_section, recall_section
 from picollm.compare.stats import (
     MODELS,
-    NA,
     Aggregate,
     Difference,
     Interval,
@@ -82,7 +82,6 @@ from picollm.compare.stats import (
     t_sf,
     tost_p,
     two_sided_p,
-    verdict,
     welch_p,
     welch_stat,
 )
@@ -95,15 +94,21 @@ from picollm.compare.table import (
     fmt_interval,
     fmt_p,
     headline_keys,
+    holm_families,
     holm_grid,
+    short_label,
     side,
     summary_rows,
 )
+from picollm.compare.verdicts import NA, NA_NOISE, NA_PAIRS, NA_RUNS, verdict
 
 __all__ = [
     "COLORS",
     "MODELS",
     "NA",
+    "NA_NOISE",
+    "NA_PAIRS",
+    "NA_RUNS",
     "ROW_COLUMNS",
     "SPLIT_METRICS",
     "Aggregate",
@@ -139,6 +144,7 @@ __all__ = [
     "fmt_p",
     "headline_keys",
     "holm",
+    "holm_families",
     "holm_grid",
     "holm_table",
     "length_curves",
@@ -164,6 +170,7 @@ __all__ = [
     "restrict_targets",
     "sequence_bootstrap_ci",
     "sequence_counts",
+    "short_label",
     "side",
     "state_sizes",
     "summary_rows",

@@ -96,6 +96,20 @@ def headline_metrics(
     return _finite(out)
 
 
+def holm_metrics(
+    adjusted: dict[tuple[str, str], tuple[float, float]], primaries: Sequence[str], variants: Sequence[str]
+) -> dict[str, float]:
+    """The headline's Holm-adjusted p of each (variant, metric), the key naming its family:
+    `<metric>/p_holm_primary` or `<metric>/p_holm_secondary` (more than two variants: `<metric>/<variant>_p_holm_
+    primary`, primaries only, within the parent's key budget). `adjusted`: table.holm_families."""
+    out = {}
+    for (v, k), (p, _) in adjusted.items():
+        role = "primary" if k in primaries else "secondary"
+        if role == "primary" or not compact(variants):
+            out[diff_key(k, v, variants, f"p_holm_{role}")] = p
+    return _finite(out)
+
+
 def family_metrics(
     agg: Aggregate, families: list[str], prefix: str = "eval/test/accuracy", variants: Sequence[str] = MODELS
 ) -> dict[str, float]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from picollm.compare.efficiency import Efficiency
 from picollm.compare.stats import Aggregate, SeqIntervals
-from picollm.compare.table import Comparisons, diff_cells, fmt_interval, holm_grid, side
+from picollm.compare.table import PRIMARY, Comparisons, diff_cells, fmt_interval, holm_grid, side, untested_reason
+from picollm.compare.verdicts import WHY, rank
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ReportInput:
     extra: list[str] = field(default_factory=list)  # extra markdown sections
     test: str = "paired"  # compare.test: the test asked for
     seq_ci: SeqIntervals = field(default_factory=dict)  # sequence-bootstrap intervals of single runs
+    primaries: list[str] = field(default_factory=list)  # compare.primaries (the rows' "role" says which is which)
 
     @property
     def variants(self) -> list[str]:
@@ -95,7 +97,8 @@ def _compared(r: ReportInput, items: list[Item], extra: dict[str, list[str]] | N
             if hb is None or (v, key) not in adjusted:
                 a, b = r.agg.get(r.base, {}).get(key), r.agg.get(v, {}).get(key)
                 diff = f"{b.mean - a.mean:+.3f}" if a and b and math.isfinite(b.mean - a.mean) else "-"
-                cells_of[v] = {"diff": diff, "p": "-", "p_tost": "-", "verdict": "-" if hb is None else "n/a"}
+                why = "-" if hb is None else untested_reason(r.agg, r.base, v, key)
+                cells_of[v] = {"diff": diff, "p": "-", "p_tost": "-", "verdict": why}
             else:
                 cells_of[v] = diff_cells(r.diffs[v][key], adjusted[(v, key)], r.alpha, hb, names=(r.base, v))
                 verdicts[(v, label)] = cells_of[v]["verdict"]
@@ -135,7 +138,7 @@ def _verdict_line(r: ReportInput, k: int, verdicts: dict[tuple[str, str], str]) 
     groups: dict[str, list[str]] = {}
     for (v, label), verdict in verdicts.items():
         groups.setdefault(verdict, []).append(label if len(r.variants) == 2 else f"{label} ({v})")
-    order = sorted(groups, key=lambda v: (not v.endswith("better"), v.startswith("inconclusive"), v))
+    order = sorted(groups, key=lambda v: (rank(v), v))
     said = "; ".join(f"**{v}**: {', '.join(groups[v])}" for v in order)
     return ["", f"p-values Holm-adjusted within this table of {k} tests. {said}."]
 
@@ -169,20 +172,34 @@ def _test_sentence(r: ReportInput) -> str:
     other = sorted(
         {f"{row['metric']} ±{row['margin']}" for row in r.rows if row.get("margin", usual) not in (usual, "-")}
     )
+    tested = Counter(row.get("role", "secondary") for row in r.rows if row["p"] != "-")
+    families = (
+        f"within the primary family of {tested[PRIMARY]} tests and, separately, the secondary family of "
+        f"{tested['secondary']}"
+        if r.primaries
+        else f"within this table of {tested['secondary']} tests"
+    )
     return (
         f"Difference test: {test}. Equivalence: TOST (two one-sided tests) with margin ±{usual}"
         + (f" ({', '.join(other)})" if other else "")
         + " — absolute, in the metric's units (compare.equivalence_margin; per metric: "
-        f"compare.equivalence_margins). p and p TOST are Holm-adjusted within this table of "
-        f"{sum(row['p'] != '-' for row in r.rows)} tests (the two corrected separately); alpha = {r.alpha}."
+        f"compare.equivalence_margins). p and p TOST are Holm-adjusted {families} (the two corrected "
+        f"separately); alpha = {r.alpha}."
     )
 
 
 HOW_TO_READ = (
-    "How to read the verdicts: **X better** = the difference test rejects equal means (adjusted p < alpha); "
-    "**equivalent within ±m** = no difference shown, and TOST shows |variant − baseline| < m (adjusted p TOST "
-    "< alpha); **inconclusive** = neither a difference nor equivalence within ±m could be shown with these "
-    "runs (more seeds, or a wider margin, may decide it)."
+    "How to read the verdicts (the first that applies, picollm/compare/verdicts.py): **n/a (…)** = no test, "
+    "for the reason given (< 2 runs a side: fewer than 2 runs with a value on a side; fewer than 2 pairs: "
+    "fewer than 2 seeds with the value on both sides; no noise estimate: "
+    + WHY["n/a (no noise estimate)"]
+    + "); **X better, by < m** = the difference test rejects equal means (adjusted p < alpha) and TOST shows "
+    "the difference inside ±m (adjusted p TOST < alpha): real, but smaller than the margin; **X better** = the "
+    "difference test rejects, TOST does not; **equivalent within ±m** = no difference shown, and TOST shows "
+    "|variant − baseline| < m; **inconclusive** = neither a difference nor equivalence within ±m could be shown "
+    "with these runs (more seeds, or a wider margin, may decide it). Primary rows were declared before the "
+    "runs (compare.primaries) and are corrected only among themselves; every other row, and every other table "
+    "of this report, is secondary: exploratory, each corrected within its own family."
 )
 
 
@@ -237,32 +254,34 @@ def _headline(r: ReportInput) -> list[str]:
         "interval; p: two-sided test of no difference; p TOST: equivalence within the margin.",
         "",
     ]
-    if len(r.variants) == 2:
-        header = [h.format(base=r.base, variant=r.others[0]) for _, h in ROW_COLUMNS]
-        lines += md_table(header, [[row[k] for k, _ in ROW_COLUMNS] for row in r.rows])
-    else:
-        by_metric: dict[str, dict[str, dict[str, str]]] = {}
-        for row in r.rows:
-            by_metric.setdefault(row["metric"], {})[row["variant"]] = row
-        table = [
-            [
-                m,
-                per[r.others[0]]["base_value"],
-                *(per[v]["value"] for v in r.others),
-                *(_cell(per[v]) for v in r.others),
-            ]
-            for m, per in by_metric.items()
+    primary = [row for row in r.rows if row.get("role") == PRIMARY]
+    secondary = [row for row in r.rows if row.get("role") != PRIMARY]
+    tested = [sum(row["p"] != "-" for row in rows) for rows in (primary, secondary)]
+    if r.primaries:
+        lines += [
+            f"**Primary** (declared before the runs in compare.primaries: {', '.join(r.primaries)}; p Holm-adjusted "
+            f"over these {tested[0]} tests only):",
+            "",
+            *_headline_table(r, primary),
+            "",
+            f"**Secondary** (exploratory; Holm over the other {tested[1]} tests of this table):",
+            "",
         ]
-        lines += md_table(_header(r, "metric"), table)
+    else:
+        lines += ["No primary metric declared (compare.primaries is empty): every row is **secondary**.", ""]
+    lines += _headline_table(r, secondary)
     lines += ["", _test_sentence(r), "", HOW_TO_READ]
     groups: dict[str, list[str]] = {}
     for row in r.rows:
         label = row["metric"] if len(r.variants) == 2 else f"{row['metric']} ({row['variant']})"
-        groups.setdefault(row["verdict"], []).append(label)
-    kinds = [*(f"{v} better" for v in r.variants[::-1]), *sorted(v for v in groups if v.startswith("equivalent"))]
-    kinds.append("inconclusive")
+        groups.setdefault(row["verdict"], []).append(label + (" (primary)" if row.get("role") == PRIMARY else ""))
+    kinds = {f"{v} better" for v in r.variants} | {"inconclusive"} | set(groups)
     if any(r.diffs.values()):
-        lines += ["", " ".join(f"**{v[0].upper() + v[1:]}**: {', '.join(groups.get(v, [])) or 'none'}." for v in kinds)]
+        said = [
+            f"**{v[0].upper() + v[1:]}**: {', '.join(groups.get(v, [])) or 'none'}."
+            for v in sorted(kinds, key=lambda v: (rank(v), v))
+        ]
+        lines += ["", " ".join(said)]
     single = [att for att, labels in r.runs.items() if len(labels) == 1]
     if single:
         boot = [k for att in single for k in r.seq_ci.get(att, {})]
@@ -279,6 +298,22 @@ def _headline(r: ReportInput) -> list[str]:
             ),
         ]
     return lines
+
+
+def _headline_table(r: ReportInput, rows: list[dict[str, str]]) -> list[str]:
+    """The headline's rows (one family): two variants, ROW_COLUMNS; more, a column per variant and one
+    `v − base` cell per other variant."""
+    if len(r.variants) == 2:
+        header = [h.format(base=r.base, variant=r.others[0]) for _, h in ROW_COLUMNS]
+        return md_table(header, [[row[k] for k, _ in ROW_COLUMNS] for row in rows])
+    by_metric: dict[str, dict[str, dict[str, str]]] = {}
+    for row in rows:
+        by_metric.setdefault(row["metric"], {})[row["variant"]] = row
+    table = [
+        [m, per[r.others[0]]["base_value"], *(per[v]["value"] for v in r.others), *(_cell(per[v]) for v in r.others)]
+        for m, per in by_metric.items()
+    ]
+    return md_table(_header(r, "metric"), table)
 
 
 def _every_split(r: ReportInput) -> list[str]:

@@ -1,17 +1,13 @@
 """Statistics over seeds, by hand (scipy is not a dependency; the tests check against it): Student-t
 intervals; the paired t-test on per-seed differences and Welch's test; TOST equivalence within a margin;
-Holm's step-down correction within a table; a sequence-level bootstrap for one run on a fixed test set;
-aggregation of per-run metrics, pointwise bands of curves and the verdicts of the summary table.
+Holm's step-down correction within a family; a sequence-level bootstrap for one run on a fixed test set;
+aggregation of per-run metrics and pointwise bands of curves.
 
 Every comparison is softmax (the baseline, `a`) against linear (`b`); a difference is linear - softmax.
-The verdict of a metric, with p-values Holm-adjusted within its table and level alpha:
+A difference whose spread over the seeds is zero to rounding (`NOISE_RTOL`) has no noise estimate: no p, no
+interval (picollm.compare.verdicts turns the p-values into verdicts and says why there is none).
 
-    difference test rejects (p < alpha)           -> "linear better" / "softmax better"
-    else TOST rejects (p_TOST < alpha)            -> "equivalent within ±margin"
-    else                                          -> "inconclusive"
-    fewer than 2 runs a side                      -> "n/a (fewer than 2 runs a side)"
-
-Only numpy and math: nothing here may import the rest of picollm.
+Only numpy and math, and two constants (the reference pair, BOOTSTRAP_MIN_RUNS).
 """
 
 from __future__ import annotations
@@ -26,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from picollm.config.compare import BOOTSTRAP_MIN_RUNS  # why 10: its comment (validation refuses fewer)
 from picollm.model.mixers import REFERENCE_PAIR
 
 MODELS = REFERENCE_PAIR  # (baseline, variant) of the two-model API: the registry's reference pair
@@ -115,7 +112,10 @@ class Interval:
 def mean_ci(
     values: Sequence[float], confidence: float = 0.95, method: str = "t", n_boot: int = 10000, seed: int = 0
 ) -> Interval:
-    """t interval mean +- t_{(1+c)/2, n-1} s / sqrt(n), or a percentile bootstrap of the mean."""
+    """t interval mean +- t_{(1+c)/2, n-1} s / sqrt(n), or a percentile bootstrap of the mean (the t interval
+    below BOOTSTRAP_MIN_RUNS values, where the bootstrap undercovers)."""
+    if method not in ("t", "bootstrap"):
+        raise ValueError(f"unknown interval method {method!r}")
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     n = len(x)
     if n == 0:
@@ -124,11 +124,9 @@ def mean_ci(
     if n < 2:
         return Interval(mean, math.nan, math.nan, math.nan, n)
     std = float(x.std(ddof=1))
-    if method == "t":
+    if method == "t" or n < BOOTSTRAP_MIN_RUNS:
         h = t_ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
         return Interval(mean, mean - h, mean + h, std, n)
-    if method != "bootstrap":
-        raise ValueError(f"unknown interval method {method!r}")
     means = x[np.random.default_rng(seed).integers(0, n, size=(n_boot, n))].mean(1)
     low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
     return Interval(mean, float(low), float(high), std, n)
@@ -136,6 +134,25 @@ def mean_ci(
 
 def _finite(values: Sequence[float]) -> np.ndarray:
     return np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+
+
+# Below this fraction of the compared values' magnitude, a standard deviation is rounding, not noise. Metrics
+# are float32 means (relative error <= 2^-24 = 6e-8 each), so the same count difference on every seed (e.g.
+# accuracies [0.625, 0.7175] vs [0.623125, 0.715625], -3 answers of 1,600 on both) differs in its last bits
+# and would otherwise give an infinite-looking t (p 1.9e-14 "better"). The floor is relative to the values,
+# not to the difference: their rounding error is what spreads the differences, whatever their size. A real
+# spread of one answer in N targets is 1/N of an accuracy, far above 1e-6 for any test set below 10^6 targets.
+NOISE_RTOL = 1e-6
+
+
+def _spread(values: np.ndarray, scale: float) -> float:
+    """Standard deviation (ddof 1) of `values`, 0 when it is below NOISE_RTOL * `scale` (rounding only)."""
+    sd = float(values.std(ddof=1))
+    return 0.0 if sd <= NOISE_RTOL * scale else sd
+
+
+def _scale(*arrays: np.ndarray) -> float:
+    return max((float(np.abs(a).max()) for a in arrays if len(a)), default=0.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,42 +171,46 @@ class TStat:
 
 def paired_stat(a: Sequence[float], b: Sequence[float]) -> TStat | None:
     """Paired by position: d_i = b_i - a_i over the pairs with both values finite; se = s_d / sqrt(n),
-    df = n - 1. None with fewer than 2 pairs."""
+    df = n - 1 (se 0 when s_d is rounding: `_spread`). None with fewer than 2 pairs."""
     if len(a) != len(b):
         raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
     x = np.asarray([math.nan if v is None else v for v in a], dtype=float)
     y = np.asarray([math.nan if v is None else v for v in b], dtype=float)
-    d = (y - x)[np.isfinite(x) & np.isfinite(y)]
+    both = np.isfinite(x) & np.isfinite(y)
+    d = (y - x)[both]
     if len(d) < 2:
         return None
-    return TStat(float(d.mean()), float(d.std(ddof=1)) / math.sqrt(len(d)), len(d) - 1.0, len(d))
+    sd = _spread(d, _scale(x[both], y[both]))
+    return TStat(float(d.mean()), sd / math.sqrt(len(d)), len(d) - 1.0, len(d))
 
 
 def welch_stat(a: Sequence[float], b: Sequence[float]) -> TStat | None:
-    """Unpaired, unequal variances: se = sqrt(s_a^2/n_a + s_b^2/n_b), Welch-Satterthwaite df.
-    None with fewer than 2 finite values a side."""
+    """Unpaired, unequal variances: se = sqrt(s_a^2/n_a + s_b^2/n_b), Welch-Satterthwaite df (a side's s is 0
+    when it is rounding: `_spread`). None with fewer than 2 finite values a side."""
     x, y = _finite(a), _finite(b)
     if len(x) < 2 or len(y) < 2:
         return None
-    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    scale = _scale(x, y)
+    vx, vy = _spread(x, scale) ** 2 / len(x), _spread(y, scale) ** 2 / len(y)
     df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1)) if vx + vy > 0 else len(x) + len(y) - 2.0
     return TStat(float(y.mean() - x.mean()), math.sqrt(vx + vy), float(df), min(len(x), len(y)))
 
 
 def two_sided_p(s: TStat) -> float:
-    """p of H0: mean difference 0. No variance (e.g. two seeds whose discrete accuracies differ by the
-    same step): 1 when the difference is 0, else NaN, since the data give no estimate of the noise and an
-    infinite t would call a one-token difference significant."""
+    """p of H0: mean difference 0. NaN without a noise estimate (se 0: e.g. seeds whose discrete accuracies
+    differ by the same step, or identical runs): an infinite t would call a one-token difference significant,
+    and identical seeds say nothing about the next one."""
     if s.se == 0:
-        return 1.0 if s.mean == 0 else math.nan
+        return math.nan
     return min(1.0, 2.0 * t_sf(abs(s.mean / s.se), s.df))
 
 
 def tost_p(s: TStat, margin: float) -> float:
     """Two one-sided tests of equivalence within ±margin: max of p_lower (H0: difference <= -margin,
-    P(T > (mean + margin) / se)) and p_upper (H0: difference >= margin, P(T < (mean - margin) / se))."""
-    if s.se == 0:  # identical runs are equivalent; any other constant difference has no noise estimate
-        return 0.0 if s.mean == 0 else (math.nan if abs(s.mean) < margin else 1.0)
+    P(T > (mean + margin) / se)) and p_upper (H0: difference >= margin, P(T < (mean - margin) / se)).
+    NaN without a noise estimate (se 0), as `two_sided_p`: two identical seeds are not evidence of equivalence."""
+    if s.se == 0:
+        return math.nan
     return max(t_sf((s.mean + margin) / s.se, s.df), t_sf((margin - s.mean) / s.se, s.df))
 
 
@@ -209,7 +230,8 @@ def paired_p(a: Sequence[float], b: Sequence[float]) -> float:
 class Difference:
     """linear - softmax of one metric: mean with its t interval, the test used ("paired" or "welch"), its
     two-sided p, the TOST p of equivalence within ±margin, and Welch's p (always, for reference).
-    p-values are unadjusted; `holm_table` adjusts them within a table."""
+    p-values are unadjusted; `holm_table` adjusts them within a table. No noise estimate (`noise` False: se 0,
+    the same difference on every seed to rounding): p and p_tost NaN, low = high = NaN (no interval)."""
 
     test: str
     mean: float
@@ -223,6 +245,11 @@ class Difference:
     welch_p: float
     margin: float
 
+    @property
+    def noise(self) -> bool:
+        """The runs estimate the noise of the difference (se > 0): the tests and the interval exist."""
+        return self.se > 0
+
 
 def difference(
     a: Sequence[float], b: Sequence[float], confidence: float = 0.95, margin: float = 0.01, paired: bool = True
@@ -232,7 +259,7 @@ def difference(
     s = paired_stat(a, b) if paired else welch_stat(a, b)
     if s is None:
         return None
-    h = t_ppf(0.5 + confidence / 2, s.df) * s.se
+    h = t_ppf(0.5 + confidence / 2, s.df) * s.se if s.se > 0 else math.nan
     return Difference(
         test="paired" if paired else "welch",
         mean=s.mean,
@@ -297,30 +324,6 @@ def holm_table(diffs: dict[str, Difference], keys: Sequence[str]) -> dict[str, t
     p = holm([diffs[k].p for k in tested])
     p_tost = holm([diffs[k].p_tost for k in tested])
     return {k: (p[i], p_tost[i]) for i, k in enumerate(tested)}
-
-
-NA = "n/a (fewer than 2 runs a side)"
-
-
-def verdict(
-    mean: float,
-    p: float,
-    p_tost: float,
-    margin: float,
-    alpha: float,
-    higher_better: bool,
-    names: tuple[str, str] = MODELS,
-) -> str:
-    """The difference test first (p < alpha: "X better", direction by `higher_better`; `names` = (baseline,
-    variant) of the difference variant - baseline), then TOST (p_tost < alpha: "equivalent within ±margin"),
-    else "inconclusive"; p-values already adjusted."""
-    if not math.isfinite(p):
-        return NA
-    if p < alpha:
-        return f"{names[1] if (mean > 0) == higher_better else names[0]} better"
-    if p_tost < alpha:
-        return f"equivalent within ±{margin:g}"
-    return "inconclusive"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from picollm.compare.stats import Aggregate, SeqIntervals, aggregate, sequence_b
 from picollm.compare.table import Comparisons, comparison_rows, diff_side, differences_vs_baseline, headline_keys
 from picollm.config import CompareConfig
 from picollm.config.base import RECALL_FAMILIES
+from picollm.config.compare import BOOTSTRAP_MIN_RUNS
 from picollm.model.transformer import Transformer
 
 ByVariant = dict[str, list[Member]]  # variant -> its members, in seed (or reference) order
@@ -32,6 +33,7 @@ class Summary:
     paired: bool  # the runs pair up by seed (train mode, the same seeds in the same order)
     headline: list[tuple[str, str, bool]]
     seq_ci: SeqIntervals = field(default_factory=dict)
+    primaries: list[str] = field(default_factory=list)  # compare.primaries: the headline's primary family
 
 
 def headline(cfg: CompareConfig) -> list[tuple[str, str, bool]]:
@@ -43,7 +45,8 @@ def headline(cfg: CompareConfig) -> list[tuple[str, str, bool]]:
 
 def summarise(cfg: CompareConfig, inp: Inputs, by_variant: ByVariant) -> Summary:
     """Mean and CI of every metric over the runs of each variant, each variant - baseline with its paired (or
-    Welch) test and TOST, sequence-bootstrap intervals for a variant with one run, and the headline rows."""
+    Welch) test and TOST, sequence-bootstrap intervals for a variant with one run, and the headline rows
+    (compare.primaries first, Holm over them; the rest secondary, Holm over the rest)."""
     cc = cfg.compare
     runs = {v: [m.metrics for m in ms] for v, ms in by_variant.items()}
     agg = aggregate(runs, cc.confidence, cc.ci, cc.bootstrap_samples)
@@ -55,9 +58,9 @@ def summarise(cfg: CompareConfig, inp: Inputs, by_variant: ByVariant) -> Summary
     )  # fmt: skip
     seq_ci = sequence_intervals(cfg, inp, by_variant) if any(len(ms) == 1 for ms in by_variant.values()) else {}
     keys = headline(cfg)
-    rows = comparison_rows(agg, diffs, keys, cc.alpha, seq_ci, list(by_variant))
+    rows = comparison_rows(agg, diffs, keys, cc.alpha, seq_ci, list(by_variant), cc.primaries)
     params = {v: int(ms[0].model.num_params()) for v, ms in by_variant.items()}
-    return Summary(agg, diffs, rows, params, paired, keys, seq_ci)
+    return Summary(agg, diffs, rows, params, paired, keys, seq_ci, list(cc.primaries))
 
 
 def sequence_intervals(cfg: CompareConfig, inp: Inputs, by_variant: ByVariant) -> SeqIntervals:
@@ -108,7 +111,10 @@ def ci_text(cfg: CompareConfig) -> str:
     pct = f"{100 * c.confidence:g} %"
     if c.ci == "t":
         return f"{pct} Student-t interval (mean ± t·s/√n)"
-    return f"{pct} percentile bootstrap interval of the mean ({c.bootstrap_samples} resamples)"
+    return (
+        f"{pct} percentile bootstrap interval of the mean ({c.bootstrap_samples} resamples; the t interval where "
+        f"fewer than {BOOTSTRAP_MIN_RUNS} runs have a value)"
+    )
 
 
 def setup_lines(

@@ -2,18 +2,23 @@
 
 `differences_vs_baseline` tests each variant's runs against the baseline's (paired by seed, or Welch:
 `stats.differences`); `comparison_rows` turns them into table rows, one per (metric, variant other than the
-baseline), with p and p TOST Holm-adjusted over every test of the table (all metrics and all variants), and
-the verdict of `stats.verdict`. `summary_rows` is the two-model form (softmax, linear) of the same table.
-Formatting of intervals and p-values lives here too. Only numpy and math, like `stats`.
+baseline), with p and p TOST Holm-adjusted within their family and the verdict of `verdicts.verdict`. In the
+headline the families are the declared primaries (compare.primaries, every variant's tests of them) and the
+rest (secondary); elsewhere a table is one family. `summary_rows` is the two-model form (softmax, linear) of
+the same table. Formatting of intervals and p-values lives here too. Only numpy and math, like `stats`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from typing import Any
 
-from picollm.compare.stats import MODELS, NA, Aggregate, Difference, Interval, SeqIntervals, differences, holm, verdict
+from picollm.compare.stats import MODELS, Aggregate, Difference, Interval, SeqIntervals, differences, holm
+from picollm.compare.verdicts import NA_PAIRS, NA_RUNS, verdict
+
+PRIMARY, SECONDARY = "primary", "secondary"
 
 Comparisons = dict[str, dict[str, Difference]]  # variant -> metric -> variant - baseline
 
@@ -45,6 +50,26 @@ def headline_keys(factors: list[int]) -> list[tuple[str, str, bool]]:
     return rows
 
 
+SHORT_LABELS = {  # the terminal's table (80 columns): a label of at most 15 characters per headline metric
+    "eval/test/loss": "test loss",
+    "eval/test/accuracy": "test acc.",
+    "eval/test/accuracy_predictable": "acc. predict.",
+    "eval/test/accuracy_vs_ceiling": "acc. / ceiling",
+    "eval/test/ece": "test ECE",
+}
+
+
+def short_label(key: str, label: str) -> str:
+    """A headline metric's label for the terminal: SHORT_LABELS, beyond-length and MQAR rows, else `label`."""
+    if key in SHORT_LABELS:
+        return SHORT_LABELS[key]
+    if m := re.fullmatch(r"lengen/x(\d+)/beyond/accuracy", key):
+        return f"beyond {m[1]}x acc."
+    if m := re.fullmatch(r"recall/pairs(\d+)/accuracy", key):
+        return f"MQAR {m[1]} pairs"
+    return label
+
+
 def fmt_interval(iv: Interval | None, digits: int = 3, sign: str = "") -> str:
     """mean ± half-width (symmetric) or mean [low, high]; `sign="+"` for differences."""
     if iv is None or not math.isfinite(iv.mean):
@@ -68,13 +93,14 @@ def diff_cells(
     higher_better: bool,
     fallback: Interval | None = None,
     names: tuple[str, str] = MODELS,
+    untested: str = NA_RUNS,
 ) -> dict[str, str]:
     """Table cells of a difference: "diff" (mean with its interval), "p" and "p_tost" (as adjusted),
     "test", "margin" and "verdict" (`names` = (baseline, variant)). Untested (`d` None): the `fallback`
-    interval (e.g. a sequence bootstrap) or point."""
+    interval (e.g. a sequence bootstrap) or point, and the verdict `untested` (why there is no test)."""
     if d is None or adjusted is None:
         cells = {"diff": fmt_interval(fallback, sign="+"), "p": "-", "p_tost": "-", "test": "-", "margin": "-"}
-        return {**cells, "verdict": NA}
+        return {**cells, "verdict": untested}
     p, p_tost = adjusted
     return {
         "diff": fmt_interval(Interval(d.mean, d.low, d.high, d.se, d.n), sign="+"),
@@ -101,6 +127,23 @@ def holm_grid(diffs: Comparisons, keys: Sequence[str]) -> dict[tuple[str, str], 
     return {vk: (p[i], p_tost[i]) for i, vk in enumerate(tested)}
 
 
+def holm_families(
+    diffs: Comparisons, keys: Sequence[str], primaries: Collection[str]
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """`holm_grid` over the declared primaries of `keys` (every variant's tests of them) and, separately, over
+    the rest (secondary): a primary's correction does not grow with the secondary metrics of the table."""
+    return holm_grid(diffs, [k for k in keys if k in primaries]) | holm_grid(
+        diffs, [k for k in keys if k not in primaries]
+    )
+
+
+def untested_reason(agg: Aggregate, base: str, variant: str, key: str) -> str:
+    """Why a metric both sides may report has no test: fewer than 2 runs with a value on a side, else (paired)
+    fewer than 2 seeds with a value on both sides."""
+    n = [iv.n if (iv := agg.get(v, {}).get(key)) is not None else 0 for v in (base, variant)]
+    return NA_RUNS if min(n) < 2 else NA_PAIRS
+
+
 def comparison_rows(
     agg: Aggregate,
     diffs: Comparisons,
@@ -108,15 +151,18 @@ def comparison_rows(
     alpha: float,
     seq_ci: SeqIntervals | None = None,
     variants: Sequence[str] | None = None,
+    primaries: Collection[str] = (),
 ) -> list[dict[str, str]]:
-    """One row per (metric, variant other than the baseline `variants[0]`): "metric" (label), "key",
-    "variant", "baseline", "value" and "base_value" (also under the two names), "diff", "p", "p_tost"
-    (Holm-adjusted over every test of these rows), "test", "margin" and "verdict". Metrics no variant
-    reports are left out."""
+    """One row per (metric, variant other than the baseline `variants[0]`): "metric" (label), "short" (its
+    terminal label), "key", "role" (primary or secondary), "variant", "baseline", "value" and "base_value" (also
+    under the two names), "diff", "p", "p_tost" (Holm-adjusted within the row's family: the `primaries`, or the
+    rest), "test", "margin" and "verdict". Primaries first, each family in the order of `keys`; metrics no
+    variant reports are left out."""
     names = list(variants or agg)
     base, others = names[0], names[1:]
     present = [(k, label, hb) for k, label, hb in keys if any(k in agg.get(v, {}) for v in names)]
-    adjusted = holm_grid(diffs, [k for k, _, _ in present])
+    present.sort(key=lambda item: item[0] not in primaries)  # stable: primaries first
+    adjusted = holm_families(diffs, [k for k, _, _ in present], primaries)
     rows = []
     for key, label, higher in present:
         a = side(agg, seq_ci, base, key)
@@ -125,13 +171,21 @@ def comparison_rows(
             fallback = (seq_ci or {}).get(diff_side(v), {}).get(key)
             if fallback is None and a is not None and b is not None:
                 fallback = Interval(b.mean - a.mean, math.nan, math.nan, math.nan, 1)
-            cells = diff_cells(diffs.get(v, {}).get(key), adjusted.get((v, key)), alpha, higher, fallback, (base, v))
+            why = untested_reason(agg, base, v, key)
+            d = diffs.get(v, {}).get(key)
+            cells = diff_cells(d, adjusted.get((v, key)), alpha, higher, fallback, (base, v), why)
             values = {base: fmt_interval(a), v: fmt_interval(b)}
+            role = PRIMARY if key in primaries else SECONDARY
             rows.append(
-                {"metric": label, "key": key, "variant": v, "baseline": base, **values, **cells}
-                | {"value": values[v], "base_value": values[base]}
+                {"metric": label, "short": short_label(key, label), "key": key, "role": role, "variant": v}
+                | {"baseline": base, **values, **cells, "value": values[v], "base_value": values[base]}
+                | {"base_mean": _mean(a), "mean": _mean(b)}
             )
     return rows
+
+
+def _mean(iv: Interval | None) -> str:
+    return "-" if iv is None or not math.isfinite(iv.mean) else f"{iv.mean:.3f}"
 
 
 def summary_rows(
@@ -140,11 +194,12 @@ def summary_rows(
     keys: list[tuple[str, str, bool]],
     alpha: float,
     seq_ci: SeqIntervals | None = None,
+    primaries: Collection[str] = (),
 ) -> list[dict[str, str]]:
     """The two-model headline table (MODELS, the reference pair: `diffs` = variant - baseline): one row per
-    metric with "metric", the two names, "diff", "p", "p_tost" (Holm-adjusted within these rows), "test",
-    "margin" and "verdict"."""
+    metric with "metric", the two names, "diff", "p", "p_tost" (Holm-adjusted within the row's family),
+    "test", "margin", "role" and "verdict"."""
     seq = dict(seq_ci or {})
     if "diff" in seq:  # the two-model name of the difference's sequence bootstrap
         seq[diff_side(MODELS[1])] = seq.pop("diff")
-    return comparison_rows(agg, {MODELS[1]: diffs}, keys, alpha, seq, MODELS)
+    return comparison_rows(agg, {MODELS[1]: diffs}, keys, alpha, seq, MODELS, primaries)
