@@ -63,6 +63,7 @@ CASES = {
         "short_conv": 3,
     },
     "softmax-variants": {"attention": SOFTMAX, "n_layers": 2, "pos_encoding": "none", "short_conv": 2},
+    "sliding-window": {"attention": "sliding_window", "window": 3},
 }
 
 
@@ -94,6 +95,7 @@ def browser_logits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
     return out
 
 
+@pytest.mark.slow  # seven pages in headless Chromium at once: seconds of browser start-up
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: the page's forward pass needs a browser")
 @pytest.mark.parametrize("case", list(CASES))
 def test_playground_logits_match_pytorch(case: str, browser_logits: dict[str, tuple[Transformer, list, list]]):

@@ -240,13 +240,20 @@
     });
   }
 
-  function heat(A, n, px, mx) {
+  /* Shade of |A[i][j]| relative to its row's largest: long rows of small weights stay visible. */
+  function rowMax(r, i) {
+    var mx = 0;
+    for (var j = 0; j <= i; j++) { mx = Math.max(mx, Math.abs(r[j])); }
+    return mx || 1;
+  }
+  function heat(A, n, px) {
     var cv = el("canvas"), g;
     cv.width = cv.height = n * px;
     g = cv.getContext("2d");
     for (var i = 0; i < n; i++) {
+      var mx = rowMax(A[i], i);
       for (var j = 0; j <= i; j++) {
-        g.fillStyle = "rgba(31,119,180," + Math.max(0, Math.min(1, A[i][j] / mx)).toFixed(3) + ")";
+        g.fillStyle = "rgba(31,119,180," + Math.min(1, Math.abs(A[i][j]) / mx).toFixed(3) + ")";
         g.fillRect(j * px, i * px, px, px);
       }
     }
@@ -258,11 +265,9 @@
     box.innerHTML = "";
     res.patterns.forEach(function (layer, l) {
       layer.forEach(function (A, h) {
-        var mx = 0;
-        A.forEach(function (r) { r.forEach(function (v) { mx = Math.max(mx, Math.abs(v)); }); });
         var cell = el("div", l === sel.layer && h === sel.head ? "pg-head sel" : "pg-head");
         cell.appendChild(el("div", "pg-cap", "L" + l + " H" + h));
-        cell.appendChild(heat(A, n, px, mx || 1));
+        cell.appendChild(heat(A, n, px));
         cell.addEventListener("click", function () { sel = { layer: l, head: h }; drawHeads(res, toks); });
         box.appendChild(cell);
       });
@@ -272,15 +277,13 @@
     hr.appendChild(el("th", "", "query \\ key"));
     toks.forEach(function (t, j) { hr.appendChild(el("th", "", j + ":" + t)); });
     tb.appendChild(hr);
-    var mx = 0;
-    A.forEach(function (r) { r.forEach(function (v) { mx = Math.max(mx, Math.abs(v)); }); });
     toks.forEach(function (t, i) {
-      var tr = el("tr");
+      var tr = el("tr"), mx = rowMax(A[i], i);
       tr.appendChild(el("th", "", i + ":" + t));
       toks.forEach(function (u, j) {
         var td = el("td", "", j <= i ? A[i][j].toFixed(2) : "");
         if (j <= i) {
-          var a = mx ? Math.abs(A[i][j]) / mx : 0;
+          var a = Math.abs(A[i][j]) / mx;
           td.style.background = "rgba(31,119,180," + a.toFixed(3) + ")";
           if (a > 0.6) { td.style.color = "#fff"; }
         }
@@ -289,7 +292,7 @@
       tb.appendChild(tr);
     });
     $("pg-headinfo").textContent = "layer " + sel.layer + " head " + sel.head + ": " + C.pattern_label +
-      " (row: query position, column: key position; shade relative to this head's largest weight)";
+      " (row: query position, column: key position; shade relative to the row's largest weight)";
   }
 
   function drawLens(res) {
