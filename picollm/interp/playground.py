@@ -5,8 +5,9 @@ next-token distribution, every head's mixing weights, the logit lens and the top
 Weights travel as float32 little-endian, base64 (URL-safe alphabet, padding stripped: no "/" or "=" that
 html_view.external_refs could mistake for a reference) per tensor; the JavaScript computes in float64 from
 them, so its logits match the PyTorch model's to float32 rounding (tests/test_playground.py: within 1e-4).
-float16 weights would halve the page but move the logits by up to 0.03 (docs/analysis.md). Whether a mixer can run in the page
-is the mixer's own declaration (`Mixer.js_forward`); where it cannot, the page says so in one line.
+float16 weights would halve the page but move the logits by up to 0.03 (docs/analysis.md). Whether a mixer
+can run in the page is the mixer's own declaration (`Mixer.js_forward`); where it cannot, the page says so in
+one line.
 """
 
 from __future__ import annotations
