@@ -68,9 +68,9 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def browser_logits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Transformer, list, list]]:
+def browser_logits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Transformer, list, list, str]]:
     """Every case's page run in headless Chromium at once (one browser start costs seconds): case -> (model,
-    prompts, the page's logits of each prompt (N, vocab))."""
+    prompts, the page's logits of each prompt (N, vocab), the page as rendered)."""
     assert CHROMIUM is not None
     tmp = tmp_path_factory.mktemp("playground")
     runs = {}
@@ -91,15 +91,19 @@ def browser_logits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
         assert proc.returncode == 0 and start >= 0, f"{case}: the page wrote no logits"
         start += len(tag)
         got = [torch.tensor(x, dtype=torch.float64) for x in json.loads(dom[start : dom.index("</pre>", start)])]
-        out[case] = (model, cases, got)
+        out[case] = (model, cases, got, dom)
     return out
 
 
 @pytest.mark.slow  # seven pages in headless Chromium at once: seconds of browser start-up
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: the page's forward pass needs a browser")
 @pytest.mark.parametrize("case", list(CASES))
-def test_playground_logits_match_pytorch(case: str, browser_logits: dict[str, tuple[Transformer, list, list]]):
-    model, cases, got = browser_logits[case]
+def test_playground_logits_match_pytorch(case: str, browser_logits: dict[str, tuple[Transformer, list, list, str]]):
+    model, cases, got, dom = browser_logits[case]
+    cfg = model.cfg
+    # the view was drawn for the default prompt: next-token and neuron bars, every head, every lens site
+    assert dom.count('class="pg-bar"') == 20 and dom.count('class="pg-head') == cfg.n_layers * cfg.n_heads
+    assert dom.count(">after L") == cfg.n_layers and "pg-unsupported" not in dom
     assert len(got) == len(cases)
     for p, js in zip(cases, got, strict=True):
         with torch.no_grad():
