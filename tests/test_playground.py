@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from picollm.interp import head_detector as hd
 from picollm.interp import html_view, playground
 from picollm.model import mixers
 from picollm.model.config import ModelConfig
@@ -70,7 +71,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def browser_logits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Transformer, list, list, str]]:
     """Every case's page run in headless Chromium at once (one browser start costs seconds): case -> (model,
-    prompts, the page's logits of each prompt (N, vocab), the page as rendered)."""
+    prompts, the page's logits (N, vocab) and patterns (L, H, N, N) of each prompt, the page as rendered)."""
     assert CHROMIUM is not None
     tmp = tmp_path_factory.mktemp("playground")
     runs = {}
@@ -90,7 +91,7 @@ def browser_logits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
         start = dom.find(tag)
         assert proc.returncode == 0 and start >= 0, f"{case}: the page wrote no logits"
         start += len(tag)
-        got = [torch.tensor(x, dtype=torch.float64) for x in json.loads(dom[start : dom.index("</pre>", start)])]
+        got = json.loads(dom[start : dom.index("</pre>", start)])
         out[case] = (model, cases, got, dom)
     return out
 
@@ -105,12 +106,17 @@ def test_playground_logits_match_pytorch(case: str, browser_logits: dict[str, tu
     assert dom.count('class="pg-bar"') == 20 and dom.count('class="pg-head') == cfg.n_layers * cfg.n_heads
     assert dom.count(">after L") == cfg.n_layers and "pg-unsupported" not in dom
     assert len(got) == len(cases)
-    for p, js in zip(cases, got, strict=True):
+    for p, res in zip(cases, got, strict=True):
+        tokens = torch.tensor([p])
         with torch.no_grad():
-            ref = model(torch.tensor([p]))[0].double()  # (N, vocab)
+            ref = model(tokens)[0].double()  # (N, vocab)
+        js = torch.tensor(res["logits"], dtype=torch.float64)
         assert js.shape == ref.shape
         assert ref.std() > 0.5  # logits far from flat: a wrong forward pass could not hide in them
         assert (js - ref).abs().max().item() <= 1e-4, (case, p)
+        # what the page shows of every head is the mixer's hook_pattern: (L, H, N, N)
+        pattern = torch.tensor(res["patterns"], dtype=torch.float64)
+        assert (pattern - hd.head_patterns(model, tokens)[0].double()).abs().max().item() <= 1e-4, (case, p)
 
 
 def test_every_mixer_gets_the_playground_or_one_line_saying_why_not():

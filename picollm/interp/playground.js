@@ -2,8 +2,8 @@
  * It mirrors picollm/model/transformer.py and the mixers that declare a `js_kernel` (softmax: softmax
  * attention with the ALiBi bias and an optional window; kernel: linear attention with elu+1 or relu features,
  * a constant decay, the denominator or the per-head RMSNorm), every position at once, in float64 from the
- * float32 weights. "#selftest=1,2,3;4,5" in the URL writes every prompt's logits (N x vocab) as JSON into
- * #playground-selftest (tests/test_playground.py compares them with the PyTorch model's). */
+ * float32 weights. "#selftest=1,2,3;4,5" in the URL writes every prompt's logits (N x vocab) and patterns
+ * (L x H x N x N) as JSON into #playground-selftest (tests/test_playground.py compares them with PyTorch's). */
 (function () {
   "use strict";
   var node = document.getElementById("playground-data");
@@ -183,7 +183,8 @@
   if (hash.indexOf("#selftest=") === 0) {
     var out = hash.slice(10).split(";").map(function (p) {
       var toks = p.split(",").map(function (t) { return parseInt(t, 10); });
-      return forward(toks).logits.map(function (r) { return Array.prototype.slice.call(r); });
+      var res = forward(toks), rows = function (m) { return m.map(function (r) { return Array.from(r); }); };
+      return { logits: rows(res.logits), patterns: res.patterns.map(function (l) { return l.map(rows); }) };
     });
     var pre = document.createElement("pre");
     pre.id = "playground-selftest";
