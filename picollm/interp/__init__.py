@@ -7,5 +7,7 @@ One concept per module, every activation read or replaced through the model's ho
   probes         seeded ridge / logistic linear probes on residual-stream activations
   head_detector  TransformerLens-style `detect_head` scores (previous-token, k-back, first, induction)
   html_view      a self-contained interactive HTML page (attention per head, neuron family means)
+  playground     the page's playground: embedded weights for its JavaScript forward pass (playground.js), the
+                 one re-implementation of the forward pass, tested against the model (tests/test_playground.py)
   plots          the static figures of these sections
 """

@@ -1,5 +1,6 @@
-"""A self-contained interactive HTML page of one model: attention of every layer and head on chosen
-examples (hover a token to see where it attends, CircuitsVis-style) and the MLP neurons' family means.
+"""A self-contained interactive HTML page of one model: a playground that runs the model in the page on any
+prompt (picollm/interp/playground.py), attention of every layer and head on chosen examples (hover a token to
+see where it attends, CircuitsVis-style) and the MLP neurons' family means.
 
 One file, no network: the CSS and script are inline and the data is embedded JSON, so it opens from
 MLflow's artifact viewer or from disk. Nothing in it may reference another resource; `external_refs`
@@ -14,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+
+from picollm.interp.playground import Playground, script
 
 _EXTERNAL = re.compile(r"https?:|//cdn|(?:src|href)\s*=\s*[\"']?(?!#)[^\"'\s>]", re.IGNORECASE)
 
@@ -47,6 +50,7 @@ class ViewData:
     families: list[str]
     examples: list[Example]
     neurons: list[NeuronRow] = field(default_factory=list)
+    playground: Playground | None = None  # None: no playground section
 
 
 def _payload(d: ViewData) -> str:
@@ -81,7 +85,7 @@ def _payload(d: ViewData) -> str:
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:16px;color:#222;background:#fff}
-h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:22px 0 6px}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:22px 0 6px} h3{font-size:14px;margin:14px 0 4px}
 .note{color:#666;font-size:13px;margin:2px 0 10px}
 .controls{display:flex;gap:14px;align-items:center;flex-wrap:wrap;margin:6px 0}
 select,input{font-size:13px}
@@ -95,6 +99,18 @@ table.grid td,table.grid th{border:1px solid #eee;padding:2px 4px;text-align:cen
 table.grid th{background:#f6f6f6;font-weight:600}
 .row-sel{background:#fff4d6}
 #neurons td.lbl{text-align:left;white-space:nowrap}
+#pg-prompt{width:min(760px,95%);font-family:monospace;font-size:14px;padding:4px}
+.pg-cols{display:flex;gap:28px;flex-wrap:wrap;align-items:flex-start}
+.pg-cols>div{min-width:300px}
+.pg-bar{display:flex;align-items:center;gap:6px;font-family:monospace;font-size:12px;margin:2px 0}
+.pg-lbl{width:70px;text-align:right} .pg-val{width:50px;color:#555}
+.pg-track{display:inline-block;width:180px;height:12px;background:#f1f1f1}
+.pg-fill{display:block;height:12px;background:#1f77b4}
+#pg-heads{display:flex;flex-wrap:wrap;gap:10px;margin:6px 0}
+.pg-head{border:1px solid #ddd;padding:3px;cursor:pointer} .pg-head.sel{border-color:#d62728}
+.pg-head canvas{display:block;image-rendering:pixelated}
+.pg-cap{font-size:11px;color:#444;margin-bottom:2px}
+#pg-lens td.lbl{text-align:left;white-space:nowrap}
 """
 
 _JS = r"""
@@ -230,6 +246,29 @@ _JS = r"""
 """
 
 
+def _playground(pg: Playground | None) -> str:
+    """The playground section: the controls and its data and script, or the line saying why there is none."""
+    if pg is None:
+        return ""
+    if pg.payload is None:
+        return f'<h2>Playground</h2>\n<div class="note" id="pg-unsupported">{html.escape(pg.unsupported or "")}</div>\n'
+    return f"""<h2>Playground</h2>
+<div class="note">Type token ids (spaces or commas): the model runs in this page on every keystroke, from the
+{pg.n_params:,} weights embedded in it (float32), no server.</div>
+<input id="pg-prompt" aria-label="prompt token ids"><div class="note" id="pg-status"></div>
+<div class="pg-cols"><div><h3>Next token (top 10)</h3><div id="pg-next"></div></div>
+<div><h3>Top MLP neurons at the last position</h3><div id="pg-neurons"></div></div></div>
+<h3>Mixing weights of every head (click one for its numbers)</h3>
+<div id="pg-heads"></div><div class="note" id="pg-headinfo"></div>
+<table class="grid" id="pg-pattern"></table>
+<h3>Logit lens at the last position</h3>
+<div class="note">Each site's residual stream through the final norm and the head.</div>
+<table class="grid" id="pg-lens"></table>
+<script type="application/json" id="playground-data">{pg.payload}</script>
+<script>{script()}</script>
+"""
+
+
 def render(d: ViewData) -> str:
     """The whole page as one string."""
     what = f"{html.escape(d.attention)} attention ({html.escape(d.pattern_label)})"
@@ -238,7 +277,7 @@ def render(d: ViewData) -> str:
 <style>{_CSS}</style></head><body>
 <h1 id="title"></h1>
 <div class="note">{what}; every number is embedded in this page.</div>
-<h2>Attention</h2>
+{_playground(d.playground)}<h2>Attention on examples</h2>
 <div class="controls"><label>example <select id="ex"></select></label>
 <label><select id="layer"></select></label><label><select id="head"></select></label></div>
 <div class="note" id="qinfo"></div>

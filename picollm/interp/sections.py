@@ -18,7 +18,7 @@ import torch
 from picollm.config import AnalysisConfig, DataConfig
 from picollm.interp import analysis as an
 from picollm.interp import head_detector as hd
-from picollm.interp import html_view, logit_lens, patching, probes, prompts
+from picollm.interp import html_view, logit_lens, patching, playground, probes, prompts
 from picollm.interp import plots as ip
 from picollm.interp.analysis import Batch
 from picollm.model.hooks import act_name
@@ -305,7 +305,13 @@ def section_interactive(model: Transformer, batch: Batch, cfg: AnalysisConfig, r
             neurons.append(html_view.NeuronRow(layer, n, st.means[:, n].tolist(), float(st.si[n]), pref))
     page = html_view.render(
         html_view.ViewData(
-            label, model.cfg.attention, model.blocks[0].attn.pattern_label, batch.families, examples, neurons
+            label,
+            model.cfg.attention,
+            model.blocks[0].attn.pattern_label,
+            batch.families,
+            examples,
+            neurons,
+            playground.build(model, examples[0].tokens if examples else None),
         )
     )
     refs = html_view.external_refs(page)

@@ -10,6 +10,8 @@ projections, its own extra parameters (gates, write rates), the hook points hook
   decode_init / decode_aux / decode_step     its fused step in picollm.model.decoding's fast path
   options, applicable_options(cfg)           the ModelConfig keys it reads (the config refuses the others)
   pattern_label                              what its hook_pattern holds (figures, the HTML view)
+  js_kernel, js_forward(cfg)                 whether the analysis page's JavaScript forward pass
+                                             (picollm/interp/playground.js) computes it, and with what
 
 Mixers are registered by name in picollm/model/mixers/__init__.py; no code outside the mixers branches on
 a mixer's name. Shapes: q/k (B, H, N, d_qk), v and the mixed output z (B, H, N, d_head); x (B, N, d_model)
@@ -92,6 +94,9 @@ class Mixer(nn.Module):
     options: ClassVar[frozenset[str]] = frozenset()  # ModelConfig mixer options this mixer reads
     forms: ClassVar[tuple[str, ...]] = ("recurrent",)  # the first is what the forward uses by default
     pattern_label: ClassVar[str] = "mixing weights"
+    # The kernel of picollm/interp/playground.js that computes exactly this class, or None. Read from the class's
+    # own namespace, never inherited: a subclass changes the computation, so it declares its own.
+    js_kernel: ClassVar[str | None] = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -122,6 +127,16 @@ class Mixer(nn.Module):
     def state_floats(cls, cfg: ModelConfig, context: int) -> int:
         """Floats of generation state per layer and sequence after `context` positions."""
         raise NotImplementedError
+
+    @classmethod
+    def js_forward(cls, cfg: ModelConfig) -> dict[str, Any] | None:
+        """What the analysis page's JavaScript forward pass needs to compute this mixer under `cfg`: {"kernel":
+        js_kernel, "alibi": ..., "short_conv": ..., the mixer's own options}, or None where it cannot (the page
+        then says so instead of showing numbers). The one place that decides the playground's support."""
+        kernel = cls.__dict__.get("js_kernel")
+        if kernel is None:
+            return None
+        return {"kernel": kernel, "alibi": cfg.pos_encoding == "alibi", "short_conv": cfg.short_conv or 0}
 
     def reset_parameters(self) -> None:
         """Mixer-specific initialisation, applied after the Transformer's generic one."""

@@ -170,6 +170,15 @@ class Linear(Mixer):
     options: ClassVar[frozenset[str]] = frozenset({"feature_map", "normalizer", "feature_dim"})
     forms: ClassVar[tuple[str, ...]] = ("chunk", "quadratic", "recurrent")
     pattern_label: ClassVar[str] = "kernel weights"
+    js_kernel: ClassVar[str | None] = "kernel"
+
+    @classmethod
+    def js_forward(cls, cfg: ModelConfig) -> dict[str, Any] | None:
+        """elu and relu feature maps (not Taylor's), either normaliser."""
+        spec = super().js_forward(cfg)
+        if spec is None or cfg.feature_map not in ("elu", "relu"):
+            return None
+        return {**spec, "feature_map": cfg.feature_map, "normalizer": cfg.normalizer, "eps": cfg.linear_eps}
 
     @classmethod
     def _taylor(cls, cfg: ModelConfig) -> bool:

@@ -46,7 +46,15 @@ class Softmax(Mixer):
 
     forms: ClassVar[tuple[str, ...]] = ("sdpa", "pattern", "recurrent")
     pattern_label: ClassVar[str] = "softmax weights"
+    js_kernel: ClassVar[str | None] = "softmax"
     window: int | None = None  # keys at most window - 1 positions back; None: every earlier key
+
+    @classmethod
+    def js_forward(cls, cfg: ModelConfig) -> dict[str, Any] | None:
+        spec = super().js_forward(cfg)
+        if spec is not None:
+            spec["window"] = cfg.window if "window" in cls.options else None
+        return spec
 
     @classmethod
     def state_floats(cls, cfg: ModelConfig, context: int) -> int:
@@ -135,6 +143,7 @@ class SlidingWindow(Softmax):
     """Softmax attention over the last `window` positions only, i - j < window (Based's local partner)."""
 
     options: ClassVar[frozenset[str]] = frozenset({"window"})
+    js_kernel: ClassVar[str | None] = "softmax"
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
