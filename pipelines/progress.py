@@ -325,8 +325,3 @@ def reporter(what: str, **kw: Any) -> RichReporter:
     if os.environ.get("RANK", "0") not in ("", "0"):
         return RichReporter(what, live=False, interval=-1, **kw)
     return RichReporter(what, **kw)
-
-
-def progress_line(msg: str) -> None:
-    """A flow's progress message, dimmed."""
-    console.print(f"[dim]{msg}[/]", highlight=False)
