@@ -112,6 +112,17 @@ def generator_at(family: str, index: int, cfg: DataConfig) -> Generator:
     raise PicollmError(f"unknown sequence family {family!r}")
 
 
+RULE_KEYS = {"arithmetic": "step", "geometric": "ratio"}  # family -> the generator parameter that is its rule
+
+
+def generators_with_rules(family: str, rules: list[int], cfg: DataConfig) -> list[Generator]:
+    """Every generator of `family` (arithmetic or geometric) whose step or ratio is in `rules`, starts outermost:
+    a split of `data.split: new_rules` draws only from these."""
+    lo, hi = _start_bounds(cfg)
+    first = max(lo, 1) if family == "geometric" else lo  # a geometric sequence from 0 sticks at 0
+    return [{"start": s, RULE_KEYS[family]: int(r)} for s in range(first, hi + 1) for r in rules]
+
+
 def is_deterministic(family: str, cfg: DataConfig) -> bool:
     """Whether the generator and the length fix the sequence (all but random walks with several steps
     and mqar, whose pair and query order is drawn per sequence)."""

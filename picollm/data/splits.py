@@ -30,11 +30,14 @@ import torch
 
 from picollm.config import DataConfig
 from picollm.config.base import RECALL_FAMILIES
+from picollm.config.training import NEW_RULE_FAMILIES
 from picollm.data.generators import (
+    RULE_KEYS,
     Generator,
     ceiling_per_position,
     generator_at,
     generator_count,
+    generators_with_rules,
     is_deterministic,
     sequence_from_generator,
     sequences_per_generator,
@@ -124,6 +127,15 @@ class SequenceSplit:
         return out
 
 
+def split_rules(split: SequenceSplit) -> dict[str, list[int]]:
+    """The steps (arithmetic) and ratios (geometric) of the generators the split's sequences come from."""
+    out: dict[str, set[int]] = {}
+    for fam, gen in zip(split.families, split.generators, strict=False):
+        if fam in RULE_KEYS:
+            out.setdefault(fam, set()).add(int(gen[RULE_KEYS[fam]]))
+    return {fam: sorted(v) for fam, v in out.items()}
+
+
 def _generator_key(family: str, gen: Generator) -> tuple[Any, ...]:
     return (family, *sorted(gen.items()))
 
@@ -157,10 +169,17 @@ class SyntheticData:
         ]
         return sum(sum(key in other for other in used) > 1 for key in set().union(*used))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | str]:
         """Counts of the draw, logged as run params (`data.train.sequences`, `data.split_overlap`, ...):
-        facts about the inputs, not measurements, so they stay out of metric tables and charts."""
-        out = {"data.split_overlap": self.split_overlap(), "data.generator_overlap": self.generator_overlap()}
+        facts about the inputs, not measurements, so they stay out of metric tables and charts; with
+        the arithmetic steps and geometric ratios each split's sequences use (`data.test.rules.arithmetic`: "6,11"):
+        disjoint under `data.split: new_rules`, the same everywhere under the generator split."""
+        out: dict[str, int | str] = {
+            "data.split_overlap": self.split_overlap(),
+            "data.generator_overlap": self.generator_overlap(),
+        }
+        for name, split in self.splits().items():
+            out |= {f"data.{name}.rules.{fam}": ",".join(map(str, r)) for fam, r in split_rules(split).items()}
         for name, split in self.splits().items():
             out[f"data.{name}.sequences"] = len(split)
             out[f"data.{name}.tokens"] = sum(len(s) for s in split.sequences)
@@ -207,6 +226,44 @@ def cut_generators(
     for n, k in take.items():
         pools[n] = [generator_at(family, i, cfg) for i in picked[at : at + k]]
         at += k
+    return pools
+
+
+def cut_rules(family: str, cfg: DataConfig, names: list[str]) -> dict[str, list[int]]:
+    """`data.split: new_rules`: a random partition of the family's steps or ratios, one share per split:
+    held_out_share of them (at least one, and at least one left for train) for each split but train, the rest
+    for train. Seeded by data.seed on its own stream, so a family's cut does not depend on the others."""
+    values = [int(v) for v in getattr(cfg, NEW_RULE_FAMILIES[family])]
+    held = [n for n in names if n != "train"]
+    k = max(1, min(round(cfg.held_out_share * len(values)), (len(values) - 1) // max(len(held), 1)))
+    if k * len(held) >= len(values) + ("train" not in names):
+        raise PicollmError(
+            f"data: split new_rules needs more {NEW_RULE_FAMILIES[family]} ({len(values)}) than {len(names)} splits"
+        )
+    order = np.random.default_rng([cfg.seed, sorted(NEW_RULE_FAMILIES).index(family), 101]).permutation(values)
+    out = {n: sorted(int(v) for v in order[i * k : (i + 1) * k]) for i, n in enumerate(held)}
+    if "train" in names:
+        out["train"] = sorted(int(v) for v in order[len(held) * k :])
+    return {n: out[n] for n in names}
+
+
+def cut_by_rule(
+    family: str, cfg: DataConfig, sizes: dict[str, int], rng: np.random.Generator, min_len: int, max_len: int
+) -> dict[str, list[Generator]]:
+    """`data.split: new_rules`: each split's pool holds generators of its own rules only (`cut_rules`), so no
+    val/test step or ratio is ever in train; like `cut_generators`, min(rule space, 2n + 8) of them."""
+    rules = cut_rules(family, cfg, list(sizes))
+    per_gen = sequences_per_generator(family, cfg, min_len, max_len)
+    pools = {}
+    for name, k in sizes.items():
+        space = generators_with_rules(family, rules[name], cfg)
+        if len(space) * per_gen < k:
+            raise PicollmError(
+                f"data: {name}'s {family} rules {rules[name]} make {len(space) * per_gen} sequences, fewer than "
+                f"{k}; widen start_range or the lengths, or lower n_{name}"
+            )
+        picked = rng.choice(len(space), size=min(len(space), 2 * k + 8), replace=False)
+        pools[name] = [space[int(i)] for i in picked]
     return pools
 
 
@@ -314,7 +371,7 @@ def build_data(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: i
             drawn = _draw_recall_splits(fam, cfg, sizes, rng, seen)
             cut = {n: list({_generator_key(fam, g): g for _, g in d}.values()) for n, d in drawn.items()}
         else:
-            cut = cut_generators(fam, cfg, sizes, rng, cfg.min_len, hi)
+            cut = (cut_by_rule if cfg.split == "new_rules" else cut_generators)(fam, cfg, sizes, rng, cfg.min_len, hi)
             drawn = {n: _draw_split(fam, cut[n], k, n, cfg, hi, rng, seen) for n, k in sizes.items()}
         for name in sizes:
             pools[name][fam] = cut[name]
