@@ -236,8 +236,9 @@ def rule_split_section(
         lines += ["", f"Rules each split's sequences use (the first data draw): {used}."]
     lines += [
         "",
-        "**Novel transitions** (test): the share of targets whose context and value (x_t, x_t+1; alternating "
-        "x_t-1, x_t, x_t+1) occur in no training sequence of any family, and the accuracy on them. A lookup table "
+        "**Novel transitions** (test): the share of targets whose context and value (x_t, x_t+1"
+        + ("; alternating x_t-1, x_t, x_t+1" if "alternating" in families else "")
+        + ") occur in no training sequence of any family, and the accuracy on them. A lookup table "
         "of training transitions scores 0 on these targets by construction. Mean ± CI over runs; the ceiling is "
         f"the Bayes-optimal accuracy on the same targets, chance 1/M = {1 / modulus:.3f}.",
         "",
