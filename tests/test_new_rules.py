@@ -150,5 +150,8 @@ def test_the_report_section_says_what_the_split_tests():
     assert "| *novel share* | 0.950 |" in text and "| *ceiling* | 0.900 |" in text
     assert f"| *chance* | {1 / NEW.modulus:.3f} |" in text and "| base | 0.250 ± 0.050 |" in text
     assert "| base | 0.500 / 0.900 |" in text and "| other | - / - |" in text
+    assert "No test target here is novel" not in text
+    agg["base"]["eval/test/novel_context_fraction"] = Interval(0.0, 0.0, 0.0, 0, 2)
     plain = rule_split_section(agg, ["base", "other"], ["counting"], DataConfig(), None)
     assert "data.split: generators" in plain and "Rules each split" not in plain and "Learning curve" not in plain
+    assert "No test target here is novel" in plain

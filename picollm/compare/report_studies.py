@@ -234,6 +234,9 @@ def rule_split_section(
             for fam in dict.fromkeys(f for per in rules.values() for f in per)
         )
         lines += ["", f"Rules each split's sequences use (the first data draw): {used}."]
+    share = base.get(key("novel_context_fraction", "all"))
+    if share is not None and share.mean == 0:
+        lines += ["", "No test target here is novel: a lookup of training transitions could answer every one."]
     lines += [
         "",
         "**Novel transitions** (test): the share of targets whose context and value (x_t, x_t+1"
