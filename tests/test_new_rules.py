@@ -10,7 +10,8 @@ from pydantic import ValidationError
 from picollm.compare.report_studies import rule_split_section, split_rules
 from picollm.compare.stats import Interval
 from picollm.config import DataConfig
-from picollm.data.splits import PaddedSplit, build_data, cut_rules, to_padded
+from picollm.data.generators import cut_rules
+from picollm.data.splits import PaddedSplit, build_data, to_padded
 from picollm.training.evaluation import EARLY_TARGETS, accuracy_metrics
 
 # M = 31 is prime: a geometric ratio is x_1 / x_0, unique

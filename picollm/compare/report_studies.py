@@ -14,7 +14,7 @@ from picollm.compare.report import md_table
 from picollm.compare.stats import Aggregate, Interval
 from picollm.compare.table import diff_cells, fmt_interval, holm_grid
 from picollm.config import DataConfig
-from picollm.data.splits import cut_rules
+from picollm.data.generators import cut_rules
 
 
 def lr_grid_section(rows: list[dict], chosen: dict[str, float], epochs: int) -> str:

@@ -14,6 +14,10 @@ for alternating (x_{t+1} = x_{t-1}). A target with fewer than k tokens before it
 a seen target; a novel one needs the rule. The recall families (mqar, copy) use k = 1 too, but no
 n-gram answers them: a key's value, or a segment's next token, is in this sequence's context only.
 
+Held-out rules (`data.split: new_rules`, arithmetic and geometric only): the steps and ratios are cut into one
+share per split (`cut_rules`) and a split's pool holds every start with its own steps or ratios (`cut_by_rule`),
+so a val/test transition is new unless another rule happens to make the same pair of values.
+
 Recall families draw no pool from a numbered space: each sequence draws a fresh generator (its key ->
 value assignment or segment, `random_recall_generator`), and a hash of the generator says which split
 may use it (`recall_split`): a val/test generator is in no train split of any build.
@@ -30,11 +34,11 @@ import torch
 
 from picollm.config import DataConfig
 from picollm.config.base import RECALL_FAMILIES
-from picollm.config.training import NEW_RULE_FAMILIES
 from picollm.data.generators import (
     RULE_KEYS,
     Generator,
     ceiling_per_position,
+    cut_rules,
     generator_at,
     generator_count,
     generators_with_rules,
@@ -171,9 +175,9 @@ class SyntheticData:
 
     def stats(self) -> dict[str, int | str]:
         """Counts of the draw, logged as run params (`data.train.sequences`, `data.split_overlap`, ...):
-        facts about the inputs, not measurements, so they stay out of metric tables and charts; with
-        the arithmetic steps and geometric ratios each split's sequences use (`data.test.rules.arithmetic`: "6,11"):
-        disjoint under `data.split: new_rules`, the same everywhere under the generator split."""
+        facts about the inputs, not measurements, so they stay out of metric tables and charts. Also the arithmetic
+        steps and geometric ratios each split's sequences use (`data.test.rules.arithmetic`: "6,11"): disjoint under
+        `data.split: new_rules`, the same in every split under the generator split."""
         out: dict[str, int | str] = {
             "data.split_overlap": self.split_overlap(),
             "data.generator_overlap": self.generator_overlap(),
@@ -227,24 +231,6 @@ def cut_generators(
         pools[n] = [generator_at(family, i, cfg) for i in picked[at : at + k]]
         at += k
     return pools
-
-
-def cut_rules(family: str, cfg: DataConfig, names: list[str]) -> dict[str, list[int]]:
-    """`data.split: new_rules`: a random partition of the family's steps or ratios, one share per split:
-    held_out_share of them (at least one, and at least one left for train) for each split but train, the rest
-    for train. Seeded by data.seed on its own stream, so a family's cut does not depend on the others."""
-    values = [int(v) for v in getattr(cfg, NEW_RULE_FAMILIES[family])]
-    held = [n for n in names if n != "train"]
-    k = max(1, min(round(cfg.held_out_share * len(values)), (len(values) - 1) // max(len(held), 1)))
-    if k * len(held) >= len(values) + ("train" not in names):
-        raise PicollmError(
-            f"data: split new_rules needs more {NEW_RULE_FAMILIES[family]} ({len(values)}) than {len(names)} splits"
-        )
-    order = np.random.default_rng([cfg.seed, sorted(NEW_RULE_FAMILIES).index(family), 101]).permutation(values)
-    out = {n: sorted(int(v) for v in order[i * k : (i + 1) * k]) for i, n in enumerate(held)}
-    if "train" in names:
-        out["train"] = sorted(int(v) for v in order[len(held) * k :])
-    return {n: out[n] for n in names}
 
 
 def cut_by_rule(
