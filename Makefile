@@ -26,7 +26,7 @@ PG_INSTALL = command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl
 	  else echo "PostgreSQL is missing: run 'sudo apt-get install postgresql'" >&2; exit 1; fi; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve recall analyze generate models ui serve test test-all lint docs bench sweep lock clean server server-stop test-integration
+.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve new-rules recall analyze generate models ui serve test test-all lint docs bench sweep lock clean server server-stop test-integration
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ compare: setup ## Softmax vs linear over 5 seeds each (configs/compare.yaml): me
 
 learning-curve: setup ## Test accuracy vs training-set size for both attentions (configs/learning_curve.yaml)
 	$(BIN)/picollm compare configs/learning_curve.yaml $(ARGS)
+
+new-rules: setup ## Rule generalisation: test steps/ratios never in training, both attentions (configs/new_rules.yaml)
+	$(BIN)/picollm compare configs/new_rules.yaml $(ARGS)
 
 recall: setup ## MQAR recall study (Zoology's MQAR): softmax vs linear with short convs, lr grid, 5 seeds (configs/recall.yaml)
 	$(BIN)/picollm compare configs/recall.yaml $(ARGS)

@@ -37,6 +37,7 @@ from picollm.compare.recall import recall_key
 from picollm.compare.recall_study import recall_study
 from picollm.compare.summary import ByVariant, Summary, ci_text, setup_lines, summarise
 from picollm.config import CompareConfig, ModelConfig, flatten, to_yaml
+from picollm.config.base import RULE_FAMILIES
 from picollm.runtime.hardware import torch_threads
 from picollm.tracking import runs
 from picollm.tracking.runs import RunLog, Session
@@ -217,10 +218,12 @@ def _recall_by_width(
     return values
 
 
-def _learning_curve(s: Session, cfg: CompareConfig, parent: RunLog, say: Say) -> list[tuple[str, str]]:
+def _learning_curve(
+    s: Session, cfg: CompareConfig, parent: RunLog, say: Say
+) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
     """Every variant trained at every `learning_curve.n_train` (nested runs, nothing registered); the parent
     logs `learning_curve/test/accuracy_vs_ceiling[/<family>]/<variant>` with step = n_train, the rows as a
-    table and the figure. Returns the figure as (caption, path)."""
+    table and the figure. Returns the figure as (caption, path) and the rows."""
     lc = cfg.learning_curve
     rows: list[dict[str, Any]] = []
     for n in lc.n_train:
@@ -241,6 +244,10 @@ def _learning_curve(s: Session, cfg: CompareConfig, parent: RunLog, say: Say) ->
                             "family": group,
                             "accuracy": m[f"test/accuracy{sfx}"],
                             "vs_ceiling": m[f"test/accuracy_vs_ceiling{sfx}"],
+                            **{
+                                name: m.get(f"test/{metric}{sfx}")  # None where the run has none
+                                for name, metric in cmp.RULE_CURVE_METRICS.items()
+                            },
                         }
                     )
     families = sorted({r["family"] for r in rows} - {"all"}, key=cfg.data.seq_types.index)
@@ -251,7 +258,8 @@ def _learning_curve(s: Session, cfg: CompareConfig, parent: RunLog, say: Say) ->
     parent.log_table({k: [r[k] for r in rows] for k in rows[0]}, "learning_curve.json")
     path = "figures/learning_curve.png"
     parent.log_figure(learning_curve_figure(rows, families), path)
-    return [("Learning curves: test accuracy / ceiling vs training sequences (held-out generators)", path)]
+    held_out = "held-out rules" if cfg.data.split == "new_rules" else "held-out generators"
+    return [(f"Learning curves: test accuracy / ceiling vs training sequences ({held_out})", path)], rows
 
 
 def _parts(cfg: CompareConfig, inp: Inputs) -> int:
@@ -312,8 +320,12 @@ def run(cfg: CompareConfig, progress: Say | Callable[[str], None] | None = None)
                 path = "figures/efficiency.png"
                 parent.log_figure(cmp.efficiency_figure(efficiency), path)
                 figures.append(("Efficiency vs sequence / context length", path))
+            curve: list[dict[str, Any]] = []
             if cfg.learning_curve.n_train:
-                figures += _learning_curve(s, cfg, parent, say)
+                curve_figures, curve = _learning_curve(s, cfg, parent, say)
+                figures += curve_figures
+            if any(f in RULE_FAMILIES for f in inp.families):
+                extra.append(cmp.rule_split_section(summary.agg, list(cc.names), inp.families, inp.data_cfg, curve))
             seconds = time.perf_counter() - start
             report = _report(cfg, inp, by_variant, summary, efficiency, figures, parent.run_id, seconds, extra, lrs)
             parent.log_text(report, "report.md")

@@ -33,6 +33,7 @@ CHANGED = {
     "n_test": 5,
     "held_out_share": 0.2,
     "seed": 1,
+    "split": "new_rules",
     "start_range": (0, 20),
     "arithmetic_steps": [2, 3],
     "geometric_ratios": [2],

@@ -56,7 +56,7 @@ from picollm.compare.plots import (
 )
 from picollm.compare.recall_study import RecallStudy
 from picollm.compare.report import ROW_COLUMNS, SPLIT_METRICS, ReportInput, md_table, render_report, report_html
-from picollm.compare.report_studies import lr_grid_section, recall_section
+from picollm.compare.report_studies import RULE_CURVE_METRICS, lr_grid_section, recall_section, rule_split_section
 from picollm.compare.stats import (
     MODELS,
     Aggregate,
@@ -165,6 +165,8 @@ __all__ = [
     "recall_section",
     "RecallStudy",
     "recall_vs_width",
+    "RULE_CURVE_METRICS",
+    "rule_split_section",
     "render_report",
     "report_html",
     "restrict_targets",

@@ -1,6 +1,7 @@
 """The report sections of the comparison's studies: the learning-rate grid (which lr each variant got, and
-from what) and MQAR recall (answer accuracy per variant against the number of key-value pairs, and against
-d_model). Markdown text from plain numbers, like `report`.
+from what), MQAR recall (answer accuracy per variant against the number of key-value pairs, and against
+d_model) and what the rule families' test split tests (lookup or a new rule). Markdown text from plain numbers,
+like `report`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import math
 from picollm.compare.recall import SUCCESS, recalls, success_rate
 from picollm.compare.recall_study import RecallStudy
 from picollm.compare.report import md_table
-from picollm.compare.stats import Interval
+from picollm.compare.stats import Aggregate, Interval
 from picollm.compare.table import diff_cells, fmt_interval, holm_grid
+from picollm.config import DataConfig
+from picollm.data.generators import cut_rules
 
 
 def lr_grid_section(rows: list[dict], chosen: dict[str, float], epochs: int) -> str:
@@ -163,3 +166,122 @@ def recall_section(st: RecallStudy, alpha: float, variants: list[str]) -> str:
             *md_table(["variant", "d_model", *(f"{n} pairs" for n in pairs)], rows),
         ]
     return "\n".join(lines)
+
+
+SPLIT_TESTS = {
+    "generators": (
+        "**data.split: generators**: val and test hold generators (starts, steps with starts, (a, b) pairs) that "
+        "training never used, of rules that training uses. A target whose transition (its context, then the value) "
+        "occurs somewhere in training can be answered by looking that transition up: such targets test lookup; only "
+        "the novel ones test the rule."
+    ),
+    "new_rules": (
+        "**data.split: new_rules**: val and test hold arithmetic steps and geometric ratios that training never "
+        "used, so a test sequence follows a rule the model has not seen: after two values it must add their "
+        "difference or multiply by their ratio. Every test transition is new unless another rule happens to make "
+        "the same pair of values (a training ratio r and a held-out step d do at the x with (r − 1)x = d)."
+    ),
+}
+
+
+# The learning curve's row fields for this section: name -> the training run's test metric (`test/<metric>`).
+RULE_CURVE_METRICS = {
+    "novel_accuracy": "accuracy/novel_context",
+    "novel_share": "novel_context_fraction",
+    "accuracy_early": "accuracy_early",
+    "accuracy_late": "accuracy_late",
+}
+
+
+def split_rules(data_cfg: DataConfig) -> dict[str, dict[str, list[int]]]:
+    """split -> family -> the steps/ratios its sequences use under `data.split: new_rules` (the cut `build_data`
+    makes, from the config's seed); {} for the generator split, where every split uses every rule."""
+    if data_cfg.split != "new_rules":
+        return {}
+    names = ["train", "val", "test"]
+    out: dict[str, dict[str, list[int]]] = {n: {} for n in names}
+    for fam in data_cfg.seq_types:
+        for n, rules in cut_rules(fam, data_cfg, names).items():
+            out[n][fam] = rules
+    return out
+
+
+def rule_split_section(
+    agg: Aggregate, variants: list[str], families: list[str], data_cfg: DataConfig, curve: list[dict] | None = None
+) -> str:
+    """What the test split tests: the share of novel test transitions (never in training), accuracy on them
+    beside the Bayes ceiling and chance (1/M), targets 1-3 apart from the rest, and the learning curve's
+    accuracy on novel transitions when one was run."""
+    split, modulus, rules = data_cfg.split, data_cfg.modulus, split_rules(data_cfg)
+    base = agg.get(variants[0], {})
+    groups = ["all", *families]
+
+    def key(metric: str, group: str) -> str:
+        return f"eval/test/{metric}" + ("" if group == "all" else f"/{group}")
+
+    def value(metric: str, group: str) -> str:
+        iv = base.get(key(metric, group))
+        return f"{iv.mean:.3f}" if iv is not None and math.isfinite(iv.mean) else "-"
+
+    def row(label: str, per: dict[str, Interval], metric: str) -> list[str]:
+        return [label, *(fmt_interval(per.get(key(metric, g))) for g in groups)]
+
+    header = ["", *groups]
+    lines = ["## What the test split tests (lookup or rule)", "", SPLIT_TESTS.get(split, f"data.split: {split}")]
+    if rules:
+        used = "; ".join(
+            f"{fam}: " + ", ".join(f"{n} {rules[n][fam]}" for n in rules if fam in rules[n])
+            for fam in dict.fromkeys(f for per in rules.values() for f in per)
+        )
+        lines += ["", f"Rules each split's sequences use (the first data draw): {used}."]
+    share = base.get(key("novel_context_fraction", "all"))
+    if share is not None and share.mean == 0:
+        lines += ["", "No test target here is novel: a lookup of training transitions could answer every one."]
+    lines += [
+        "",
+        "**Novel transitions** (test): the share of targets whose context and value (x_t, x_t+1"
+        + ("; alternating x_t-1, x_t, x_t+1" if "alternating" in families else "")
+        + ") occur in no training sequence of any family, and the accuracy on them. A lookup table "
+        "of training transitions scores 0 on these targets by construction. Mean ± CI over runs; the ceiling is "
+        f"the Bayes-optimal accuracy on the same targets, chance 1/M = {1 / modulus:.3f}.",
+        "",
+        *md_table(
+            header,
+            [
+                ["*novel share*", *(value("novel_context_fraction", g) for g in groups)],
+                *(row(v, agg.get(v, {}), "accuracy/novel_context") for v in variants),
+                ["*ceiling*", *(value("ceiling/novel_context", g) for g in groups)],
+                ["*chance*", *(f"{1 / modulus:.3f}" for _ in groups)],
+            ],
+        ),
+        "",
+        "**Targets 1–3 and the rest** (test): on x_1..x_3 a model guesses which rule a start begins (a lookup of "
+        "which values start which family helps there), later targets follow from the values seen. Accuracy, then "
+        "loss, mean ± CI over runs.",
+        "",
+    ]
+    table = []
+    for part, label in (("early", "targets 1–3"), ("late", "targets 4+")):
+        table += [row(f"{v} {label}", agg.get(v, {}), f"accuracy_{part}") for v in variants]
+        table.append([f"*ceiling {label}*", *(value(f"ceiling_{part}", g) for g in groups)])
+    for part, label in (("early", "targets 1–3"), ("late", "targets 4+")):
+        table += [row(f"{v} loss {label}", agg.get(v, {}), f"loss_{part}") for v in variants]
+    lines += md_table(header, table)
+    if curve:
+        sizes = sorted({r["n_train"] for r in curve})
+        cells = []
+        for v in variants:
+            per = [[r for r in curve if (r["model"], r["n_train"], r["family"]) == (v, n, "all")] for n in sizes]
+            cells.append([v, *(_mean_of(rs, "novel_accuracy") + " / " + _mean_of(rs, "novel_share") for rs in per)])
+        lines += [
+            "",
+            "**Learning curve**: test accuracy on novel transitions / their share, mean over the curve's seeds.",
+            "",
+            *md_table(["", *(f"n_train {n}" for n in sizes)], cells),
+        ]
+    return "\n".join(lines)
+
+
+def _mean_of(rows: list[dict], name: str) -> str:
+    vals = [r[name] for r in rows if r.get(name) is not None and math.isfinite(r[name])]
+    return f"{sum(vals) / len(vals):.3f}" if vals else "-"

@@ -9,6 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from picollm.config.base import RULE_FAMILIES, Beta, Family, Seed, StrictModel, model_name_problem
 from picollm.model.config import ModelConfig
 
+NEW_RULE_FAMILIES = {"arithmetic": "arithmetic_steps", "geometric": "geometric_ratios"}  # family -> its held-out rules
+
 
 class DataConfig(StrictModel):
     """Synthetic integer sequences. Values live in Z_M with M = vocab_size - 1 (modular arithmetic),
@@ -35,6 +37,11 @@ class DataConfig(StrictModel):
     """share of each family's generators that val, and test, each hold (never in train)"""
     seed: Seed = Field(0)
     """data generation seed: the cut of generators into splits and the draws"""
+    split: Literal["generators", "new_rules"] = Field("generators")
+    """how val and test differ from train. `generators`: held-out generators (starts, steps, (a, b) pairs) of rules
+    that train holds too, mostly a lookup test (their transitions occur in training). `new_rules`: held-out arithmetic
+    steps and geometric ratios (held_out_share of each list for val, and for test, at least one each), so val/test
+    transitions are new to the model: seq_types may list only arithmetic and geometric"""
     start_range: tuple[int, int] | None = Field(None)
     """inclusive [lo, hi] range of first values; null = every value 0..M-1"""
     arithmetic_steps: list[int] = Field(default_factory=lambda: [2, 3, 4, 5], min_length=1)
@@ -99,7 +106,21 @@ class DataConfig(StrictModel):
         for fam in ("mqar", "copy"):
             if fam in self.seq_types and (problem := self.recall_problem(fam)):
                 raise ValueError(problem)
+        if self.split == "new_rules":
+            self._check_new_rules()
         return self
+
+    def _check_new_rules(self) -> None:
+        """Only families with a rule parameter to hold out, each with a rule for train, val and test."""
+        other = [f for f in self.seq_types if f not in NEW_RULE_FAMILIES]
+        if other:
+            raise ValueError(
+                f"split new_rules holds out arithmetic steps and geometric ratios; seq_types may list only "
+                f"{' and '.join(NEW_RULE_FAMILIES)}, not {', '.join(other)} (no rule of theirs can be held out)"
+            )
+        for fam, key in NEW_RULE_FAMILIES.items():
+            if fam in self.seq_types and len(getattr(self, key)) < 3:
+                raise ValueError(f"split new_rules needs at least 3 {key} (one each for train, val and test)")
 
     def recall_problem(self, family: str) -> str | None:
         """Why `family` (mqar or copy) cannot be drawn with these settings, or None. The generators ask

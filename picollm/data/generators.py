@@ -44,6 +44,7 @@ import numpy as np
 
 from picollm.config import DataConfig
 from picollm.config.base import RECALL_FAMILIES
+from picollm.config.training import NEW_RULE_FAMILIES
 from picollm.data.recall_families import (
     natural_length,
     random_recall_generator,
@@ -110,6 +111,35 @@ def generator_at(family: str, index: int, cfg: DataConfig) -> Generator:
         a = lo + q
         return {"a": a, "b": j + (j >= a)}
     raise PicollmError(f"unknown sequence family {family!r}")
+
+
+RULE_KEYS = {"arithmetic": "step", "geometric": "ratio"}  # family -> the generator parameter that is its rule
+
+
+def generators_with_rules(family: str, rules: list[int], cfg: DataConfig) -> list[Generator]:
+    """Every generator of `family` (arithmetic or geometric) whose step or ratio is in `rules`, starts outermost:
+    a split of `data.split: new_rules` draws only from these."""
+    lo, hi = _start_bounds(cfg)
+    first = max(lo, 1) if family == "geometric" else lo  # a geometric sequence from 0 sticks at 0
+    return [{"start": s, RULE_KEYS[family]: int(r)} for s in range(first, hi + 1) for r in rules]
+
+
+def cut_rules(family: str, cfg: DataConfig, names: list[str]) -> dict[str, list[int]]:
+    """`data.split: new_rules`: a random partition of the family's steps or ratios, one share per split:
+    held_out_share of them (at least one, and at least one left for train) for each split but train, the rest
+    for train. Seeded by data.seed on its own stream, so a family's cut does not depend on the others."""
+    values = [int(v) for v in getattr(cfg, NEW_RULE_FAMILIES[family])]
+    held = [n for n in names if n != "train"]
+    k = max(1, min(round(cfg.held_out_share * len(values)), (len(values) - 1) // max(len(held), 1)))
+    if k * len(held) >= len(values) + ("train" not in names):
+        raise PicollmError(
+            f"data: split new_rules needs more {NEW_RULE_FAMILIES[family]} ({len(values)}) than {len(names)} splits"
+        )
+    order = np.random.default_rng([cfg.seed, sorted(NEW_RULE_FAMILIES).index(family), 101]).permutation(values)
+    out = {n: sorted(int(v) for v in order[i * k : (i + 1) * k]) for i, n in enumerate(held)}
+    if "train" in names:
+        out["train"] = sorted(int(v) for v in order[len(held) * k :])
+    return {n: out[n] for n in names}
 
 
 def is_deterministic(family: str, cfg: DataConfig) -> bool:

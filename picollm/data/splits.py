@@ -14,6 +14,10 @@ for alternating (x_{t+1} = x_{t-1}). A target with fewer than k tokens before it
 a seen target; a novel one needs the rule. The recall families (mqar, copy) use k = 1 too, but no
 n-gram answers them: a key's value, or a segment's next token, is in this sequence's context only.
 
+Held-out rules (`data.split: new_rules`, arithmetic and geometric only): the steps and ratios are cut into one
+share per split (`cut_rules`) and a split's pool holds every start with its own steps or ratios (`cut_by_rule`),
+so a val/test transition is new unless another rule happens to make the same pair of values.
+
 Recall families draw no pool from a numbered space: each sequence draws a fresh generator (its key ->
 value assignment or segment, `random_recall_generator`), and a hash of the generator says which split
 may use it (`recall_split`): a val/test generator is in no train split of any build.
@@ -31,10 +35,13 @@ import torch
 from picollm.config import DataConfig
 from picollm.config.base import RECALL_FAMILIES
 from picollm.data.generators import (
+    RULE_KEYS,
     Generator,
     ceiling_per_position,
+    cut_rules,
     generator_at,
     generator_count,
+    generators_with_rules,
     is_deterministic,
     sequence_from_generator,
     sequences_per_generator,
@@ -124,6 +131,15 @@ class SequenceSplit:
         return out
 
 
+def split_rules(split: SequenceSplit) -> dict[str, list[int]]:
+    """The steps (arithmetic) and ratios (geometric) of the generators the split's sequences come from."""
+    out: dict[str, set[int]] = {}
+    for fam, gen in zip(split.families, split.generators, strict=False):
+        if fam in RULE_KEYS:
+            out.setdefault(fam, set()).add(int(gen[RULE_KEYS[fam]]))
+    return {fam: sorted(v) for fam, v in out.items()}
+
+
 def _generator_key(family: str, gen: Generator) -> tuple[Any, ...]:
     return (family, *sorted(gen.items()))
 
@@ -157,10 +173,17 @@ class SyntheticData:
         ]
         return sum(sum(key in other for other in used) > 1 for key in set().union(*used))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | str]:
         """Counts of the draw, logged as run params (`data.train.sequences`, `data.split_overlap`, ...):
-        facts about the inputs, not measurements, so they stay out of metric tables and charts."""
-        out = {"data.split_overlap": self.split_overlap(), "data.generator_overlap": self.generator_overlap()}
+        facts about the inputs, not measurements, so they stay out of metric tables and charts. Also the arithmetic
+        steps and geometric ratios each split's sequences use (`data.test.rules.arithmetic`: "6,11"): disjoint under
+        `data.split: new_rules`, the same in every split under the generator split."""
+        out: dict[str, int | str] = {
+            "data.split_overlap": self.split_overlap(),
+            "data.generator_overlap": self.generator_overlap(),
+        }
+        for name, split in self.splits().items():
+            out |= {f"data.{name}.rules.{fam}": ",".join(map(str, r)) for fam, r in split_rules(split).items()}
         for name, split in self.splits().items():
             out[f"data.{name}.sequences"] = len(split)
             out[f"data.{name}.tokens"] = sum(len(s) for s in split.sequences)
@@ -207,6 +230,26 @@ def cut_generators(
     for n, k in take.items():
         pools[n] = [generator_at(family, i, cfg) for i in picked[at : at + k]]
         at += k
+    return pools
+
+
+def cut_by_rule(
+    family: str, cfg: DataConfig, sizes: dict[str, int], rng: np.random.Generator, min_len: int, max_len: int
+) -> dict[str, list[Generator]]:
+    """`data.split: new_rules`: each split's pool holds generators of its own rules only (`cut_rules`), so no
+    val/test step or ratio is ever in train; like `cut_generators`, min(rule space, 2n + 8) of them."""
+    rules = cut_rules(family, cfg, list(sizes))
+    per_gen = sequences_per_generator(family, cfg, min_len, max_len)
+    pools = {}
+    for name, k in sizes.items():
+        space = generators_with_rules(family, rules[name], cfg)
+        if len(space) * per_gen < k:
+            raise PicollmError(
+                f"data: {name}'s {family} rules {rules[name]} make {len(space) * per_gen} sequences, fewer than "
+                f"{k}; widen start_range or the lengths, or lower n_{name}"
+            )
+        picked = rng.choice(len(space), size=min(len(space), 2 * k + 8), replace=False)
+        pools[name] = [space[int(i)] for i in picked]
     return pools
 
 
@@ -314,7 +357,7 @@ def build_data(cfg: DataConfig, splits: dict[str, int] | None = None, max_len: i
             drawn = _draw_recall_splits(fam, cfg, sizes, rng, seen)
             cut = {n: list({_generator_key(fam, g): g for _, g in d}.values()) for n, d in drawn.items()}
         else:
-            cut = cut_generators(fam, cfg, sizes, rng, cfg.min_len, hi)
+            cut = (cut_by_rule if cfg.split == "new_rules" else cut_generators)(fam, cfg, sizes, rng, cfg.min_len, hi)
             drawn = {n: _draw_split(fam, cut[n], k, n, cfg, hi, rng, seen) for n, k in sizes.items()}
         for name in sizes:
             pools[name][fam] = cut[name]

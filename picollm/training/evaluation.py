@@ -1,5 +1,5 @@
 """Next-token evaluation: loss, accuracy overall / per family / on predictable positions / on recall
-answers / on seen and novel contexts, ceilings."""
+answers / on seen and novel contexts / on the first targets and the rest, ceilings."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from picollm.data.splits import IGNORE_INDEX, PaddedSplit
+
+# Targets x_1..x_3 of a sequence are `early`: there a model guesses which rule (family, step, ratio) this start
+# begins, the rest (`late`) follow from the values seen. Reported apart so a lookup of which values start which
+# family does not hide in the overall accuracy.
+EARLY_TARGETS = 3
 
 
 @torch.no_grad()
@@ -54,7 +59,9 @@ def accuracy_metrics(split: PaddedSplit, correct: torch.Tensor, nll: torch.Tenso
     asked, but no recall). Where the
     split has seen-context flags (val/test, see picollm.data), `accuracy/seen_context[/family]` and
     `accuracy/novel_context[/family]` split the accuracy by whether the target's context occurs in
-    training, and `novel_context_fraction[/family]` is the share of novel targets.
+    training, and `novel_context_fraction[/family]` is the share of novel targets; `ceiling/novel_context` is the
+    Bayes ceiling on the novel ones. `loss_early`, `accuracy_early`, `ceiling_early` (and `_late`) are over the first
+    EARLY_TARGETS targets of each sequence (x_1..x_3) and over the rest.
     """
     _, targets = split.inputs_and_targets()
     valid = targets != IGNORE_INDEX
@@ -84,6 +91,15 @@ def accuracy_metrics(split: PaddedSplit, correct: torch.Tensor, nll: torch.Tenso
             for kind, mask in (("seen_context", v & seen), ("novel_context", v & ~seen)):
                 if int(mask.sum()):
                     out[f"{prefix}/accuracy/{kind}{name}"] = float(correct[mask].float().mean())
+            if split.ceilings is not None and bool((novel := v & ~seen).any()):
+                out[f"{prefix}/ceiling/novel_context{name}"] = float(split.ceilings[novel].mean())
+        early = torch.arange(v.shape[1], device=v.device)[None, :] < EARLY_TARGETS  # (1, Lmax-1)
+        for part, mask in (("early", v & early), ("late", v & ~early)):
+            if int(mask.sum()):
+                out[f"{prefix}/loss_{part}{name}"] = float(nll[mask].mean())
+                out[f"{prefix}/accuracy_{part}{name}"] = float(correct[mask].float().mean())
+                if split.ceilings is not None:
+                    out[f"{prefix}/ceiling_{part}{name}"] = float(split.ceilings[mask].mean())
 
     add("", torch.ones(len(split), dtype=torch.bool))
     if split.family_ids is not None:
@@ -103,6 +119,13 @@ SPLIT_METRICS = (
     "novel_context_fraction",
     "accuracy/seen_context",
     "accuracy/novel_context",
+    "ceiling/novel_context",
+    "loss_early",
+    "accuracy_early",
+    "ceiling_early",
+    "loss_late",
+    "accuracy_late",
+    "ceiling_late",
 )
 
 
