@@ -568,7 +568,7 @@ def test_story_dpo_end_to_end(tiktoken_ranks: None) -> None:
     history = client.get_metric_history(out.run_id, "train/loss")
     step0 = [m.value for m in history if m.step == 0]
     assert step0 and step0[0] == pytest.approx(LN2, abs=1e-4)
-    assert out.metrics["dpo/step0_loss"] == pytest.approx(LN2, abs=1e-4)
+    assert out.metrics["sys/step0_loss"] == pytest.approx(LN2, abs=1e-4)
     for key in (
         "loss",
         "rewards/chosen",
@@ -640,7 +640,7 @@ def test_synthetic_dpo_end_to_end_and_named_reference() -> None:
 
     names = ("tracking.registered_model=syn-dpo", "tracking.sft_registered_model=syn-sft")
     out = run(tiny_synthetic(*names))
-    assert out.metrics["dpo/step0_loss"] == pytest.approx(LN2, abs=1e-4)
+    assert out.metrics["sys/step0_loss"] == pytest.approx(LN2, abs=1e-4)
     assert 0.0 <= out.metrics["test/reference_accuracy/random_tokens"] <= 1.0
     assert {r.info.status for r in runs("dpo-syn")} == {"FINISHED"} and len(runs("dpo-syn")) == 2
     assert picollm.load_model("syn-dpo").cfg.vocab_size == 32
