@@ -237,7 +237,7 @@ def dpo(
         out = flow.run(cfg, ui=reporter, echo=echo)
     finally:
         reporter.stop()
-    console.print(dpo_table(out.table, out.split, cfg.dpo.loss_type, out.step0_loss, out.metrics["sys/time/total_s"]))
+    console.print(dpo_table(out.table, out.split, cfg.dpo.loss_type, out.step0_loss, out.seconds["total"]))
     reg = f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
     console.print(f"run {out.run_id}  reference {out.reference}{reg}", highlight=False)
 

@@ -30,7 +30,8 @@ def setup_lines(cfg: DPORunConfig, stats: dict[str, float], reference: str, step
     return [
         f"data: {d.source}{f' ({d.path})' if d.path else ''}, stories split by `data.seed` {d.seed}: {stories}",
         f"pairs: {pairs}; schemes {', '.join(o.corruptions)}",
-        f"model: d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, vocabulary {int(stats['data.vocab_size']):,}",
+        f"model: d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, "
+        f"vocabulary {int(stats['data.vocab_size']):,}",
         f"reference: {reference}",
         f"loss: {loss}; lr {o.lr:g}, batch {o.batch_size} pairs, {steps} of {o.max_steps} steps, "
         f"kept the best `{o.monitor}` (val every {o.eval_every}), seed {o.seed}",

@@ -254,10 +254,10 @@ class DPOTrainer:
             loss = terms[0].mean()
             self.guard.check(loss, state)  # raises before backward: the weights never see a bad loss
             grad_norm = self._update(loss)
-            window.append(pair_metrics("train", *(t.detach().cpu() for t in terms)) | {"grad_norm": grad_norm})
+            window.append(pair_metrics("train", *(t.detach().cpu() for t in terms)) | {"train/grad_norm": grad_norm})
             if state.step % cfg.log_every == 0 or last:
                 avg = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                avg["lr"] = self.scheduler.get_last_lr()[0]
+                avg["train/lr"] = self.scheduler.get_last_lr()[0]
                 on_log(state.step, avg)
                 window.clear()
             if (state.step % cfg.eval_every == 0 or last) and self._eval_step(val, state, on_eval):
