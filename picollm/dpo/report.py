@@ -30,7 +30,7 @@ def setup_lines(cfg: DPORunConfig, stats: dict[str, float], reference: str, step
     return [
         f"data: {d.source}{f' ({d.path})' if d.path else ''}, stories split by `data.seed` {d.seed}: {stories}",
         f"pairs: {pairs}; schemes {', '.join(o.corruptions)}",
-        f"model: d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, "
+        f"model: d_model {cfg.model.d_model}, {cfg.model.n_layers} layer{'s' if cfg.model.n_layers > 1 else ''}, "
         f"vocabulary {int(stats['data.vocab_size']):,}",
         f"reference: {reference}",
         f"loss: {loss}; lr {o.lr:g}, batch {o.batch_size} pairs, {steps} of {o.max_steps} steps, "
@@ -149,7 +149,7 @@ def dpo_figure(history: Sequence[dict[str, float]], table: dict[str, list], spli
         lw=1,
     )
     bx.set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
-    bx.set(ylim=(0, 1.05), ylabel=f"{split} ranking accuracy", title="per scheme (bars: reference + 95 % CI of gain)")
+    bx.set(ylim=(0, 1.05), ylabel=f"{split} ranking accuracy", title="per scheme (error bar: 95 % CI of the gain, stories)")
     bx.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
