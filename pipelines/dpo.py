@@ -45,7 +45,7 @@ class DPOOutcome:
     model_uri: str | None
     registered_version: str | None
     sft_version: str | None
-    metrics: dict[str, float]  # the kept policy's per-scheme metrics (test, or val without evaluate_test), timings
+    metrics: dict[str, float]  # the kept policy's test/ metrics (best_val/: on val, without evaluate_test)
     schemes: list[str] = field(default_factory=list)
     steps: int = 0
     samples: dict[str, list[str]] = field(default_factory=dict)
@@ -213,7 +213,7 @@ def run(
             _log_report(run, cfg, data, out)
             policy.text_vocab = data.vocab  # logged with the model (vocab.json)
             if cfg.tracking.log_model:  # the headline metrics linked to the logged model
-                keys = [k for k in out.metrics if k.startswith(f"{out.split}/")]
+                keys = list(out.metrics)
                 name, tok = cfg.tracking.registered_model, tokenizer_of(cfg)
                 out.model_uri, out.registered_version = run.log_model(policy.cpu(), name, tokenizer=tok, link=keys)
     return out
@@ -270,6 +270,8 @@ def _optimise(
     val_table = gain_table(val_scores, seed=cfg.dpo.seed)
     run.log_table(val_table, "val/per_scheme.json")
     split = "test" if cfg.dpo.evaluate_test else "val"
+    # val/ at step 0 is the reference's evaluation: the kept policy's val scores get their own prefix
+    prefix = "test" if cfg.dpo.evaluate_test else "best_val"
     scores = trainer.score(sets["test"]) if cfg.dpo.evaluate_test else val_scores
     table = gain_table(scores, seed=cfg.dpo.seed) if cfg.dpo.evaluate_test else val_table
     if cfg.dpo.evaluate_test:
@@ -283,8 +285,8 @@ def _optimise(
         }
     )
     metrics = {
-        **scores_metrics(split, scores),
-        **gain_metrics(split, table),
+        **scores_metrics(prefix, scores),
+        **gain_metrics(prefix, table),
     }
     timings["dpo"] = result.seconds
     return DPOOutcome(

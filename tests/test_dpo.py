@@ -666,7 +666,8 @@ def test_synthetic_dpo_end_to_end_and_named_reference() -> None:
     )
     logged = MlflowClient().get_run(val_only.run_id).data.metrics
     assert val_only.split == "val" and val_only.samples == {} and val_only.table == val_only.val_table
-    assert not any(k.startswith("test/") for k in logged) and "val/gain" in logged
+    assert not any(k.startswith("test/") for k in logged) and "best_val/gain" in logged
+    assert min(logged) == "best_val/accuracy"  # the first chart
 
 
 def test_bench_step_reports_the_ratio() -> None:
