@@ -276,6 +276,7 @@ def _optimise(
     table = gain_table(scores, seed=cfg.dpo.seed) if cfg.dpo.evaluate_test else val_table
     if cfg.dpo.evaluate_test:
         run.log_table(table, "test/per_scheme.json")
+    run.log_table(_pair_columns(scores), f"{split}/pairs.json")  # per pair: what a study's statistics need
     run.log_params(  # bookkeeping: params, so the run's first charts are its accuracies
         {
             "dpo.steps_run": result.steps,
@@ -306,6 +307,18 @@ def _optimise(
         step0_loss=result.step0_loss,
         policy=policy,
     )
+
+
+def _pair_columns(scores: PairScores) -> dict[str, list]:
+    """Story id, scheme and both models' verdicts for every pair (the input of picollm.dpo.stats)."""
+    ref = scores.reference_correct
+    assert ref is not None and scores.uids is not None
+    return {
+        "story": list(scores.uids),
+        "scheme": list(scores.schemes),
+        "reference_correct": [bool(x) for x in ref],
+        "policy_correct": [bool(x) for x in scores.policy_correct],
+    }
 
 
 def _log_report(run: RunLog, cfg: DPORunConfig, data: PreferenceData, out: DPOOutcome) -> None:

@@ -594,6 +594,11 @@ def test_story_dpo_end_to_end(tiktoken_ranks: None) -> None:
     )
     assert "all" in str(table) and "gain_ci_low" in table["columns"] and "stories" in table["columns"]
     assert {"report.html", "report.md"} <= {a.path for a in client.list_artifacts(out.run_id)}
+    pairs = json.loads(
+        Path(mlflow.artifacts.download_artifacts(run_id=out.run_id, artifact_path="test/pairs.json")).read_text()
+    )
+    assert pairs["columns"] == ["story", "scheme", "reference_correct", "policy_correct"]
+    assert len(pairs["data"]) == sum(table_row[1] for table_row in table["data"][:-1])  # every scheme's pairs
     assert "figures/dpo.png" in {a.path for a in client.list_artifacts(out.run_id, "figures")}
     html = Path(mlflow.artifacts.download_artifacts(run_id=out.run_id, artifact_path="report.html")).read_text()
     assert "data:image/png;base64," in html and "other_story" in html  # self-contained, with the table
