@@ -58,9 +58,9 @@ def main() -> None:
     bx.set_yticks(y, labels, fontsize=8)
     bx.invert_yaxis()
     bx.set(xlabel="test accuracy: DPO − SFT reference", title=f"confirmation on unseen test stories: {chosen}")
-    bx.legend(fontsize=7, loc="lower right")
+    bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     print(f"{out} from run {run_id}")
 
 
