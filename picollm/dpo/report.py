@@ -149,7 +149,9 @@ def dpo_figure(history: Sequence[dict[str, float]], table: dict[str, list], spli
         lw=1,
     )
     bx.set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
-    bx.set(ylim=(0, 1.05), ylabel=f"{split} ranking accuracy", title="per scheme (error bar: 95 % CI of the gain, stories)")
-    bx.legend(fontsize=8, loc="lower right")
+    bx.set(
+        ylim=(0, 1.05), ylabel=f"{split} ranking accuracy", title="per scheme (error bar: 95 % CI of the gain, stories)"
+    )
+    bx.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
