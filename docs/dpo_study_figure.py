@@ -1,6 +1,12 @@
-"""docs/dpo_study.png from the MLflow runs of the study: gain per scheme with its 95% paired-bootstrap CI."""
+"""docs/dpo_study.png from the latest DPO study's parent run (docs/dpo_study.py; experiment picollm-dpo-study):
+left, the selection on validation; right, the confirmation on test with story-bootstrap CIs and the seeds' range.
 
+    .venv/bin/python docs/dpo_study_figure.py docs/dpo_study.png [PARENT_RUN_ID]
+"""
+
+import json
 import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -8,50 +14,55 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
-import pandas as pd
 
-parts = []
-for exp, label in [("study-r1", "r1 flow: sigmoid b0.1, 300 steps"), ("study-r2", "r2 flow: simpo b2 g1")]:
-    r = mlflow.search_runs(experiment_names=[exp])
-    r = r[r["metrics.test/gain"].notna()].copy()
-    r["label"], r["ref"] = label, exp[-2:]
-    parts.append(r)
-r = mlflow.search_runs(experiment_names=["dpo-study"], order_by=["start_time ASC"])
-r["label"], r["ref"] = r["params.variant"], "r1"
-parts.append(r)
-if len(sys.argv) > 2:  # the final default's flow run
-    r = mlflow.search_runs(experiment_names=[sys.argv[2]])
-    r = r[r["metrics.test/gain"].notna()].copy()
-    r["label"], r["ref"] = "configs/dpo.yaml (make dpo)", "default"
-    parts.append(r)
-runs = pd.concat(parts, ignore_index=True)
-schemes = ["other_story", "shuffle_sentences", "replace_words", "swap_tokens"]
-fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
-w = 0.8 / len(schemes)
-x = np.arange(len(runs))
-for j, s in enumerate(schemes):
-    g = runs[f"metrics.test/gain/{s}"].values
-    lo, hi = runs[f"metrics.test/gain_ci_low/{s}"].values, runs[f"metrics.test/gain_ci_high/{s}"].values
-    ok = ~np.isnan(g)
-    ax.errorbar((x + (j - 1.5) * w)[ok], g[ok], yerr=[(g - lo)[ok], (hi - g)[ok]], fmt="o", ms=3, capsize=2, label=s)
-ax.axhline(0, color="k", lw=0.8)
-ax.axhline(0.10, color="gray", ls="--", lw=0.8, label="target +0.10")
-ax.set_ylabel("test accuracy: DPO − reference\n(95% paired-bootstrap CI)")
-ax.set_title("DPO on the shared TinyStories sample (d_model 64, 2 layers): gain over the SFT reference per scheme")
-ax.legend(fontsize=7, ncol=5)
-# chosen log-prob change, per token: sums are divided by the mean response length where they are sums
-ref, pol = runs["metrics.test/reference_logps/chosen"].values, runs["metrics.test/logps/chosen"].values
-per_tok = np.where(ref < -20, 25.96, 1.0)  # summed log-probs: mean test response 25.96 tokens
-ax2.bar(x, (pol - ref) / per_tok, color="tab:red")
-ax2.axhline(0, color="k", lw=0.8)
-ax2.set_ylabel("Δ logps/chosen\nper token (nats)")
-ax2.set_xticks(
-    x,
-    [f"{label} [{rf}]" for label, rf in zip(runs["label"], runs["ref"], strict=True)],
-    rotation=35,
-    ha="right",
-    fontsize=7,
-)
-fig.tight_layout()
-fig.savefig(sys.argv[1], dpi=110)
-print(runs[["label", "ref", "metrics.test/gain/other_story", "metrics.test/gain/shuffle_sentences"]].to_string())
+
+def table(run_id: str, path: str) -> list[dict]:
+    t = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)).read_text())
+    return [dict(zip(t["columns"], row, strict=True)) for row in t["data"]]
+
+
+def main() -> None:
+    out = sys.argv[1]
+    if len(sys.argv) > 2:
+        run_id = sys.argv[2]
+    else:  # the latest study parent (a run without a parent run)
+        runs = mlflow.search_runs(experiment_names=["picollm-dpo-study"], order_by=["start_time DESC"])
+        run_id = runs[runs["tags.mlflow.parentRunId"].isna()]["run_id"].iloc[0]
+    sel, conf = table(run_id, "selection.json"), table(run_id, "confirmation.json")
+    tags = mlflow.get_run(run_id).data.tags
+    chosen, headline = tags["dpo.study.chosen"], tags["dpo.study.headline"].split(",")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.3]})
+    ref = np.mean([sel[0][f"reference/{s}"] for s in headline])
+    ax.barh(
+        [r["variant"] for r in sel],
+        [r["val_score"] for r in sel],
+        color=["tab:blue" if r["variant"] == chosen else "0.6" for r in sel],
+    )
+    ax.axvline(ref, color="k", ls="--", lw=1, label=f"SFT reference {ref:.3f}")
+    ax.set(xlabel=f"val accuracy, mean over {', '.join(headline)}", title="selection (validation, seed 0)")
+    ax.set_xlim(min(ref, *(r["val_score"] for r in sel)) - 0.03, max(r["val_score"] for r in sel) + 0.02)
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="lower right")
+    rows = [r for r in conf if r["scheme"] != "headline (pooled)"]
+    y = np.arange(len(rows))
+    g = np.array([r["gain"] for r in rows])
+    lo, hi = np.array([r["ci_low"] for r in rows]), np.array([r["ci_high"] for r in rows])
+    colors = ["tab:blue" if r["headline"] else "0.5" for r in rows]
+    for i, c in enumerate(colors):
+        bx.errorbar(g[i], y[i], xerr=[[g[i] - lo[i]], [hi[i] - g[i]]], fmt="none", ecolor=c, capsize=4, lw=1.5)
+    bx.scatter(g, y, c=colors, zorder=3, label="gain, mean over seeds (95 % CI over stories)")
+    bx.scatter([r["seed_gain_min"] for r in rows], y, marker="|", c="k", s=80, label="seed range")
+    bx.scatter([r["seed_gain_max"] for r in rows], y, marker="|", c="k", s=80)
+    bx.axvline(0, color="k", lw=0.8)
+    labels = [f"{r['scheme']}{' (headline)' if r['headline'] else ''}" for r in rows]
+    bx.set_yticks(y, labels, fontsize=8)
+    bx.invert_yaxis()
+    bx.set(xlabel="test accuracy: DPO − SFT reference", title=f"confirmation on unseen test stories: {chosen}")
+    bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    print(f"{out} from run {run_id}")
+
+
+if __name__ == "__main__":
+    main()

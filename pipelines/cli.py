@@ -37,7 +37,7 @@ from picollm.tracking import limits
 from pipelines import progress
 from pipelines.progress import RichReporter as RichReporter  # re-exported: tests patch the train bar here
 from pipelines.progress import console
-from pipelines.tables import family_table, markdown
+from pipelines.tables import compare_table, dpo_table, family_table, markdown
 
 err_console = Console(stderr=True)
 STATE = {"debug": os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")}
@@ -195,51 +195,9 @@ def dpo(
     # The SFT steps on the bar; the flow's lines (reference log-probs, DPO evaluations) above it or between beats.
     with progress.reporter("dpo", after_training="reference log-probs, DPO") as reporter:
         out = _flow("dpo").run(cfg, ui=reporter, echo=reporter)
-    m = out.metrics
-    table = Table(title=f"test pairs (step-0 loss {m['dpo/step0_loss']:.4f}, {m['time/total_s']:.0f} s)")
-    for col in ("scheme", "reference accuracy", "DPO accuracy", "rewards/accuracies", "rewards/margins"):
-        table.add_column(col, justify="left" if col == "scheme" else "right")
-    for scheme in [*out.schemes, ""]:
-        sfx = f"/{scheme}" if scheme else ""
-        table.add_row(
-            scheme or "[bold]all",
-            *(
-                f"{m[f'test/{k}{sfx}']:.3f}"
-                for k in ("reference_accuracy", "accuracy", "rewards/accuracies", "rewards/margins")
-            ),
-        )
-    console.print(table)
+    console.print(dpo_table(out.table, out.split, cfg.dpo.loss_type, out.step0_loss, out.seconds["total"]))
     reg = f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
     console.print(f"run {out.run_id}  reference {out.reference}{reg}", highlight=False)
-
-
-def compare_table(rows: list[dict[str, str]], runs: dict[str, int], confidence: float) -> Table:
-    """The headline in 80 columns: one row per metric (per metric and variant with more than two), means only
-    (report.html has their intervals), Δ = variant − baseline with its interval, p Holm-adjusted within its
-    family, and the verdict whole (never wrapped: other cells wrap first). Primaries first, under a label."""
-    base, *others = runs
-    title = " vs ".join(f"{v} (n={k})" for v, k in runs.items())
-    table = Table(
-        title=f"{title}; Δ ± {100 * confidence:g} % CI, p Holm-adjusted",
-        box=None,
-        pad_edge=False,
-        collapse_padding=True,
-        title_justify="left",
-    )
-    two = len(others) == 1
-    columns = ["metric", *([base, others[0]] if two else ["variant", base, "mean"]), "Δ", "p", "verdict"]
-    for col in columns:
-        left = col in ("metric", "variant", "verdict")
-        table.add_column(col, justify="left" if left else "right", no_wrap=col == "verdict", header_style="bold")
-    for role in ("primary", "secondary"):
-        mine = [r for r in rows if r.get("role", "secondary") == role]
-        if not mine:
-            continue
-        table.add_row(f"[italic]{role}[/italic]", *[""] * (len(columns) - 1))
-        for r in mine:
-            means = [r["base_mean"], r["mean"]] if two else [r["variant"], r["base_mean"], r["mean"]]
-            table.add_row(escape(r["short"]), *map(escape, means), escape(r["diff"]), r["p"], escape(r["verdict"]))
-    return table
 
 
 @app.command()

@@ -11,17 +11,19 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import mlflow
 import torch
 
 from picollm.config import GPT2_VOCAB, DPORunConfig, flatten
 from picollm.data.splits import PaddedSplit, pad_sequences
 from picollm.dpo.losses import batch_logps, collate, dpo_loss, response_logps, sequence_logps
-from picollm.dpo.metrics import gain_metrics, gain_table, scores_metrics
+from picollm.dpo.metrics import PairScores, gain_metrics, gain_table, scores_metrics
 from picollm.dpo.pairs import PreferenceData, PreferencePair, build_preference_data
 from picollm.dpo.trainer import DPOTrainer, PairSet, compute_reference_logps, lm_metrics
 from picollm.errors import PicollmError
@@ -43,10 +45,18 @@ class DPOOutcome:
     model_uri: str | None
     registered_version: str | None
     sft_version: str | None
-    metrics: dict[str, float]  # test metrics, plus step-0 loss and timings
+    metrics: dict[str, float]  # the kept policy's test/ metrics (best_val/: on val, without evaluate_test)
     schemes: list[str] = field(default_factory=list)
     steps: int = 0
     samples: dict[str, list[str]] = field(default_factory=dict)
+    split: str = "test"  # the split of `table` and `scores`: test, or val when dpo.evaluate_test is false
+    table: dict[str, list] = field(default_factory=dict)  # gain_table of the kept policy on `split`
+    scores: PairScores | None = None  # per pair, on `split`
+    val_table: dict[str, list] = field(default_factory=dict)  # gain_table of the kept policy on val
+    history: list[dict[str, float]] = field(default_factory=list)  # the val metrics of every evaluation
+    step0_loss: float = math.nan
+    seconds: dict[str, float] = field(default_factory=dict)  # sft, reference_logps, dpo, total
+    policy: Transformer | None = None  # the kept policy
 
 
 def tokenizer_of(cfg: DPORunConfig) -> str:
@@ -157,8 +167,10 @@ def run(
     ui: TrainCallbacks | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> DPOOutcome:
-    """The whole flow. `ui` receives the SFT trainer's callbacks; `echo` one line per DPO evaluation."""
+    """The whole flow. `ui` receives the SFT trainer's callbacks; `echo` the progress lines of the reference
+    log-probs and of every DPO evaluation. Inside an open MLflow run (a study) the DPO run is nested in it."""
     t_start = time.perf_counter()
+    echo = echo or log.info
     with runs.session("dpo", cfg.tracking, device=cfg.sft.device, num_threads=cfg.sft.num_threads) as s:
         # Everything that can fail on the user's input happens before the run starts.
         reference = _load_reference(cfg) if cfg.dpo.reference else None
@@ -171,7 +183,8 @@ def run(
         schemes = list(cfg.dpo.corruptions)
         base_name = f"dpo-{cfg.data.source}-{'+'.join(schemes)}-{cfg.dpo.loss_type}"
         run_name = cfg.tracking.run_name or unique_name(base_name)
-        with s.run(run_name, config=cfg, params=data_params(data.stats())) as run:
+        nested = mlflow.active_run() is not None
+        with s.run(run_name, config=cfg, params=data_params(data.stats()), nested=nested) as run:
             t0 = time.perf_counter()
             sft_run_id = sft_version = None
             if reference is None:
@@ -182,24 +195,42 @@ def run(
             else:
                 ref_name = cfg.dpo.reference or ""
             run.set_tags({"reference": ref_name})
-            timings = {"time/sft_s": time.perf_counter() - t0}
-            policy, summary, steps = _optimise(s, run, cfg, data, reference, timings, echo or log.info)
-            summary["time/total_s"] = time.perf_counter() - t_start
-            run.log_metrics(summary, SINGLE_VALUE_STEP, flush=True)  # one value each: bar charts
+            timings = {"sft": time.perf_counter() - t0}
+            out = _optimise(s, run, cfg, data, reference, timings, echo)
+            out.seconds = timings | {"total": time.perf_counter() - t_start}
+            run.log_metrics(out.metrics, SINGLE_VALUE_STEP, flush=True)  # one value each: bar charts
+            # Bookkeeping as params: MLflow orders chart sections by key, and sys/ or time/ would come before test/
+            run.log_params({f"dpo.seconds.{k}": round(v, 1) for k, v in out.seconds.items()})
+            out.run_id, out.sft_run_id, out.reference, out.sft_version = run.run_id, sft_run_id, ref_name, sft_version
+            out.schemes, policy = schemes, out.policy
+            assert policy is not None
 
-            samples = generate_samples(reference, policy, data, cfg.dpo.num_samples, cfg.dpo.sample_tokens)
+            if cfg.dpo.evaluate_test:  # the test prompts stay unseen in a selection run
+                out.samples = generate_samples(reference, policy, data, cfg.dpo.num_samples, cfg.dpo.sample_tokens)
+            if out.samples:
+                run.log_table(out.samples, "samples/generations.json")
+                run.log_text(_samples_markdown(out.samples), "samples/generations.md")
+            _log_report(run, cfg, data, out)
             policy.text_vocab = data.vocab  # logged with the model (vocab.json)
-            if samples:
-                run.log_table(samples, "samples/generations.json")
-                run.log_text(_samples_markdown(samples), "samples/generations.md")
-            model_uri = version = None
-            if cfg.tracking.log_model:  # the test metrics linked to the logged model
-                test = [k for k in summary if k.startswith("test/")]
+            if cfg.tracking.log_model:  # the headline metrics linked to the logged model
+                keys = list(out.metrics)
                 name, tok = cfg.tracking.registered_model, tokenizer_of(cfg)
-                model_uri, version = run.log_model(policy.cpu(), name, tokenizer=tok, link=test)
-    return DPOOutcome(
-        run.run_id, sft_run_id, ref_name, model_uri, version, sft_version, summary, schemes, steps, samples
-    )
+                out.model_uri, out.registered_version = run.log_model(policy.cpu(), name, tokenizer=tok, link=keys)
+    return out
+
+
+def _reference_progress(echo: Callable[[str], None], split: str, every_s: float = 10.0) -> Callable[[int, int], None]:
+    """A heartbeat for the reference log-probs: one line at most every `every_s` seconds, and at the end."""
+    t0 = last = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if done == total or now - last >= every_s:
+            last = now
+            echo(f"reference log-probs  {split:<5} {done:>6,}/{total:,} pairs  {now - t0:5.0f} s")
+
+    return progress
 
 
 def _optimise(
@@ -210,15 +241,18 @@ def _optimise(
     reference: Transformer,
     timings: dict[str, float],
     echo: Callable[[str], None],
-) -> tuple[Transformer, dict[str, float], int]:
-    """Reference log-probs once, then DPO of a copy of the reference: (policy, summary metrics, steps)."""
+) -> DPOOutcome:
+    """Reference log-probs once, then DPO of a copy of the reference; the kept policy scored on test (on val
+    only, with dpo.evaluate_test false)."""
     reference = reference.to(s.device).eval().requires_grad_(False)
-    sets = {name: PairSet(pairs, data.pad_id) for name, pairs in data.pairs.items()}
+    splits = ["train", "val", "test"] if cfg.dpo.evaluate_test else ["train", "val"]
+    sets = {name: PairSet(data.pairs[name], data.pad_id) for name in splits}
     t0 = time.perf_counter()
     precision = resolve_precision(cfg.dpo.precision, s.device)  # reference and policy alike: step-0 loss ln 2
-    for pairs in sets.values():  # once: the reference is frozen
-        compute_reference_logps(reference, pairs, cfg.dpo.eval_batch_size, s.device, precision)
-    timings["time/reference_logps_s"] = time.perf_counter() - t0
+    for name, pairs in sets.items():  # once: the reference is frozen
+        progress = _reference_progress(echo, name)
+        compute_reference_logps(reference, pairs, cfg.dpo.eval_batch_size, s.device, precision, progress)
+    timings["reference_logps"] = time.perf_counter() - t0
 
     torch.manual_seed(cfg.dpo.seed)
     policy = copy.deepcopy(reference).requires_grad_(True).train()
@@ -227,39 +261,79 @@ def _optimise(
     def on_eval(step: int, m: dict[str, float]) -> None:
         run.log_metrics(m, step, flush=True)
         echo(
-            f"dpo step {step:>4}  val/loss {m['val/loss']:.4f}  val/accuracy {m['val/accuracy']:.3f}  "
-            f"(reference {m['val/reference_accuracy']:.3f})  val/rewards/margins {m['val/rewards/margins']:.3f}"
+            f"dpo step {step:>4}/{cfg.dpo.max_steps}  val/loss {m['val/loss']:.4f}  "
+            f"val/accuracy {m['val/accuracy']:.3f} (reference {m['val/reference_accuracy']:.3f})"
         )
 
     result = trainer.fit(sets["train"], sets["val"], on_log=lambda st, m: run.log_metrics(m, st), on_eval=on_eval)
-    scores = trainer.score(sets["test"])
-    table = gain_table(scores, seed=cfg.dpo.seed)  # per scheme: reference vs DPO accuracy, gain and its CI
-    run.log_table(table, "test/per_scheme.json")
-    for line in _table_lines(table):
-        echo(line)
-    summary = {
-        **scores_metrics("test", scores),
-        **gain_metrics("test", table),
-        **timings,
-        "time/dpo_s": result.seconds,
-        "dpo/steps": float(result.steps),
-        "dpo/step0_loss": result.step0_loss,
-        "dpo/best_step": float(result.best_step or 0),
-        "dpo/stopped_early": float(result.stopped_early),
+    val_scores = trainer.score(sets["val"])  # the kept (best) policy
+    val_table = gain_table(val_scores, seed=cfg.dpo.seed)
+    run.log_table(val_table, "val/per_scheme.json")
+    split = "test" if cfg.dpo.evaluate_test else "val"
+    # val/ at step 0 is the reference's evaluation: the kept policy's val scores get their own prefix
+    prefix = "test" if cfg.dpo.evaluate_test else "best_val"
+    scores = trainer.score(sets["test"]) if cfg.dpo.evaluate_test else val_scores
+    table = gain_table(scores, seed=cfg.dpo.seed) if cfg.dpo.evaluate_test else val_table
+    if cfg.dpo.evaluate_test:
+        run.log_table(table, "test/per_scheme.json")
+    run.log_table(_pair_columns(scores), f"{split}/pairs.json")  # per pair: what a study's statistics need
+    run.log_params(  # bookkeeping: params, so the run's first charts are its accuracies
+        {
+            "dpo.steps_run": result.steps,
+            "dpo.best_step": result.best_step or 0,
+            "dpo.stopped_early": result.stopped_early,
+            "dpo.step0_loss": round(result.step0_loss, 6),
+        }
+    )
+    metrics = {
+        **scores_metrics(prefix, scores),
+        **gain_metrics(prefix, table),
     }
-    return policy, summary, result.steps
+    timings["dpo"] = result.seconds
+    return DPOOutcome(
+        run_id="",
+        sft_run_id=None,
+        reference="",
+        model_uri=None,
+        registered_version=None,
+        sft_version=None,
+        metrics=metrics,
+        steps=result.steps,
+        split=split,
+        table=table,
+        scores=scores,
+        val_table=val_table,
+        history=result.history,
+        step0_loss=result.step0_loss,
+        policy=policy,
+    )
 
 
-def _table_lines(table: dict[str, list]) -> list[str]:
-    lines = ["test pairs  scheme             reference  DPO    gain [95% paired-bootstrap CI]  logps/chosen ref -> DPO"]
-    for i, scheme in enumerate(table["scheme"]):
-        lines.append(
-            f"  {table['pairs'][i]:>4}       {scheme:<18} {table['reference_accuracy'][i]:.3f}      "
-            f"{table['accuracy'][i]:.3f}  {table['gain'][i]:+.3f} [{table['gain_ci_low'][i]:+.3f}, "
-            f"{table['gain_ci_high'][i]:+.3f}]          {table['reference_logps_chosen'][i]:.2f} -> "
-            f"{table['logps_chosen'][i]:.2f}"
-        )
-    return lines
+def _pair_columns(scores: PairScores) -> dict[str, list]:
+    """Story id, scheme and both models' verdicts for every pair (the input of picollm.dpo.stats)."""
+    ref = scores.reference_correct
+    assert ref is not None and scores.uids is not None
+    return {
+        "story": list(scores.uids),
+        "scheme": list(scores.schemes),
+        "reference_correct": [bool(x) for x in ref],
+        "policy_correct": [bool(x) for x in scores.policy_correct],
+    }
+
+
+def _log_report(run: RunLog, cfg: DPORunConfig, data: PreferenceData, out: DPOOutcome) -> None:
+    """The figure (chosen vs rejected log-probs over the steps; accuracy per scheme before and after) and
+    report.md / report.html (the html self-contained: MLflow's artifact viewer renders it)."""
+    from picollm.compare.report import report_html
+    from picollm.dpo import report
+
+    run.log_figure(report.dpo_figure(out.history, out.table, out.split, cfg.dpo.loss_type), report.FIGURE)
+    names = {"sft": "SFT", "reference_logps": "reference log-probs", "dpo": "DPO", "total": "total"}
+    seconds = {names[k]: v for k, v in out.seconds.items()}
+    setup = report.setup_lines(cfg, data.stats(), out.reference, out.steps)
+    md = report.render(setup, out.table, out.split, cfg.dpo.loss_type, out.step0_loss, seconds, out.samples)
+    run.log_text(md, "report.md")
+    run.log_text(report_html(md, run.figure_files, title=f"picollm dpo: {run.run_id}"), "report.html")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""The CLI's tables, within the terminal's width (80 columns in a CI log): train's accuracy per family, and
-markdown reports (bench.md) as console tables whose cells wrap at spaces rather than being cut."""
+"""The CLI's tables, within the terminal's width (80 columns in a CI log): train's accuracy per family,
+compare's headline (verdicts kept whole), DPO's one table, and markdown reports (bench.md) as console tables
+whose cells wrap at spaces rather than being cut."""
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -80,3 +83,53 @@ def markdown(lines: list[str], width: int = 80) -> list[RenderableType]:
             i += 1
         out.append(_table(rows, width))
     return out
+
+
+def compare_table(rows: list[dict[str, str]], runs: dict[str, int], confidence: float) -> Table:
+    """The headline in 80 columns: one row per metric (per metric and variant with more than two), means only
+    (report.html has their intervals), Δ = variant − baseline with its interval, p Holm-adjusted within its
+    family, and the verdict whole (never wrapped: other cells wrap first). Primaries first, under a label."""
+    base, *others = runs
+    title = " vs ".join(f"{v} (n={k})" for v, k in runs.items())
+    table = Table(
+        title=f"{title}; Δ ± {100 * confidence:g} % CI, p Holm-adjusted",
+        box=None,
+        pad_edge=False,
+        collapse_padding=True,
+        title_justify="left",
+    )
+    two = len(others) == 1
+    columns = ["metric", *([base, others[0]] if two else ["variant", base, "mean"]), "Δ", "p", "verdict"]
+    for col in columns:
+        left = col in ("metric", "variant", "verdict")
+        table.add_column(col, justify="left" if left else "right", no_wrap=col == "verdict", header_style="bold")
+    for role in ("primary", "secondary"):
+        mine = [r for r in rows if r.get("role", "secondary") == role]
+        if not mine:
+            continue
+        table.add_row(f"[italic]{role}[/italic]", *[""] * (len(columns) - 1))
+        for r in mine:
+            means = [r["base_mean"], r["mean"]] if two else [r["variant"], r["base_mean"], r["mean"]]
+            table.add_row(escape(r["short"]), *map(escape, means), escape(r["diff"]), r["p"], escape(r["verdict"]))
+    return table
+
+
+def dpo_table(table: dict[str, list], split: str, loss_type: str, step0_loss: float, seconds: float) -> Table:
+    """The one DPO table, within 80 columns: per scheme, reference and DPO ranking accuracy and the gain with
+    its story-bootstrap CI (SimPO's rewards/accuracies is its accuracy, so there is no separate column)."""
+    t = Table(
+        title=f"{split} pairs: reference → DPO ({loss_type}; step-0 loss {step0_loss:.4f}, {seconds:.0f} s)",
+        box=box.SIMPLE_HEAD,
+    )
+    for col in ("scheme", "pairs", "reference", "DPO", "gain", "95% CI (stories)"):
+        t.add_column(col, justify="left" if col == "scheme" else "right", no_wrap=True)
+    for i, scheme in enumerate(table["scheme"]):
+        t.add_row(
+            f"[bold]{scheme}" if scheme == "all" else scheme,
+            str(table["pairs"][i]),
+            f"{table['reference_accuracy'][i]:.3f}",
+            f"{table['accuracy'][i]:.3f}",
+            f"{table['gain'][i]:+.3f}",
+            f"[{table['gain_ci_low'][i]:+.3f}, {table['gain_ci_high'][i]:+.3f}]",
+        )
+    return t

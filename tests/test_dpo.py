@@ -568,7 +568,7 @@ def test_story_dpo_end_to_end(tiktoken_ranks: None) -> None:
     history = client.get_metric_history(out.run_id, "train/loss")
     step0 = [m.value for m in history if m.step == 0]
     assert step0 and step0[0] == pytest.approx(LN2, abs=1e-4)
-    assert out.metrics["dpo/step0_loss"] == pytest.approx(LN2, abs=1e-4)
+    assert out.step0_loss == pytest.approx(LN2, abs=1e-4)
     for key in (
         "loss",
         "rewards/chosen",
@@ -584,7 +584,7 @@ def test_story_dpo_end_to_end(tiktoken_ranks: None) -> None:
     assert "test/reference_accuracy/other_story" in parent.data.metrics
     for key in ("test/logits/chosen", "test/logits/rejected", "test/gain", "test/gain_ci_low", "val/logits/chosen"):
         assert key in parent.data.metrics, key
-    assert any(m.step > 0 for m in client.get_metric_history(out.run_id, "grad_norm"))
+    assert any(m.step > 0 for m in client.get_metric_history(out.run_id, "train/grad_norm"))
     assert "val/loss" in children[0].data.metrics
     assert parent.data.tags["reference"] == "picollm-sft/1"
     arts = {a.path for a in client.list_artifacts(out.run_id, "samples")}
@@ -592,7 +592,19 @@ def test_story_dpo_end_to_end(tiktoken_ranks: None) -> None:
     table = json.loads(
         Path(mlflow.artifacts.download_artifacts(run_id=out.run_id, artifact_path="test/per_scheme.json")).read_text()
     )
-    assert "all" in str(table) and "gain_ci_low" in table["columns"]
+    assert "all" in str(table) and "gain_ci_low" in table["columns"] and "stories" in table["columns"]
+    assert {"report.html", "report.md"} <= {a.path for a in client.list_artifacts(out.run_id)}
+    pairs = json.loads(
+        Path(mlflow.artifacts.download_artifacts(run_id=out.run_id, artifact_path="test/pairs.json")).read_text()
+    )
+    assert pairs["columns"] == ["story", "scheme", "reference_correct", "policy_correct"]
+    assert len(pairs["data"]) == sum(table_row[1] for table_row in table["data"][:-1])  # every scheme's pairs
+    assert "figures/dpo.png" in {a.path for a in client.list_artifacts(out.run_id, "figures")}
+    html = Path(mlflow.artifacts.download_artifacts(run_id=out.run_id, artifact_path="report.html")).read_text()
+    assert "data:image/png;base64," in html and "other_story" in html  # self-contained, with the table
+    # MLflow orders chart sections by key: the first chart is the headline; bookkeeping is params
+    assert min(parent.data.metrics) == "test/accuracy"
+    assert {"dpo.best_step", "dpo.steps_run", "dpo.seconds.total", "dpo.step0_loss"} <= set(parent.data.params)
     assert len(out.samples["policy"]) == 2
     policy, sft = picollm.load_model("picollm-dpo@champion"), picollm.load_model("picollm-sft@champion")
     # the compact vocabulary travels with both models (vocab.json) and is the one the data used
@@ -640,7 +652,7 @@ def test_synthetic_dpo_end_to_end_and_named_reference() -> None:
 
     names = ("tracking.registered_model=syn-dpo", "tracking.sft_registered_model=syn-sft")
     out = run(tiny_synthetic(*names))
-    assert out.metrics["dpo/step0_loss"] == pytest.approx(LN2, abs=1e-4)
+    assert out.step0_loss == pytest.approx(LN2, abs=1e-4)
     assert 0.0 <= out.metrics["test/reference_accuracy/random_tokens"] <= 1.0
     assert {r.info.status for r in runs("dpo-syn")} == {"FINISHED"} and len(runs("dpo-syn")) == 2
     assert picollm.load_model("syn-dpo").cfg.vocab_size == 32
@@ -652,6 +664,15 @@ def test_synthetic_dpo_end_to_end_and_named_reference() -> None:
     assert len(runs("dpo-syn")) == 3
     assert MlflowClient().get_run(again.run_id).data.tags["reference"] == "syn-sft@champion"
     assert again.metrics["test/reference_accuracy"] == pytest.approx(out.metrics["test/reference_accuracy"])
+
+    # a selection run: validation only, no test pair scored, no test prompt continued
+    val_only = run(
+        tiny_synthetic("dpo.reference=syn-sft@champion", "tracking.log_model=false", "dpo.evaluate_test=false")
+    )
+    logged = MlflowClient().get_run(val_only.run_id).data.metrics
+    assert val_only.split == "val" and val_only.samples == {} and val_only.table == val_only.val_table
+    assert not any(k.startswith("test/") for k in logged) and "best_val/gain" in logged
+    assert min(logged) == "best_val/accuracy"  # the first chart
 
 
 def test_bench_step_reports_the_ratio() -> None:

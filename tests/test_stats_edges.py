@@ -18,7 +18,8 @@ from picollm.compare.summary import headline
 from picollm.config import CompareConfig
 from picollm.config.base import ConfigError, load_config
 from picollm.config.compare import BOOTSTRAP_MIN_RUNS, headline_metrics
-from pipelines.cli import app, compare_table
+from pipelines.cli import app
+from pipelines.tables import compare_table
 
 from .conftest import REPO
 

@@ -108,6 +108,9 @@ class DPOConfig(OptimConfig):
     """validation pairs"""
     test_pairs: int = Field(200, ge=1)
     """test pairs"""
+    evaluate_test: bool = Field(True)
+    """score the kept policy on the test pairs; false = validation only (a selection run: the test stories stay
+    unseen, the run's table and samples are from val)"""
     batch_size: int = Field(16, ge=1)
     """pairs per step (2x sequences in the forward pass)"""
     max_steps: int = Field(200, ge=1)

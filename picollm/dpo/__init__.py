@@ -1,2 +1,3 @@
 """Preference tuning: pairs from stories or sequences (pairs), the DPO / SimPO / RPO losses and trainer
-(trainer), and the per-scheme metrics with their paired bootstrap (metrics)."""
+(trainer), the per-scheme metrics (metrics), the gain's bootstrap over stories and Holm across schemes (stats),
+and a run's report and figure (report)."""

@@ -1,9 +1,10 @@
-"""DPO metrics: TRL's names per split and scheme, and the gain over the reference with a paired bootstrap CI.
+"""DPO metrics: TRL's names per split and scheme, and the gain over the reference with its CI.
 
 A pair is *correct* for a model when it gives the chosen continuation the higher log-prob. The gain of DPO
-on a set of pairs is mean(policy correct) - mean(reference correct); both models score the same pairs, so
-its CI comes from a paired bootstrap: resample pairs (with replacement), recompute the mean of
-d_i = policy_correct_i - reference_correct_i, take the percentiles.
+on a set of pairs is mean(policy correct) - mean(reference correct); both models score the same pairs, and
+the pairs of one story are correlated, so its CI comes from a bootstrap over stories (picollm/dpo/stats.py)
+of d_i = policy_correct_i - reference_correct_i. `paired_bootstrap_ci` (pairs resampled as if independent)
+is kept to show how much narrower that would be.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class PairScores:
     chosen_logits: torch.Tensor | None  # mean output logit over response positions (TRL's logits/chosen)
     rejected_logits: torch.Tensor | None
     schemes: list[str]
+    uids: list[int] | None = None  # the story of each pair
 
     @property
     def policy_correct(self) -> np.ndarray:
@@ -118,17 +120,22 @@ def paired_bootstrap_ci(
 
 
 def gain_table(scores: PairScores, n_boot: int = 2000, seed: int = 0) -> dict[str, list]:
-    """Per scheme (and `all`): pairs, reference and policy accuracy, gain with its 95% paired-bootstrap CI,
-    and mean chosen log-probs of both: the columns of the run's test table."""
+    """Per scheme (and `all`): pairs, stories, reference and policy accuracy, gain with its 95% CI from a
+    bootstrap over stories (all pairs of a drawn story kept: `stats.story_bootstrap`; over pairs when the
+    scores carry no story ids), and mean chosen and rejected log-probs of both: the run's per-scheme table."""
+    from picollm.dpo.stats import story_bootstrap
+
     ref = scores.reference_correct
-    assert ref is not None and scores.ref_chosen is not None
+    assert ref is not None and scores.ref_chosen is not None and scores.ref_rejected is not None
     pol = scores.policy_correct
     schemes = np.asarray(scores.schemes)
+    uids = np.asarray(scores.uids if scores.uids is not None else range(len(schemes)))
     cols: dict[str, list] = {
         k: []
         for k in (
             "scheme",
             "pairs",
+            "stories",
             "reference_accuracy",
             "accuracy",
             "gain",
@@ -136,14 +143,18 @@ def gain_table(scores: PairScores, n_boot: int = 2000, seed: int = 0) -> dict[st
             "gain_ci_high",
             "reference_logps_chosen",
             "logps_chosen",
+            "reference_logps_rejected",
+            "logps_rejected",
         )
     }
     for name in [*sorted(set(scores.schemes)), "all"]:
         sel = np.ones(len(schemes), dtype=bool) if name == "all" else schemes == name
-        gain, lo, hi = paired_bootstrap_ci(pol[sel], ref[sel], n_boot, seed=seed)
+        d = pol[sel].astype(np.float64) - ref[sel].astype(np.float64)
+        gain, lo, hi = story_bootstrap([d], [uids[sel]], n_boot, seed=seed)
         row = [
             name,
             int(sel.sum()),
+            len(set(uids[sel].tolist())),
             float(ref[sel].mean()),
             float(pol[sel].mean()),
             gain,
@@ -151,6 +162,8 @@ def gain_table(scores: PairScores, n_boot: int = 2000, seed: int = 0) -> dict[st
             hi,
             float(scores.ref_chosen.numpy()[sel].mean()),
             float(scores.policy_chosen.numpy()[sel].mean()),
+            float(scores.ref_rejected.numpy()[sel].mean()),
+            float(scores.policy_rejected.numpy()[sel].mean()),
         ]
         for k, v in zip(cols, row, strict=True):
             cols[k].append(v)

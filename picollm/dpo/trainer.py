@@ -67,15 +67,25 @@ class PairSet:
 
 @torch.no_grad()
 def compute_reference_logps(
-    reference: nn.Module, pairs: PairSet, batch_size: int, device: torch.device, precision: str = "fp32"
+    reference: nn.Module,
+    pairs: PairSet,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Fill pairs.ref_chosen/ref_rejected with the reference's log-probs (eval mode: no dropout)."""
+    """Fill pairs.ref_chosen/ref_rejected with the reference's log-probs (eval mode: no dropout);
+    `progress(done, total)` after every batch (pairs)."""
     was_training = reference.training
     reference.eval()
     chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    done = 0
     for idx in pairs.batches(batch_size):
         c, r = batch_logps(reference, pairs.batch(idx).to(device), precision)
         chosen[idx], rejected[idx] = c.cpu(), r.cpu()
+        done += len(idx)
+        if progress is not None:
+            progress(done, len(pairs))
     reference.train(was_training)
     pairs.ref_chosen, pairs.ref_rejected = chosen, rejected
 
@@ -168,12 +178,14 @@ class DPOTrainer:
         self.policy.eval()
         parts: list[tuple[torch.Tensor, ...]] = []
         schemes: list[str] = []
+        uids: list[int] = []
         for idx in pairs.batches(self.cfg.eval_batch_size):
             batch = pairs.batch(idx).to(self.device)
             parts.append(tuple(t.cpu() for t in self._terms(batch, pairs.ref_chosen[idx], pairs.ref_rejected[idx])))
             schemes += batch.schemes
+            uids += [pairs.pairs[i].uid for i in idx.tolist()]
         self.policy.train(was_training)
-        return PairScores(*(torch.cat(c) for c in zip(*parts, strict=True)), schemes=schemes)
+        return PairScores(*(torch.cat(c) for c in zip(*parts, strict=True)), schemes=schemes, uids=uids)
 
     def evaluate(self, pairs: PairSet, prefix: str) -> dict[str, float]:
         return scores_metrics(prefix, self.score(pairs))
@@ -242,10 +254,10 @@ class DPOTrainer:
             loss = terms[0].mean()
             self.guard.check(loss, state)  # raises before backward: the weights never see a bad loss
             grad_norm = self._update(loss)
-            window.append(pair_metrics("train", *(t.detach().cpu() for t in terms)) | {"grad_norm": grad_norm})
+            window.append(pair_metrics("train", *(t.detach().cpu() for t in terms)) | {"train/grad_norm": grad_norm})
             if state.step % cfg.log_every == 0 or last:
                 avg = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                avg["lr"] = self.scheduler.get_last_lr()[0]
+                avg["train/lr"] = self.scheduler.get_last_lr()[0]
                 on_log(state.step, avg)
                 window.clear()
             if (state.step % cfg.eval_every == 0 or last) and self._eval_step(val, state, on_eval):
