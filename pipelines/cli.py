@@ -173,6 +173,12 @@ def progress_line(msg: str) -> None:
     console.print(f"[dim]{msg}[/]", highlight=False)
 
 
+def timing_warnings(warnings: list[str]) -> None:
+    """The noise rules' warnings on a flow's timings (picollm.runtime.noise), one highlighted line each."""
+    for warning in warnings:
+        console.print(f"[bold yellow]warning: noisy timing:[/] {escape(warning)}", highlight=False)
+
+
 def family_table(metrics: dict[str, float], families: list[str], prefix: str = "test") -> Table:
     table = Table(title=f"{prefix} accuracy per family")
     answers = any(k.startswith(f"{prefix}/accuracy_answer") for k in metrics)  # recall families (mqar, copy)
@@ -284,6 +290,7 @@ def compare(
         console.print(
             "lr per variant (grid on validation data): " + ", ".join(f"{v} {lr:g}" for v, lr in out.lrs.items())
         )
+    timing_warnings(out.timing_warnings)  # report.html's efficiency section flags them too
     console.print(
         f"parent run {out.parent_run_id} ({out.mode}, {len(out.members)} child runs), report.md and "
         f"{len(out.artifacts) - 4} figures logged (report.html renders in the MLflow UI), {out.seconds:.0f} s",
@@ -383,6 +390,7 @@ def bench(
     out = flow.run(cfg, progress=progress_line)
     for line in out.report:
         console.print(line, highlight=False, soft_wrap=True)
+    timing_warnings(out.warnings)
     console.print(f"run {out.run_id} (bench.md and metrics in experiment {cfg.tracking.experiment})")
 
 

@@ -379,17 +379,36 @@ def _beyond_per_family(r: ReportInput) -> list[str]:
 
 
 def _efficiency(r: ReportInput) -> list[str]:
-    """Per variant and length: recurrent state, training step time and memory, prefill and decoding time."""
+    """Per variant and length: recurrent state, training step time and memory, prefill and decoding time, each
+    timing as min – max of its repeats; the load it was taken under; a warning first when the noise rules
+    (picollm.runtime.noise) flag any of it."""
     e = r.efficiency
     if e is None:
         return []
-    lines = [
-        "",
-        "## Efficiency",
-        "",
+    warnings = e.warnings()
+    lines = ["", "## Efficiency", ""]
+    if warnings:
+        lines += [
+            "> **⚠ Noisy timings: do not read these as the variants' costs.** The noise rules flagged them; rerun "
+            "the timings on a quiet machine (docs/commands.md, `picollm compare`).",
+            ">",
+            *(f"> - {w}" for w in warnings),
+            "",
+        ]
+    repeats = ", ".join(
+        f"{what} {min(t.n for per in ts.values() for t in per.values())}"
+        for what, ts in (("training step", e.step), ("generation (decode steps)", e.gen), ("prefill", e.prefill))
+        if any(ts.values())
+    )
+    load = f"Measured under a {e.load.text()}" if e.load else "Load average not recorded"
+    lines += [
         f"Every variant (fresh weights, same architecture as compared) measured side by side in one process, "
-        f"interleaved per length, on the CPU with {e.threads} torch thread(s); times are medians. "
-        "State: the floats one layer keeps to generate the next token after N tokens (a KV cache grows with N; "
+        f"interleaved per length, on the CPU with {e.threads} torch thread(s). Every timing is repeated "
+        f"({repeats}) and shown as min – max of its repeats; the min is the reported value (and the ratio's), "
+        "because interference only ever adds time, so the fastest repeat is the closest to the work's own cost. "
+        f"{load}. "
+        + ("Noise rules (picollm.runtime.noise): none flagged." if not warnings else "")
+        + " State: the floats one layer keeps to generate the next token after N tokens (a KV cache grows with N; "
         "a recurrent state does not). Training step = forward + backward + AdamW on a batch of "
         "max(1, tokens_per_step // N) sequences. Peak memory: one training step per (variant, length) in a "
         "fresh Python process; its peak RSS is the kernel high-water mark VmHWM (/proc/self/status; ru_maxrss "
@@ -400,27 +419,28 @@ def _efficiency(r: ReportInput) -> list[str]:
     ]
     table = []
     sizes = sorted(set(e.lengths) | set(e.contexts))
-    base = next(iter(e.step_ms), None)
-    for att in e.step_ms:
+    base = next(iter(e.step), None)
+    for att in e.step:
         for n_ in sizes:
-            ms = e.step_ms[att].get(n_)
-            ratio = ms / e.step_ms[base][n_] if ms is not None and base and n_ in e.step_ms[base] else None
+            step = e.step[att].get(n_)
+            base_step = e.step[base].get(n_) if base else None
+            ratio = step.value / base_step.value if step and base_step else None
             mem = e.memory.get(att, {}).get(n_)
             state = e.state_floats.get(att, {}).get(n_)
-            gen = e.gen_ms_per_token.get(att, {}).get(n_)
-            pre = e.prefill_ms.get(att, {}).get(n_)
+            gen = e.gen.get(att, {}).get(n_)
+            pre = e.prefill.get(att, {}).get(n_)
             table.append(
                 [
                     att,
                     str(n_),
                     str(e.batches[n_]) if n_ in e.batches else "-",
                     f"{state:,.0f}" if state is not None else "-",
-                    _num(ms, 1),
+                    step.cell(1) if step else "-",
                     _num(ratio, 2),
                     _num(mem["step_mb"], 0) if mem else "-",
                     _num(mem["peak_rss_mb"], 0) if mem else "-",
-                    _num(pre, 1),
-                    _num(gen * 1000 if gen is not None else None, 0),
+                    pre.cell(1) if pre else "-",
+                    gen.scaled(1000).cell(0) if gen else "-",
                 ]
             )
     header = [
@@ -428,12 +448,12 @@ def _efficiency(r: ReportInput) -> list[str]:
         "N",
         "batch",
         "state floats / layer",
-        "train ms/step",
-        f"vs {base}",
+        "train ms/step (min – max)",
+        f"vs {base} (min)",
         "step MB",
         "peak RSS MB",
-        "prefill ms",
-        "generation µs/token",
+        "prefill ms (min – max)",
+        "generation µs/token (min – max)",
     ]
     return [*lines, *md_table(header, table)]
 
@@ -464,6 +484,7 @@ tr:nth-child(even) { background: #f6f8fa; }
 img { max-width: 100%; border: 1px solid #d0d7de; }
 code { background: #f6f8fa; padding: 1px 4px; border-radius: 3px; }
 h1, h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 4px; }
+blockquote { margin: 12px 0; padding: 6px 14px; border-left: 5px solid #bf8700; background: #fff8c5; }
 """
 
 
