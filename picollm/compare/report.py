@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from picollm.compare.efficiency import Efficiency
 from picollm.compare.stats import Aggregate, SeqIntervals
 from picollm.compare.table import Comparisons, diff_cells, fmt_interval, holm_grid, side
+from picollm.runtime.noise import RULES
 
 
 @dataclass
@@ -390,7 +391,8 @@ def _efficiency(r: ReportInput) -> list[str]:
     if warnings:
         lines += [
             "> **⚠ Noisy timings: do not read these as the variants' costs.** The noise rules flagged them; rerun "
-            "the timings on a quiet machine (docs/commands.md, `picollm compare`).",
+            "the timings on a quiet machine (`picollm compare configs/compare_timing.yaml` times the default "
+            "comparison's models in minutes; docs/commands.md, Timings and their noise).",
             ">",
             *(f"> - {w}" for w in warnings),
             "",
@@ -406,8 +408,8 @@ def _efficiency(r: ReportInput) -> list[str]:
         f"interleaved per length, on the CPU with {e.threads} torch thread(s). Every timing is repeated "
         f"({repeats}) and shown as min – max of its repeats; the min is the reported value (and the ratio's), "
         "because interference only ever adds time, so the fastest repeat is the closest to the work's own cost. "
-        f"{load}. "
-        + ("Noise rules (picollm.runtime.noise): none flagged." if not warnings else "")
+        f"{load}. Noise rules (picollm.runtime.noise): {RULES.text()}; "
+        + (f"{len(warnings)} warning(s) above." if warnings else "none flagged.")
         + " State: the floats one layer keeps to generate the next token after N tokens (a KV cache grows with N; "
         "a recurrent state does not). Training step = forward + backward + AdamW on a batch of "
         "max(1, tokens_per_step // N) sequences. Peak memory: one training step per (variant, length) in a "

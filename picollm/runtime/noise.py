@@ -155,6 +155,14 @@ class NoiseRules:
     max_drop: float = 1.5
     """a time that cannot fall with length falling by more than this factor"""
 
+    def text(self) -> str:
+        """The rules in one line, for a report."""
+        return (
+            f"a timing's repeats within {self.max_spread:g}× (max / min), the load average at most "
+            f"{self.max_load_per_core:g} × cores, and no time that cannot fall with length falling by more than "
+            f"{self.max_drop:g}×"
+        )
+
     def spread(self, what: str, timings: Mapping[int, Timing], unit: str = "") -> str | None:
         """One warning for a measure's timings (keyed by length) whose max / min exceeds `max_spread`."""
         bad = {n: t for n, t in timings.items() if t.n > 1 and t.spread > self.max_spread}
