@@ -101,6 +101,11 @@ def test_efficiency_warnings_params_and_report_section():
     calm = "\n".join(_efficiency(SimpleNamespace(efficiency=quiet)))
     assert "<blockquote>" not in report_html(calm, {}) and "none flagged" in calm
 
+    from picollm.compare.plots import efficiency_figure
+
+    assert efficiency_figure(noisy)._suptitle.get_text().startswith("NOISY TIMINGS")
+    assert efficiency_figure(quiet)._suptitle is None
+
 
 def test_compare_logs_and_reports_the_noise_of_its_timings(migrated_store: str, monkeypatch: pytest.MonkeyPatch):
     """The compare flow's efficiency step on the tiny config (real timings, the load average faked high):
