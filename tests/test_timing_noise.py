@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from picollm.compare.efficiency import Efficiency
-from picollm.compare.report import _efficiency, report_html
+from picollm.compare.report import report_html
+from picollm.compare.report_efficiency import efficiency_section
 from picollm.runtime import noise
 from picollm.runtime.noise import RULES, Load, NoiseRules, Timing
 from tests.conftest import REPO
@@ -92,13 +92,13 @@ def test_efficiency_warnings_params_and_report_section():
     assert metrics[("efficiency/gen_ms_per_token/linear", 4096)] == 0.19
     assert metrics[("efficiency/gen_ms_per_token_max/linear", 4096)] == 15.975
 
-    section = "\n".join(_efficiency(SimpleNamespace(efficiency=noisy)))
+    section = "\n".join(efficiency_section(noisy))
     page = report_html(section, {})
     assert "<blockquote>" in page and "Noisy timings" in page
     assert all(w.split(":")[0] in page for w in warnings)
     assert "190 – 15,975" in page  # µs/token, min – max, beside the timing
     assert "3.50 at the start, 4.00 at the end, on 2 core(s)" in page
-    calm = "\n".join(_efficiency(SimpleNamespace(efficiency=quiet)))
+    calm = "\n".join(efficiency_section(quiet))
     assert "<blockquote>" not in report_html(calm, {}) and "none flagged" in calm
 
     from picollm.compare.plots import efficiency_figure
@@ -125,7 +125,7 @@ def test_compare_logs_and_reports_the_noise_of_its_timings(migrated_store: str, 
     assert params["efficiency.noisy"] == "True" and params["efficiency.load_avg_1m_start"] == "99.0"
     assert params["efficiency.repeats.step"] == "2" and int(params["efficiency.cpus"]) == noise.cpu_count()
     assert metrics["efficiency/step_ms_max/linear"] >= metrics["efficiency/step_ms/linear"] > 0
-    page = report_html("\n".join(_efficiency(SimpleNamespace(efficiency=eff))), {})
+    page = report_html("\n".join(efficiency_section(eff)), {})
     assert "Noisy timings" in page and "load average (1 min) 99.00 at the start" in page
     step = eff.step["linear"][32]
     assert f"{step.min:,.1f} – {step.max:,.1f}" in page

@@ -4,7 +4,7 @@ time, measured on freshly initialised models (timing does not depend on the weig
 Step time. `time_train_steps` is the one training-step timer of picollm (`picollm compare` and the
 bench flow): `timed` repeats after `warmup`, the models interleaved per length on the same inputs so
 machine noise hits them alike. Every timing keeps its repeats (picollm.runtime.noise.Timing: the minimum is
-the reported value, max and median beside it) and the load average around it (`Efficiency.load`);
+the reported value, the maximum beside it) and the load average around it (`Efficiency.load`);
 `Efficiency.warnings` applies the noise rules of picollm.runtime.noise.
 
 Peak memory. Each (model, length) configuration runs one training step in a fresh Python process
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Efficiency:
     """The efficiency sweep: per model, {sequence length: timing} for training, {context: timing} for
-    generation (the timings keep their repeats; `step_ms` and the like are their reported values)."""
+    generation (each timing keeps its repeats; its `value`, the minimum, is the reported figure)."""
 
     lengths: list[int]
     batches: dict[int, int]
@@ -59,18 +59,6 @@ class Efficiency:
     prefill: dict[str, dict[int, Timing]] = field(default_factory=dict)  # ms per prompt
     state_floats: dict[str, dict[int, float]] = field(default_factory=dict)  # per layer, after N tokens
     load: Load | None = None  # the machine's load around the timings
-
-    @property
-    def step_ms(self) -> dict[str, dict[int, float]]:
-        return _values(self.step)
-
-    @property
-    def gen_ms_per_token(self) -> dict[str, dict[int, float]]:
-        return _values(self.gen)
-
-    @property
-    def prefill_ms(self) -> dict[str, dict[int, float]]:
-        return _values(self.prefill)
 
     def warnings(self, rules: NoiseRules = RULES) -> list[str]:
         """Every noise warning of the sweep (the rules of picollm.runtime.noise): the load, then per
@@ -125,10 +113,6 @@ class Efficiency:
             for n, floats in self.state_floats.get(att, {}).items():
                 out[(f"efficiency/state_floats/{att}", n)] = floats
         return out
-
-
-def _values(timings: dict[str, dict[int, Timing]]) -> dict[str, dict[int, float]]:
-    return {att: {n: t.value for n, t in per.items()} for att, per in timings.items()}
 
 
 def state_sizes(configs: dict[str, ModelConfig], contexts: list[int]) -> dict[str, dict[int, float]]:
