@@ -131,8 +131,8 @@ class Load:
 
     def params(self, prefix: str) -> dict[str, float | int]:
         return {
-            f"{prefix}.load_avg_1m_start": self.start,
-            f"{prefix}.load_avg_1m_end": self.end,
+            f"{prefix}.load_avg_1m_start": round(self.start, 2),  # /proc/loadavg's own precision
+            f"{prefix}.load_avg_1m_end": round(self.end, 2),
             f"{prefix}.cpus": self.cpus,
         }
 
