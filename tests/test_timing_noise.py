@@ -51,7 +51,8 @@ def test_busy_machine_is_flagged_quiet_is_not():
     w = RULES.load(Load(1.2, 4.1, 2))
     assert w is not None and "4.10 at the end" in w and "2 core(s)" in w
     assert RULES.load(QUIET) is None
-    assert RULES.load(Load(2.0, 2.0, 2)) is None  # our own threads on every core: no one waited
+    assert RULES.load(Load(2.0, 2.4, 2)) is None  # our own threads on every core, and a little housekeeping
+    assert RULES.load(Load(2.0, 3.0, 2)) is not None  # one more busy thread than cores
     assert RULES.load(Load(math.nan, math.nan, 2)) is None  # no load average on this platform
 
 

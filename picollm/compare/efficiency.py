@@ -163,17 +163,19 @@ def decode_timing(
     model: Transformer, prompt: torch.Tensor, new_tokens: int, warmup: int = 2, prefills: int = 3
 ) -> tuple[Timing, Timing]:
     """(prefill ms, ms per generated token) of greedy decoding after `prompt` (1, C): `prefills` repeats
-    of the prefill (a fresh cache each), then `new_tokens` decode steps after the last, each step a repeat.
+    of the prefill (a fresh cache each) after an untimed one (a model's first forward pays one-off set-up),
+    then `new_tokens` decode steps after the last, each step a repeat.
 
     The fast path of Transformer.generate (picollm.decoding), timed step by step: a KV cache grows with
     the context, a recurrent state does not."""
     model.eval()
     prefill = []
-    for _ in range(prefills):
+    for i in range(1 + prefills):
         decoder = Decoder(model, batch=prompt.shape[0], capacity=prompt.shape[1] + warmup + new_tokens)
         t0 = time.perf_counter()
         logits = decoder.prefill(prompt, torch.ones_like(prompt, dtype=torch.bool))
-        prefill.append((time.perf_counter() - t0) * 1000)
+        if i > 0:
+            prefill.append((time.perf_counter() - t0) * 1000)
     times = []
     for i in range(warmup + new_tokens):
         nxt = logits.argmax(-1)
