@@ -7,7 +7,10 @@
 - sweep: trials per minute of a `picollm sweep` study with 1 and 2 workers, and the per-trial overhead;
 - breakdown: where a whole `picollm train` process's wall time goes (its logged `time/*` metrics), and
   its wall time side by side with the pinned reference training loop (picollm.bench_reference);
-- generation: decode ms per token of every variant vs context, fast path vs the general cached forward."""
+- generation: decode ms per token of every variant vs context, fast path vs the general cached forward.
+
+Every timing keeps its repeats (picollm.runtime.noise); the steps and generation sections and the machine's
+load average around the whole bench go through the noise rules, whose warnings open bench.md."""
 
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ from picollm.model.mixers import feature_maps as fm
 from picollm.model.mixers import linear as la
 from picollm.model.positions import alibi_slopes
 from picollm.model.transformer import Transformer
-from picollm.runtime.hardware import median_ms, torch_threads
+from picollm.runtime.hardware import torch_threads
+from picollm.runtime.noise import RULES, Load, Timing, load_average, time_repeats
 from picollm.runtime.timing import PHASES
 from picollm.tracking import runs, server
 from picollm.tracking import store as tracking
@@ -66,6 +70,7 @@ class BenchOutcome:
     run_id: str
     results: dict[str, float]
     report: list[str]  # markdown tables, also logged as bench.md
+    warnings: list[str]  # the noise rules' warnings (picollm.runtime.noise), also at the top of the report
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) -> BenchOutcome:
@@ -73,12 +78,15 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
     whole-run sections train in their own temporary stores, so nothing of theirs enters yours)."""
     with runs.session("bench", cfg.tracking, num_threads=cfg.num_threads) as s:
         threads = torch.get_num_threads()
+        load_start = load_average()
         results: dict[str, float] = {}
         report: list[str] = []
+        warnings: list[str] = []
         by_length: dict[int, dict[str, float]] = {}
         if "steps" in cfg.sections:
             progress(f"steps: training steps of {', '.join(v.name for v in cfg.variants)} at each length")
-            by_length = time_steps(cfg)
+            by_length, noisy = time_steps(cfg)
+            warnings += noisy
             for n, row in by_length.items():
                 results.update({f"{k}@{n}": v for k, v in row.items()})
             report += steps_table(cfg, results)
@@ -111,10 +119,15 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
         gen_rows: dict[int, dict[str, float]] = {}
         if "generation" in cfg.sections:
             progress("generation: ms per token, fast path vs cached forward, at each context")
-            gen_rows = time_generation(cfg)
+            gen_rows, noisy = time_generation(cfg)
+            warnings += noisy
             report += generation_table(cfg.generation, gen_rows, [v.name for v in cfg.variants])
 
-        with s.run(cfg.tracking.run_name or "bench", config=cfg, params={"torch_threads": threads}) as tracked:
+        load = Load.since(load_start)
+        warnings = [w for w in [RULES.load(load)] if w] + warnings
+        report = noise_section(load, warnings) + report
+        params = {"torch_threads": threads, "bench.reported": "min of repeats", "bench.noisy": bool(warnings)}
+        with s.run(cfg.tracking.run_name or "bench", config=cfg, params=params | load.params("bench")) as tracked:
             # `/` is the metric hierarchy in every flow (the result keys keep their dotted names for the report)
             for n, row in by_length.items():
                 tracked.log_metrics({metric_key(k): v for k, v in row.items()}, step=n)
@@ -122,7 +135,15 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
                 tracked.log_metrics({metric_key(k): v for k, v in row.items()}, step=c)
             tracked.log_metrics({metric_key(k): v for k, v in results.items() if "@" not in k})
             tracked.log_text("\n".join(report) + "\n", "bench.md")
-    return BenchOutcome(tracked.run_id, results, report)
+    return BenchOutcome(tracked.run_id, results, report, warnings)
+
+
+def noise_section(load: Load, warnings: list[str]) -> list[str]:
+    """bench.md's first lines: the load the timings were taken under and the noise rules' warnings."""
+    lines = [f"Timings: the min of their repeats (interference only adds time), max beside it; {load.text()}.", ""]
+    if warnings:
+        lines += ["**Noisy timings: do not read them as costs.**", "", *(f"- warning: {w}" for w in warnings), ""]
+    return lines
 
 
 def metric_key(name: str) -> str:
@@ -143,24 +164,30 @@ def _models(cfg: BenchConfig, max_seq_len: int) -> dict[str, Transformer]:
     return models
 
 
-def time_steps(cfg: BenchConfig) -> dict[int, dict[str, float]]:
-    """Per length: median training-step time of every variant (same process, same inputs, interleaved:
-    the comparison's own timer), its ratio to the first variant's and, with `kernels`, the linear-attention
-    forms alone."""
+def time_steps(cfg: BenchConfig) -> tuple[dict[int, dict[str, float]], list[str]]:
+    """Per length: training-step time of every variant (same process, same inputs, interleaved: the
+    comparison's own timer; min of the repeats, and their max), its ratio to the first variant's and, with
+    `kernels`, the linear-attention forms alone; and the noise rules' warnings on the step times."""
     models = _models(cfg, max(cfg.lengths) + 1)
     base, *others = list(models)
-    step_ms = time_train_steps(models, cfg.lengths, cfg.tokens_per_step, cfg.warmup_steps, cfg.timed_steps)
+    timings = time_train_steps(models, cfg.lengths, cfg.tokens_per_step, cfg.warmup_steps, cfg.timed_steps)
+    step_ms = {att: {n: t.value for n, t in per.items()} for att, per in timings.items()}
     out: dict[int, dict[str, float]] = {}
     for n in cfg.lengths:
         batch = max(1, cfg.tokens_per_step // n)
         row = {f"step_ms.{att}": step_ms[att][n] for att in models}
+        row |= {f"step_ms.{att}_max": timings[att][n].max for att in models}
         row |= {f"tokens_per_s.{att}": batch * n / step_ms[att][n] * 1000 for att in models}
         row |= {f"ratio.{v}_over_{base}": row[f"step_ms.{v}"] / row[f"step_ms.{base}"] for v in others}
         if cfg.kernels:
             row |= _time_kernels(cfg, n, batch)
         out[n] = row
         log.info("N=%d %s", n, row)
-    return out
+    warnings = []
+    for att, per in timings.items():
+        label = f"{att} training step (by N)"
+        warnings += [w for w in (RULES.spread(label, per, " ms"), RULES.curve(label, step_ms[att], " ms")) if w]
+    return out, warnings
 
 
 def _time_kernels(cfg: BenchConfig, n: int, batch: int) -> dict[str, float]:
@@ -180,17 +207,23 @@ def _time_kernels(cfg: BenchConfig, n: int, batch: int) -> dict[str, float]:
         def kernel(fn=fn, q=q, k=k, v=v) -> None:
             fn(fm.feature_map(q), fm.feature_map(k), v).sum().backward()
 
-        row[f"kernel_ms.{form}"] = median_ms(kernel, 1, cfg.timed_steps)
+        t = time_repeats(kernel, 1, cfg.timed_steps)
+        row[f"kernel_ms.{form}"], row[f"kernel_ms.{form}_max"] = t.value, t.max
     return row
 
 
 def steps_table(cfg: BenchConfig, results: dict[str, float]) -> list[str]:
     base, *others = [v.name for v in cfg.variants]
     header = ["N", "batch", *(f"{v} ms/step" for v in (base, *others)), *(f"{v}/{base}" for v in others)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"Training step: min – max of {cfg.timed_steps} repeat(s) after {cfg.warmup_steps} warmup; ratios of the mins",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for n in cfg.lengths:
         cells = [str(n), str(max(1, cfg.tokens_per_step // n))]
-        cells += [f"{results[f'step_ms.{v}@{n}']:.1f}" for v in (base, *others)]
+        cells += [f"{results[f'step_ms.{v}@{n}']:.1f} – {results[f'step_ms.{v}_max@{n}']:.1f}" for v in (base, *others)]
         cells += [f"{results[f'ratio.{v}_over_{base}@{n}']:.2f}" for v in others]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
@@ -419,7 +452,10 @@ def _reference_cli(config: Path, epochs: int) -> tuple[float, dict[str, float]]:
 
 
 def _spread(name: str, values: list[float]) -> dict[str, float]:
-    return {name: statistics.median(values), f"{name}_min": min(values), f"{name}_max": max(values)}
+    """The median and range of whole-process repeats (a breakdown's phases are medians: mins of phases
+    would not add up to one run)."""
+    t = Timing.of(values)
+    return {name: t.median, f"{name}_min": t.min, f"{name}_max": t.max}
 
 
 def time_breakdown(rc: BenchRunsConfig, progress: Callable[[str], None]) -> dict[str, float]:
@@ -503,11 +539,12 @@ def breakdown_table(rc: BenchRunsConfig, r: dict[str, float]) -> list[str]:
 # Generation: decode ms per token
 
 
-def time_generation(cfg: BenchConfig) -> dict[int, dict[str, float]]:
-    """{context: {`gen_ms.<variant>.<path>.b<batch>`: median ms per decode step, `..._min`/`_max`, and
-    `gen_speedup.<variant>.b<batch>` = cached / fast}}: every variant, fast path and cached forward,
-    interleaved per context, `repeats` times (fresh caches each). Batches above 1 only at contexts up to
-    1024: the cached forward's prefill builds a (B, H, N, N) bias."""
+def time_generation(cfg: BenchConfig) -> tuple[dict[int, dict[str, float]], list[str]]:
+    """({context: {`gen_ms.<variant>.<path>.b<batch>`: ms per decode step, the min of the repeats, with
+    `..._median`/`_max`, and `gen_speedup.<variant>.b<batch>` = cached / fast (mins)}}, the noise rules'
+    warnings): every variant, fast path and cached forward, interleaved per context, `repeats` times (fresh
+    caches each; each repeat the median of its steps). Batches above 1 only at contexts up to 1024: the
+    cached forward's prefill builds a (B, H, N, N) bias."""
     g: BenchGenerationConfig = cfg.generation
     longest = max(g.contexts) + g.new_tokens + 8
     models = _models(cfg, longest)
@@ -522,15 +559,22 @@ def time_generation(cfg: BenchConfig) -> dict[int, dict[str, float]]:
                         ms = decoding.ms_per_token(m, c, g.new_tokens, fast=path == "fast", batch=b)
                         samples.setdefault((c, f"gen_ms.{att}.{path}.b{b}"), []).append(ms)
     out: dict[int, dict[str, float]] = {c: {} for c in g.contexts}
+    timings: dict[str, dict[int, Timing]] = {}
     for (c, name), vals in samples.items():
-        out[c] |= _spread(name, vals)
+        t = timings.setdefault(name, {})[c] = Timing.of(vals)
+        out[c] |= {name: t.value, f"{name}_median": t.median, f"{name}_max": t.max}
     for c, row in out.items():
         for att in models:
             for b in g.batch_sizes:
                 if f"gen_ms.{att}.fast.b{b}" in row:
                     row[f"gen_speedup.{att}.b{b}"] = row[f"gen_ms.{att}.cached.b{b}"] / row[f"gen_ms.{att}.fast.b{b}"]
         log.info("generation context %d: %s", c, row)
-    return out
+    warnings = []
+    for name, per in timings.items():  # a decode step after a longer context cannot be cheaper
+        label = f"{name.removeprefix('gen_ms.')} decode step (by context)"
+        values = {c: t.value for c, t in per.items()}
+        warnings += [w for w in (RULES.spread(label, per, " ms"), RULES.curve(label, values, " ms")) if w]
+    return out, warnings
 
 
 def generation_table(
@@ -541,7 +585,8 @@ def generation_table(
     for b in g.batch_sizes:
         header = ["context", *(f"{a} {p}" for a in names for p in ("cached", "fast")), *(f"{a} gain" for a in names)]
         lines += [
-            f"Decode ms per step at batch {b}: median (min-max) of {g.repeats}, each a median of {g.new_tokens} steps",
+            f"Decode ms per step at batch {b}: min – max of {g.repeats} repeat(s), each a median of {g.new_tokens} "
+            "steps; gains are ratios of the mins",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
@@ -550,7 +595,7 @@ def generation_table(
             if f"gen_ms.{names[-1]}.fast.b{b}" not in r:
                 continue
             cells = [
-                f"{r[k]:.3f} [{r[k + '_min']:.3f}-{r[k + '_max']:.3f}]"
+                f"{r[k]:.3f} – {r[k + '_max']:.3f}"
                 for k in (f"gen_ms.{a}.{p}.b{b}" for a in names for p in ("cached", "fast"))
             ]
             sp = [f"{r[f'gen_speedup.{a}.b{b}']:.1f}x" for a in names]

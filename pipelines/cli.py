@@ -36,7 +36,7 @@ from picollm.runtime import logs
 from picollm.tracking import limits
 from pipelines import progress
 from pipelines.progress import RichReporter as RichReporter  # re-exported: tests patch the train bar here
-from pipelines.progress import console
+from pipelines.progress import console, timing_warnings
 from pipelines.tables import compare_table, dpo_table, family_table, markdown
 
 err_console = Console(stderr=True)
@@ -215,6 +215,7 @@ def compare(
         console.print(
             "lr per variant (grid on validation data): " + ", ".join(f"{v} {lr:g}" for v, lr in out.lrs.items())
         )
+    timing_warnings(out.timing_warnings)  # report.html's efficiency section flags them too
     console.print(
         f"parent run {out.parent_run_id} ({out.mode}, {len(out.members)} child runs), report.md and "
         f"{len(out.artifacts) - 4} figures logged (report.html renders in the MLflow UI), {out.seconds:.0f} s",
@@ -312,6 +313,7 @@ def bench(
         out = _flow("bench").run(cfg, progress=reporter)
     for part in markdown(out.report, console.width):  # its tables as console tables: within the terminal's width
         console.print(part, highlight=False)
+    timing_warnings(out.warnings)
     console.print(f"run {out.run_id} (bench.md and metrics in experiment {cfg.tracking.experiment})")
 
 

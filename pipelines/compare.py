@@ -39,6 +39,7 @@ from picollm.compare.summary import ByVariant, Summary, ci_text, setup_lines, su
 from picollm.config import CompareConfig, ModelConfig, flatten, to_yaml
 from picollm.config.base import RULE_FAMILIES
 from picollm.runtime.hardware import torch_threads
+from picollm.runtime.noise import Load, load_average
 from picollm.tracking import runs
 from picollm.tracking.runs import RunLog, Session
 from picollm.training import run as train_run
@@ -61,6 +62,7 @@ class CompareOutcome:
     variants: list[str] = field(default_factory=list)
     artifacts: list[str] = field(default_factory=list)
     lrs: dict[str, float] = field(default_factory=dict)  # the lr each variant's seeded runs used
+    timing_warnings: list[str] = field(default_factory=list)  # the efficiency timings' noise (report.md has them)
 
 
 class _EpochLines:
@@ -334,9 +336,11 @@ def run(cfg: CompareConfig, progress: Say | Callable[[str], None] | None = None)
             parent.log_text(cmp.report_html(report, parent.figure_files), "report.html")
             parent.log_metrics({"compare/seconds": seconds})
     artifacts = ["config.yaml", "data_config.yaml", "report.md", "report.html", *(path for _, path in figures)]
-    return CompareOutcome(
+    outcome = CompareOutcome(
         parent.run_id, inp.mode, inp.members, summary.rows, report, parent.metrics, seconds, cc.names, artifacts, lrs
     )
+    outcome.timing_warnings = efficiency.warnings() if efficiency is not None else []
+    return outcome
 
 
 def _log_summary(parent: RunLog, cfg: CompareConfig, inp: Inputs, by_variant: ByVariant) -> Summary:
@@ -462,10 +466,12 @@ def _efficiency(parent: RunLog, cfg: CompareConfig, archs: dict[str, ModelConfig
         batches = {n: max(1, e.tokens_per_step // n) for n in e.lengths}
         eff = cmp.Efficiency(e.lengths, batches, e.gen_contexts, torch.get_num_threads())
         eff.state_floats = cmp.state_sizes(archs, sorted(set(e.lengths) | set(e.gen_contexts)))
+        load_start = load_average()
         say.part(f"efficiency: training steps at N = {e.lengths}")
-        eff.step_ms = cmp.time_train_steps(models, e.lengths, e.tokens_per_step, e.warmup_steps, e.timed_steps)
+        eff.step = cmp.time_train_steps(models, e.lengths, e.tokens_per_step, e.warmup_steps, e.timed_steps)
         say(f"efficiency: generation at contexts {e.gen_contexts}")
-        eff.prefill_ms, eff.gen_ms_per_token = cmp.time_generation(models, e.gen_contexts, e.gen_tokens)
+        eff.prefill, eff.gen = cmp.time_generation(models, e.gen_contexts, e.gen_tokens)
+        eff.load = Load.since(load_start)
         if e.memory:
             say("efficiency: peak memory, one fresh process per (variant, length)")
             eff.memory = {
@@ -474,6 +480,7 @@ def _efficiency(parent: RunLog, cfg: CompareConfig, archs: dict[str, ModelConfig
     for (name, step), value in eff.metrics(keys.compact(list(archs))).items():
         if math.isfinite(value):
             parent.log_metrics({name: value}, step)
+    parent.log_params(eff.params())
     parent.flush()
     return eff
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console()
@@ -325,3 +326,9 @@ def reporter(what: str, **kw: Any) -> RichReporter:
     if os.environ.get("RANK", "0") not in ("", "0"):
         return RichReporter(what, live=False, interval=-1, **kw)
     return RichReporter(what, **kw)
+
+
+def timing_warnings(warnings: list[str]) -> None:
+    """The noise rules' warnings on a flow's timings (picollm.runtime.noise), one highlighted line each."""
+    for warning in warnings:
+        console.print(f"[bold yellow]warning: noisy timing:[/] {escape(warning)}", highlight=False)

@@ -43,6 +43,14 @@ def test_steps_and_tracking_sections(migrated_store: str):
     assert run.info.status == "FINISHED"
     assert run.data.metrics["tracking/sqlite/overhead_pct"] == pytest.approx(r["tracking.sqlite.overhead_pct"])
     assert "bench.md" in [a.path for a in client.list_artifacts(out.run_id)]
+    # The timings carry their noise: each step time's max beside its min, the load average and the cores as
+    # params, and bench.md opens with them (and with the warnings, when the noise rules flag any).
+    assert r["step_ms.linear_max@16"] >= r["step_ms.linear@16"]
+    params = run.data.params
+    assert {"bench.load_avg_1m_start", "bench.load_avg_1m_end", "bench.cpus", "bench.noisy"} <= set(params)
+    assert params["bench.noisy"] == str(bool(out.warnings)) and int(params["bench.cpus"]) >= 1
+    assert out.report[0].startswith("Timings: the min of their repeats") and "load average (1 min)" in out.report[0]
+    assert all(f"- warning: {w}" in out.report for w in out.warnings)
     # The timed training runs went to their own temporary stores, not into the user's.
     assert {e.name for e in client.search_experiments()} <= {"picollm-bench", "Default"}
 
@@ -152,22 +160,24 @@ def test_steps_and_generation_time_every_variant():
         "generation.repeats=1",
         "kernels=false",
     )
-    rows = bench.time_steps(cfg)
+    rows, _ = bench.time_steps(cfg)
     assert set(rows[8]) == {
         *(f"{k}.{v}" for k in ("step_ms", "tokens_per_s") for v in ("softmax", "lin", "delta")),
+        *(f"step_ms.{v}_max" for v in ("softmax", "lin", "delta")),
         "ratio.lin_over_softmax",
         "ratio.delta_over_softmax",
     }
     assert rows[16]["ratio.delta_over_softmax"] == pytest.approx(
         rows[16]["step_ms.delta"] / rows[16]["step_ms.softmax"]
     )
+    assert all(rows[n][f"step_ms.{v}"] <= rows[n][f"step_ms.{v}_max"] for n in rows for v in ("softmax", "lin"))
     results = {f"{k}@{n}": v for n, row in rows.items() for k, v in row.items()}
     assert (
         "| N | batch | softmax ms/step | lin ms/step | delta ms/step | lin/softmax | delta/softmax |"
         in bench.steps_table(cfg, results)
     )
-    gen = bench.time_generation(cfg)
-    assert {"gen_ms.delta.fast.b1", "gen_speedup.lin.b1"} <= set(gen[8])
+    gen, _ = bench.time_generation(cfg)
+    assert {"gen_ms.delta.fast.b1", "gen_ms.delta.fast.b1_max", "gen_speedup.lin.b1"} <= set(gen[8])
     assert "delta fast" in "\n".join(bench.generation_table(cfg.generation, gen, ["softmax", "lin", "delta"]))
 
 

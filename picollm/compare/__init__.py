@@ -9,9 +9,9 @@
 - `recall`: MQAR answer accuracy against the number of key-value pairs;
 - `lr_grid`: each variant's learning rate from a grid, on validation data;
 - `efficiency`: training-step time (also used by the bench flow), per-step peak memory, generation time,
-  generation state size;
+  generation state size; every timing with its repeats and the load (picollm.runtime.noise);
 - `plots`: the figures;
-- `report`, `report_studies`: report.md (and its self-contained HTML copy, report.html);
+- `report`, `report_studies`, `report_efficiency`: report.md (and its self-contained HTML copy, report.html);
 - `keys`: the parent run's metric keys (headline numbers, variant last) and its tables.
 
 Everything here takes plain models, splits and numbers; the flow (pipelines/compare.py) owns MLflow.

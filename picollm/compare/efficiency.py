@@ -2,8 +2,10 @@
 time, measured on freshly initialised models (timing does not depend on the weights).
 
 Step time. `time_train_steps` is the one training-step timer of picollm (`picollm compare` and the
-bench flow): the median of `timed` steps after `warmup`, the models interleaved per length on the same
-inputs so machine noise hits them alike.
+bench flow): `timed` repeats after `warmup`, the models interleaved per length on the same inputs so
+machine noise hits them alike. Every timing keeps its repeats (picollm.runtime.noise.Timing: the minimum is
+the reported value, the maximum beside it) and the load average around it (`Efficiency.load`);
+`Efficiency.warnings` applies the noise rules of picollm.runtime.noise.
 
 Peak memory. Each (model, length) configuration runs one training step in a fresh Python process
 (`memory_worker`). Its peak resident set size is the kernel's per-process high-water mark: VmHWM in
@@ -20,7 +22,6 @@ import json
 import logging
 import math
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ import torch
 from picollm.config import ModelConfig, TrainConfig
 from picollm.model.decoding import Decoder
 from picollm.model.transformer import Transformer
-from picollm.runtime.hardware import median_ms
+from picollm.runtime.noise import RULES, Load, NoiseRules, Timing, time_repeats
 from picollm.training.adamw import AdamW
 from picollm.training.optim import make_optimizer
 from picollm.training.trainer import lm_loss
@@ -45,36 +46,70 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Efficiency:
-    """The efficiency sweep: per model, {sequence length: value} for training, {context: value} for generation."""
+    """The efficiency sweep: per model, {sequence length: timing} for training, {context: timing} for
+    generation (each timing keeps its repeats; its `value`, the minimum, is the reported figure)."""
 
     lengths: list[int]
     batches: dict[int, int]
     contexts: list[int]
     threads: int
-    step_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    step: dict[str, dict[int, Timing]] = field(default_factory=dict)  # ms per training step
     memory: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
-    gen_ms_per_token: dict[str, dict[int, float]] = field(default_factory=dict)
-    prefill_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    gen: dict[str, dict[int, Timing]] = field(default_factory=dict)  # ms per generated token
+    prefill: dict[str, dict[int, Timing]] = field(default_factory=dict)  # ms per prompt
     state_floats: dict[str, dict[int, float]] = field(default_factory=dict)  # per layer, after N tokens
+    load: Load | None = None  # the machine's load around the timings
+
+    def warnings(self, rules: NoiseRules = RULES) -> list[str]:
+        """Every noise warning of the sweep (the rules of picollm.runtime.noise): the load, then per
+        variant the spread of each measure's repeats and each curve that falls with length."""
+        out = [w for w in [rules.load(self.load)] if self.load is not None and w]
+        measures = (
+            ("training step", "N", self.step, " ms"),
+            ("generation per token", "context", self.gen, " ms"),
+            ("prefill", "context", self.prefill, " ms"),
+        )
+        for att in self.step | self.gen:
+            for what, axis, timings, unit in measures:
+                per = timings.get(att, {})
+                label = f"{att} {what} (by {axis})"
+                values = {n: t.value for n, t in per.items()}
+                out += [w for w in (rules.spread(label, per, unit), rules.curve(label, values, unit)) if w]
+        return out
+
+    def params(self) -> dict[str, float | int | str]:
+        """What the timings were taken under, as MLflow params `efficiency.*`."""
+        out: dict[str, float | int | str] = {
+            "efficiency.reported": "min of repeats",
+            "efficiency.noisy": bool(self.warnings()),
+        }
+        for key, timings in (("step", self.step), ("gen", self.gen), ("prefill", self.prefill)):
+            counts = {t.n for per in timings.values() for t in per.values()}
+            if counts:
+                out[f"efficiency.repeats.{key}"] = min(counts)
+        return out | (self.load.params("efficiency") if self.load else {})
 
     def metrics(self, compact: bool = False) -> dict[tuple[str, int], float]:
-        """{(metric name, step = length): value} for MLflow: `efficiency/<measure>/<variant>`, so every
-        variant's curve of a measure shares a chart section. `compact` (many variants): step time, step
-        memory, generation time and state size only."""
+        """{(metric name, step = length): value} for MLflow: `efficiency/<measure>/<variant>` (the reported
+        min), so every variant's curve of a measure shares a chart section, and the slowest repeat as
+        `efficiency/<measure>_max/<variant>`. `compact` (many variants): step time, step memory, generation
+        time and state size only."""
         out: dict[tuple[str, int], float] = {}
-        for att in self.step_ms:
-            for n, ms in self.step_ms[att].items():
-                out[(f"efficiency/step_ms/{att}", n)] = ms
+        for att in self.step:
+            for n, t in self.step[att].items():
+                out[(f"efficiency/step_ms/{att}", n)] = t.value
                 if not compact:
-                    out[(f"efficiency/tokens_per_s/{att}", n)] = self.batches[n] * n / ms * 1000
+                    out[(f"efficiency/step_ms_max/{att}", n)] = t.max
+                    out[(f"efficiency/tokens_per_s/{att}", n)] = self.batches[n] * n / t.value * 1000
             for n, mem in self.memory.get(att, {}).items():
                 out[(f"efficiency/step_mb/{att}", n)] = mem["step_mb"]
                 if not compact:
                     out[(f"efficiency/peak_rss_mb/{att}", n)] = mem["peak_rss_mb"]
-            for n, ms in self.gen_ms_per_token.get(att, {}).items():
-                out[(f"efficiency/gen_ms_per_token/{att}", n)] = ms
+            for n, t in self.gen.get(att, {}).items():
+                out[(f"efficiency/gen_ms_per_token/{att}", n)] = t.value
                 if not compact:
-                    out[(f"efficiency/prefill_ms/{att}", n)] = self.prefill_ms[att][n]
+                    out[(f"efficiency/gen_ms_per_token_max/{att}", n)] = t.max
+                    out[(f"efficiency/prefill_ms/{att}", n)] = self.prefill[att][n].value
             for n, floats in self.state_floats.get(att, {}).items():
                 out[(f"efficiency/state_floats/{att}", n)] = floats
         return out
@@ -99,12 +134,12 @@ def efficiency_models(configs: dict[str, ModelConfig], longest: int) -> dict[str
 
 def time_train_steps(
     models: dict[str, Transformer], lengths: list[int], tokens_per_step: int, warmup: int, timed: int
-) -> dict[str, dict[int, float]]:
-    """{att: {n: median ms}} of one training step (lm_loss, zero_grad, backward, AdamW step) on random
+) -> dict[str, dict[int, Timing]]:
+    """{att: {n: ms, `timed` repeats}} of one training step (lm_loss, zero_grad, backward, AdamW step) on random
     tokens of shape (max(1, tokens_per_step // n), n + 1), after `warmup` untimed steps. The models are
     interleaved per length on the same inputs so machine noise hits both alike; each keeps one optimizer
     (TrainConfig's defaults) across the lengths."""
-    out: dict[str, dict[int, float]] = {att: {} for att in models}
+    out: dict[str, dict[int, Timing]] = {att: {} for att in models}
     opts = {att: make_optimizer(m, TrainConfig()) for att, m in models.items()}
     for n in lengths:
         vocab = next(iter(models.values())).cfg.vocab_size or 2
@@ -118,44 +153,53 @@ def time_train_steps(
                 loss.backward()
                 opt.step()
 
-            out[att][n] = median_ms(step, warmup, timed)
-            log.info("train step %s N=%d: %.1f ms", att, n, out[att][n])
+            t = out[att][n] = time_repeats(step, warmup, timed)
+            log.info("train step %s N=%d: %.1f ms (max %.1f)", att, n, t.min, t.max)
     return out
 
 
 @torch.no_grad()
-def decode_timing(model: Transformer, prompt: torch.Tensor, new_tokens: int, warmup: int = 2) -> tuple[float, float]:
-    """(prefill ms, median ms per generated token) of greedy decoding after `prompt` (1, C).
+def decode_timing(
+    model: Transformer, prompt: torch.Tensor, new_tokens: int, warmup: int = 8, prefills: int = 3
+) -> tuple[Timing, Timing]:
+    """(prefill ms, ms per generated token) of greedy decoding after `prompt` (1, C): `prefills` repeats
+    of the prefill (a fresh cache each) after an untimed one (a model's first forward pays one-off set-up),
+    then `new_tokens` decode steps after the last and `warmup` untimed ones, each step a repeat (after a long
+    prompt the first steps are slower for several steps: 0.6 -> 0.22 ms at context 4096 on 2026-12-04).
 
     The fast path of Transformer.generate (picollm.decoding), timed step by step: a KV cache grows with
     the context, a recurrent state does not."""
     model.eval()
-    decoder = Decoder(model, batch=prompt.shape[0], capacity=prompt.shape[1] + warmup + new_tokens)
-    t0 = time.perf_counter()
-    logits = decoder.prefill(prompt, torch.ones_like(prompt, dtype=torch.bool))
-    prefill = (time.perf_counter() - t0) * 1000
+    prefill = []
+    for i in range(1 + prefills):
+        decoder = Decoder(model, batch=prompt.shape[0], capacity=prompt.shape[1] + warmup + new_tokens)
+        t0 = time.perf_counter()
+        logits = decoder.prefill(prompt, torch.ones_like(prompt, dtype=torch.bool))
+        if i > 0:
+            prefill.append((time.perf_counter() - t0) * 1000)
     times = []
     for i in range(warmup + new_tokens):
         nxt = logits.argmax(-1)
         t0 = time.perf_counter()
         logits = decoder.step(nxt)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return prefill, statistics.median(times) * 1000
+            times.append((time.perf_counter() - t0) * 1000)
+    return Timing.of(prefill), Timing.of(times)
 
 
 def time_generation(
     models: dict[str, Transformer], contexts: list[int], new_tokens: int
-) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+) -> tuple[dict[str, dict[int, Timing]], dict[str, dict[int, Timing]]]:
     """({att: {context: prefill ms}}, {att: {context: ms per token}}), interleaved per context."""
-    prefill: dict[str, dict[int, float]] = {att: {} for att in models}
-    per_token: dict[str, dict[int, float]] = {att: {} for att in models}
+    prefill: dict[str, dict[int, Timing]] = {att: {} for att in models}
+    per_token: dict[str, dict[int, Timing]] = {att: {} for att in models}
     for c in contexts:
         vocab = next(iter(models.values())).cfg.vocab_size or 2
         prompt = torch.randint(0, vocab - 1, (1, c))
         for att, m in models.items():
             prefill[att][c], per_token[att][c] = decode_timing(m, prompt, new_tokens)
-            log.info("generation %s context %d: %.2f ms/token", att, c, per_token[att][c])
+            t = per_token[att][c]
+            log.info("generation %s context %d: %.3f ms/token (max %.3f)", att, c, t.min, t.max)
     return prefill, per_token
 
 

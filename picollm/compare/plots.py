@@ -221,21 +221,28 @@ def _length_panel(ax, agg: Aggregate, factors: list[int], train_len: int, group:
 
 
 def efficiency_figure(eff: Efficiency) -> Figure:
+    """Step time, step memory and generation time vs length; each timing's min (line) with its repeats'
+    min – max shaded, and the noise warnings' verdict in the title."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    for att in eff.step_ms:
+    for att in eff.step:
         kw = {"marker": "o", "color": COLORS[att], "label": att}
-        axes[0].plot(eff.lengths, [eff.step_ms[att][n] for n in eff.lengths], **kw)
+        for ax, xs, timings in ((axes[0], eff.lengths, eff.step.get(att)), (axes[2], eff.contexts, eff.gen.get(att))):
+            if timings:
+                ax.plot(xs, [timings[x].min for x in xs], **kw)
+                ax.fill_between(
+                    xs, [timings[x].min for x in xs], [timings[x].max for x in xs], color=kw["color"], alpha=0.2
+                )
         if eff.memory.get(att):
             axes[1].plot(eff.lengths, [eff.memory[att][n]["step_mb"] for n in eff.lengths], **kw)
-        if eff.gen_ms_per_token.get(att):
-            axes[2].plot(eff.contexts, [eff.gen_ms_per_token[att][c] for c in eff.contexts], **kw)
-    axes[0].set(title="training step time (median)", xlabel="sequence length", ylabel="ms / step")
+    axes[0].set(title="training step time (min, repeats shaded)", xlabel="sequence length", ylabel="ms / step")
     axes[1].set(
         title="training step peak memory (fresh process, RSS)",
         xlabel="sequence length",
         ylabel="MB above model + inputs",
     )
-    axes[2].set(title="generation time per token (batch 1)", xlabel="context length", ylabel="ms / token")
+    axes[2].set(
+        title="generation time per token (batch 1; min, steps shaded)", xlabel="context length", ylabel="ms / token"
+    )
     for ax, xs in zip(axes, (eff.lengths, eff.lengths, eff.contexts), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -245,8 +252,18 @@ def efficiency_figure(eff: Efficiency) -> Figure:
             ax.legend()
         else:  # e.g. efficiency.memory: false
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", color="grey")
-    fig.text(0.01, 0.01, f"batch = tokens_per_step // length: {eff.batches}; torch threads {eff.threads}", fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    warnings = eff.warnings()
+    if warnings:
+        fig.suptitle(
+            f"NOISY TIMINGS ({len(warnings)} warning(s)): not the variants' costs; see the report's efficiency section",
+            color="#b35900",
+            fontweight="bold",
+        )
+    load = f"; {eff.load.text()}" if eff.load else ""
+    fig.text(
+        0.01, 0.01, f"batch = tokens_per_step // length: {eff.batches}; torch threads {eff.threads}{load}", fontsize=7
+    )
+    fig.tight_layout(rect=(0, 0.04, 1, 0.93 if warnings else 1))
     return fig
 
 

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from picollm.compare.efficiency import Efficiency
+from picollm.compare.report_efficiency import efficiency_section
 from picollm.compare.stats import Aggregate, SeqIntervals
 from picollm.compare.table import PRIMARY, Comparisons, diff_cells, fmt_interval, holm_grid, side, untested_reason
 from picollm.compare.verdicts import WHY, rank
@@ -414,67 +415,7 @@ def _beyond_per_family(r: ReportInput) -> list[str]:
 
 
 def _efficiency(r: ReportInput) -> list[str]:
-    """Per variant and length: recurrent state, training step time and memory, prefill and decoding time."""
-    e = r.efficiency
-    if e is None:
-        return []
-    lines = [
-        "",
-        "## Efficiency",
-        "",
-        f"Every variant (fresh weights, same architecture as compared) measured side by side in one process, "
-        f"interleaved per length, on the CPU with {e.threads} torch thread(s); times are medians. "
-        "State: the floats one layer keeps to generate the next token after N tokens (a KV cache grows with N; "
-        "a recurrent state does not). Training step = forward + backward + AdamW on a batch of "
-        "max(1, tokens_per_step // N) sequences. Peak memory: one training step per (variant, length) in a "
-        "fresh Python process; its peak RSS is the kernel high-water mark VmHWM (/proc/self/status; ru_maxrss "
-        "is not used on Linux because a child inherits its parent's peak there), reset to the current RSS just "
-        "before the step (/proc/self/clear_refs), so 'step MB' is what the (first) step adds on top of model, "
-        "optimizer and inputs. Generation: greedy decoding at batch 1 after a prompt of N tokens.",
-        "",
-    ]
-    table = []
-    sizes = sorted(set(e.lengths) | set(e.contexts))
-    base = next(iter(e.step_ms), None)
-    for att in e.step_ms:
-        for n_ in sizes:
-            ms = e.step_ms[att].get(n_)
-            ratio = ms / e.step_ms[base][n_] if ms is not None and base and n_ in e.step_ms[base] else None
-            mem = e.memory.get(att, {}).get(n_)
-            state = e.state_floats.get(att, {}).get(n_)
-            gen = e.gen_ms_per_token.get(att, {}).get(n_)
-            pre = e.prefill_ms.get(att, {}).get(n_)
-            table.append(
-                [
-                    att,
-                    str(n_),
-                    str(e.batches[n_]) if n_ in e.batches else "-",
-                    f"{state:,.0f}" if state is not None else "-",
-                    _num(ms, 1),
-                    _num(ratio, 2),
-                    _num(mem["step_mb"], 0) if mem else "-",
-                    _num(mem["peak_rss_mb"], 0) if mem else "-",
-                    _num(pre, 1),
-                    _num(gen * 1000 if gen is not None else None, 0),
-                ]
-            )
-    header = [
-        "variant",
-        "N",
-        "batch",
-        "state floats / layer",
-        "train ms/step",
-        f"vs {base}",
-        "step MB",
-        "peak RSS MB",
-        "prefill ms",
-        "generation µs/token",
-    ]
-    return [*lines, *md_table(header, table)]
-
-
-def _num(x: float | None, digits: int) -> str:
-    return f"{x:,.{digits}f}" if x is not None and math.isfinite(x) else "-"
+    return efficiency_section(r.efficiency)
 
 
 def _figures(r: ReportInput) -> list[str]:
@@ -499,6 +440,7 @@ tr:nth-child(even) { background: #f6f8fa; }
 img { max-width: 100%; border: 1px solid #d0d7de; }
 code { background: #f6f8fa; padding: 1px 4px; border-radius: 3px; }
 h1, h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 4px; }
+blockquote { margin: 12px 0; padding: 6px 14px; border-left: 5px solid #bf8700; background: #fff8c5; }
 """
 
 

@@ -60,7 +60,7 @@ class BenchGenerationConfig(StrictModel):
     new_tokens: int = Field(32, ge=1)
     """timed decode steps per measurement (median)"""
     repeats: int = Field(3, ge=1)
-    """interleaved repeats per (model, context, path): median and spread"""
+    """interleaved repeats per (model, context, path): the minimum is reported, median and maximum beside it"""
 
 
 class BenchConfig(StrictModel):
@@ -86,7 +86,7 @@ class BenchConfig(StrictModel):
     warmup_steps: int = Field(2, ge=0)
     """untimed steps before the timed ones"""
     timed_steps: int = Field(5, ge=1)
-    """timed training steps (their median is reported)"""
+    """timed training steps (repeats: the minimum is reported, the maximum beside it)"""
     vocab_size: int = Field(128, ge=8)
     """token vocabulary of the benchmarked models"""
     model: ModelConfig = Field(default_factory=ModelConfig)

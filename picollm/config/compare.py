@@ -229,7 +229,7 @@ class EfficiencyConfig(StrictModel):
     warmup_steps: int = Field(1, ge=0)
     """untimed steps before the timed ones"""
     timed_steps: int = Field(3, ge=1)
-    """timed training steps (their median is reported)"""
+    """timed training steps (repeats: the minimum is reported, the maximum beside it)"""
     memory: bool = Field(True)
     """peak RSS of one training step per (model, length), fresh subprocess each"""
     gen_contexts: list[int] = Field(default_factory=lambda: [64, 256, 1024, 4096], min_length=1)

@@ -49,7 +49,7 @@ KINDS = (
         "Compare",
         CompareConfig,
         "compare CONFIG",
-        "compare compare_tiny learning_curve new_rules recall recall_fed_back recall_zoology",
+        "compare compare_tiny compare_timing learning_curve new_rules recall recall_fed_back recall_zoology",
     ),  # fmt: skip
     Kind("DPO", DPORunConfig, "dpo CONFIG", "dpo"),
     Kind("Analysis", AnalysisConfig, "analyze MODEL_REF --config CONFIG", "analysis"),

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -51,18 +50,6 @@ def measure_matmul_peak(device: torch.device, size: int = 2048, seconds: float =
         _sync(device)
         best = max(best, 2 * 2 * size**3 / (time.perf_counter() - t0))
     return best
-
-
-def median_ms(fn: Callable[[], object], warmup: int, steps: int) -> float:
-    """Median wall time of `fn` in milliseconds after `warmup` untimed calls (robust to noisy neighbours)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 @contextmanager
