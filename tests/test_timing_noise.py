@@ -121,12 +121,13 @@ def test_compare_logs_and_reports_the_noise_of_its_timings(migrated_store: str, 
     from picollm.config import CompareConfig, load_config
     from picollm.tracking import runs
     from pipelines import cli, compare
+    from pipelines.progress import as_progress
 
     monkeypatch.setattr(compare, "load_average", lambda: 99.0)
     cfg = load_config(CompareConfig, REPO / "configs" / "compare_tiny.yaml", ["efficiency.timed_steps=2"])
     archs = {v.name: cfg.variant_model(v) for v in cfg.compare.variants}
     with runs.session("compare", cfg.tracking) as s, s.run("timing", config=cfg) as parent:
-        eff = compare._efficiency(parent, cfg, archs, lambda msg: None)
+        eff = compare._efficiency(parent, cfg, archs, as_progress(None))
     assert eff is not None and eff.warnings()[0].startswith("the machine was busy")
     run = MlflowClient().get_run(parent.run_id)
     params, metrics = run.data.params, run.data.metrics
