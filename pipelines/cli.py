@@ -139,6 +139,8 @@ def print_links(run_id: str) -> None:
     console.print(f"run     {found.run}", highlight=False, soft_wrap=True)
     if found.report:
         console.print(f"report  {found.report}", highlight=False, soft_wrap=True)
+    if found.grouped:
+        console.print(f"grouped {found.grouped}", highlight=False, soft_wrap=True)
 
 
 class RichReporter:

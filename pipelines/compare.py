@@ -38,7 +38,7 @@ from picollm.compare.recall_study import recall_study
 from picollm.compare.summary import ByVariant, Summary, ci_text, setup_lines, summarise
 from picollm.config import CompareConfig, ModelConfig, flatten, to_yaml
 from picollm.runtime.hardware import torch_threads
-from picollm.tracking import notes, runs
+from picollm.tracking import links, notes, runs, store
 from picollm.tracking.runs import RunLog, Session
 from picollm.training import run as train_run
 
@@ -306,6 +306,9 @@ def run(cfg: CompareConfig, progress: Say | None = None) -> CompareOutcome:
             # the one it renders (images and all).
             parent.log_text(cmp.report_html(report, parent.figure_files), "report.html")
             parent.log_metrics({f"{runs.BOOKKEEPING}time/total_s": seconds})
+            # The children grouped by variant, one chart per metric (mean and band): a shared view to link to.
+            eid = parent.active.info.experiment_id
+            store.store_write(links.share_grouped_view, eid, parent.run_id, "compare.model", "eval/", what="a view")
     artifacts = ["config.yaml", "data_config.yaml", "report.md", "report.html", *(path for _, path in figures)]
     return CompareOutcome(
         parent.run_id, inp.mode, inp.members, summary.rows, report, parent.metrics, seconds, cc.names, artifacts, lrs

@@ -62,6 +62,46 @@ def model_version_url(base: str, name: str, version: str | int) -> str:
     return f"{base.rstrip('/')}/#/models/{quote(name, safe='')}/versions/{version}"
 
 
+# --------------------------------------------------------------------------------------------------
+# A parent's children grouped by a tag: one chart per metric, each group's mean and band
+
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: an experiment tag holding a view's state (the UI's "Share")
+
+
+def grouped_view_key(parent_run_id: str) -> str:
+    return f"picollm-{parent_run_id[:12]}"
+
+
+def grouped_view_state(parent_run_id: str, tag: str, charts: str = "") -> dict[str, object]:
+    """The UI state of the runs table showing `parent_run_id`'s children grouped by `tag` (average with a
+    band per group, on charts whose names contain `charts`), as MLflow 3.17's shared views store it."""
+    return {
+        "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": tag}]},
+        "useGroupedValuesInCharts": True,
+        "chartsSearchFilter": charts,
+    }
+
+
+def share_grouped_view(experiment_id: str, parent_run_id: str, tag: str, charts: str = "") -> str:
+    """Store the grouped view of `parent_run_id`'s children as a shared view of the experiment (what the UI's
+    Share button does): `grouped_view_url` opens it. Returns its key."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    key = grouped_view_key(parent_run_id)
+    state = json.dumps(grouped_view_state(parent_run_id, tag, charts))
+    MlflowClient().set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, state)
+    return key
+
+
+def grouped_view_url(base: str, experiment_id: str, key: str) -> str:
+    """The runs page in its chart view, with the shared view `key` applied."""
+    query = f"viewStateShareKey={key}&compareRunsMode=CHART&{RUNS_VIEW}"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
 @dataclass(frozen=True)
 class RunLinks:
     """The links of one run: its charts, its report (None without one) and its runs table."""
@@ -70,6 +110,7 @@ class RunLinks:
     run: str
     runs_table: str
     report: str | None = None
+    grouped: str | None = None  # its children grouped by a tag (a compare parent: by variant)
 
 
 def run_links(run_id: str, base: str | None = None) -> RunLinks:
@@ -85,7 +126,10 @@ def run_links(run_id: str, base: str | None = None) -> RunLinks:
     except Exception:  # an artifact store that cannot be listed: the run's links are still useful
         names = set()
     report = next((artifact_url(base, eid, run_id, r) for r in REPORTS if r in names), None)
-    return RunLinks(run_id, run_url(base, eid, run_id), runs_table_url(base, eid), report)
+    key = grouped_view_key(run_id)
+    shared = SHARED_VIEW_TAG + key in client.get_experiment(eid).tags
+    grouped = grouped_view_url(base, eid, key) if shared else None
+    return RunLinks(run_id, run_url(base, eid, run_id), runs_table_url(base, eid), report, grouped)
 
 
 # --------------------------------------------------------------------------------------------------
