@@ -77,7 +77,7 @@ def stop_ui(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def screenshot(url: str, path: Path, budget_ms: int = 30_000, height: int = 1000) -> None:
+def screenshot(url: str, path: Path, budget_ms: int = 60_000, height: int = 1000) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
     with tempfile.TemporaryDirectory() as profile:
         cmd = [

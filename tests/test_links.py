@@ -36,7 +36,8 @@ def test_urls_open_the_runs_view():
     )
     assert links.artifact_url(base, EID, RID, "/figures/a b.png").endswith("/artifacts/figures/a%20b.png" + view)
     assert (
-        links.model_version_url(base, "picollm-linear", 3) == "http://127.0.0.1:5000/#/models/picollm-linear/versions/3"
+        links.model_version_url(base, "picollm-linear", 3)
+        == f"http://127.0.0.1:5000/#/models/picollm-linear/versions/3{view}"
     )
 
 

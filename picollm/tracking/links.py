@@ -5,7 +5,7 @@ The UI is a single-page app whose routes follow `#` (MLflow 3.17's `mlflow/serve
     #/experiments/<eid>?workflowType=machine_learning                       the runs table
     #/experiments/<eid>/runs/<rid>/model-metrics?workflowType=...           a run's charts
     #/experiments/<eid>/runs/<rid>/artifacts/<path>?workflowType=...        an artifact, rendered
-    #/models/<name>/versions/<version>                                      a model version
+    #/models/<name>/versions/<version>?workflowType=...                     a model version
 
 MLflow 3 opens an experiment (and the pages under it) in its GenAI mode unless the browser remembers the
 "Model training" toggle; `workflowType=machine_learning` chooses the runs view, so every link carries it.
@@ -59,7 +59,7 @@ def artifact_url(base: str, experiment_id: str, run_id: str, path: str) -> str:
 
 
 def model_version_url(base: str, name: str, version: str | int) -> str:
-    return f"{base.rstrip('/')}/#/models/{quote(name, safe='')}/versions/{version}"
+    return f"{base.rstrip('/')}/#/models/{quote(name, safe='')}/versions/{version}?{RUNS_VIEW}"
 
 
 # --------------------------------------------------------------------------------------------------
