@@ -82,7 +82,7 @@ def screenshot(url: str, path: Path, budget_ms: int = 60_000, height: int = 1000
     with tempfile.TemporaryDirectory() as profile:
         cmd = [
             chromium,
-            "--headless",
+            "--headless=new",
             "--no-sandbox",
             "--disable-gpu",
             "--hide-scrollbars",
