@@ -13,6 +13,7 @@ the page on a first visit from localhost, and each headless Chromium is a first 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -78,6 +79,8 @@ def stop_ui(proc: subprocess.Popen) -> None:
 
 
 def screenshot(url: str, path: Path, budget_ms: int = 60_000, height: int = 1000) -> None:
+    """The page at `url` as `path`. Taken twice with one profile, the second kept: a first visit to a fresh
+    server often stops before the charts or a large HTML artifact have rendered."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
     with tempfile.TemporaryDirectory() as profile:
         cmd = [
@@ -89,7 +92,8 @@ def screenshot(url: str, path: Path, budget_ms: int = 60_000, height: int = 1000
             f"--user-data-dir={profile}",
         ]
         cmd += [f"--screenshot={path}", f"--window-size=1400,{height}", f"--virtual-time-budget={budget_ms}", url]
-        subprocess.run(cmd, capture_output=True, timeout=300, check=True)
+        for _ in range(2):
+            subprocess.run(cmd, capture_output=True, timeout=300, check=True)
     shrink(path)
     print(f"  {path.name}: {path.stat().st_size // 1000} KB  <- {url}", flush=True)
 
@@ -105,7 +109,9 @@ def shrink(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--store", type=Path, help="use this store (mlflow.db inside); default: a fresh one, filled")
+    p.add_argument(
+        "--store", type=Path, help="keep the store here (default: a temp dir); one filled before is reused (urls.json)"
+    )
     p.add_argument("--out", type=Path, default=REPO / "docs" / "img")
     p.add_argument("--train", default="configs/linear.yaml", help="the training config (make train-linear's)")
     p.add_argument("--compare", default="configs/compare_tiny.yaml", help="the compare config (seconds-long)")
@@ -114,8 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None if a.store else tempfile.TemporaryDirectory(prefix="picollm-screenshots-")
     store = (a.store or Path(tmp.name)).resolve()
     try:
-        train = run_command(["train", a.train], store)
-        compare = run_command(["compare", a.compare], store)
+        saved = store / "urls.json"
+        if saved.is_file():  # filled by an earlier run: retake the pictures only
+            train, compare = json.loads(saved.read_text())
+        else:
+            store.mkdir(parents=True, exist_ok=True)
+            train = run_command(["train", a.train], store)
+            compare = run_command(["compare", a.compare], store)
+            saved.write_text(json.dumps([train, compare]))
         port = _free_port()
         base = f"http://{HOST}:{port}"
         proc = start_ui(store, port)
