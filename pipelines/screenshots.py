@@ -79,8 +79,8 @@ def stop_ui(proc: subprocess.Popen) -> None:
 
 
 def screenshot(url: str, path: Path, budget_ms: int = 60_000, height: int = 1000) -> None:
-    """The page at `url` as `path`. Taken twice with one profile, the second kept: a first visit to a fresh
-    server often stops before the charts or a large HTML artifact have rendered."""
+    """The page at `url` as `path`. Taken three times with one profile, the largest kept: a visit often stops
+    before the charts or a large HTML artifact have rendered, and a rendered page is the larger PNG."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
     with tempfile.TemporaryDirectory() as profile:
         cmd = [
@@ -91,9 +91,11 @@ def screenshot(url: str, path: Path, budget_ms: int = 60_000, height: int = 1000
             "--hide-scrollbars",
             f"--user-data-dir={profile}",
         ]
-        cmd += [f"--screenshot={path}", f"--window-size=1400,{height}", f"--virtual-time-budget={budget_ms}", url]
-        for _ in range(2):
-            subprocess.run(cmd, capture_output=True, timeout=300, check=True)
+        cmd += [f"--window-size=1400,{height}", f"--virtual-time-budget={budget_ms}", url]
+        tries = [Path(profile) / f"try{i}.png" for i in range(3)]
+        for t in tries:
+            subprocess.run([*cmd, f"--screenshot={t}"], capture_output=True, timeout=300, check=True)
+        shutil.copy(max(tries, key=lambda t: t.stat().st_size), path)
     shrink(path)
     print(f"  {path.name}: {path.stat().st_size // 1000} KB  <- {url}", flush=True)
 
