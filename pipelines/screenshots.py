@@ -79,7 +79,7 @@ def stop_ui(proc: subprocess.Popen) -> None:
 
 
 def screenshot(url: str, path: Path, budget_ms: int = 60_000, height: int = 1000) -> None:
-    """The page at `url` as `path`. Taken three times with one profile, the largest kept: a visit often stops
+    """The page at `url` as `path`. Taken five times with one profile, the largest kept: a visit often stops
     before the charts or a large HTML artifact have rendered, and a rendered page is the larger PNG."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
     with tempfile.TemporaryDirectory() as profile:
@@ -92,7 +92,7 @@ def screenshot(url: str, path: Path, budget_ms: int = 60_000, height: int = 1000
             f"--user-data-dir={profile}",
         ]
         cmd += [f"--window-size=1400,{height}", f"--virtual-time-budget={budget_ms}", url]
-        tries = [Path(profile) / f"try{i}.png" for i in range(3)]
+        tries = [Path(profile) / f"try{i}.png" for i in range(5)]
         for t in tries:
             subprocess.run([*cmd, f"--screenshot={t}"], capture_output=True, timeout=300, check=True)
         shutil.copy(max(tries, key=lambda t: t.stat().st_size), path)
