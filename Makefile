@@ -26,7 +26,7 @@ PG_INSTALL = command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl
 	  else echo "PostgreSQL is missing: run 'sudo apt-get install postgresql'" >&2; exit 1; fi; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve new-rules recall analyze generate models ui serve test test-all lint docs bench sweep lock clean server server-stop test-integration
+.PHONY: help setup train-baseline train-linear train-ddp dpo compare learning-curve new-rules recall analyze generate models ui serve test test-all lint docs bench sweep lock clean server server-stop test-integration screenshots
 
 help: ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -84,6 +84,11 @@ serve: setup ## Serve MODEL (default picollm-linear@champion) as REST on 127.0.0
 	echo "serving $$uri on http://127.0.0.1:$(PORT)"; \
 	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
 	  exec $(BIN)/mlflow models serve -m "$$uri" --env-manager local --host 127.0.0.1 --port $(PORT) --workers 1
+
+# A fresh store in a temp dir: make train-linear's and compare_tiny's runs, `mlflow ui` on a free port, headless
+# Chromium on the URLs they print (ARGS="--train configs/tiny.yaml" for a quicker refresh).
+screenshots: setup ## Refresh docs/img/*.png (docs/first_ten_minutes.md) with headless Chromium from the printed URLs
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pipelines.screenshots $(ARGS)
 
 test: setup ## Run the test suite (offline, CPU, a few minutes)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)

@@ -36,8 +36,8 @@ from picollm.interp import sections as ai
 from picollm.interp.analysis import Batch, analysis_batch
 from picollm.model.hooks import act_name
 from picollm.model.transformer import Transformer
-from picollm.tracking import registry, runs
-from picollm.tracking.runs import RunLog
+from picollm.tracking import notes, registry, runs
+from picollm.tracking.runs import BOOKKEEPING, RunLog
 from pipelines.progress import FlowProgress, as_progress
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,8 @@ def run(cfg: AnalysisConfig, progress: FlowProgress | Callable[[str], None] | No
             label = f"{source.label} ({model.cfg.attention})"
             summary = _sections(model, batch, data_cfg, cfg, tracked, label, say)
             seconds = time.perf_counter() - start
-            tracked.log_metrics({"analysis/seconds": seconds})
+            tracked.log_metrics({f"{BOOKKEEPING}time/total_s": seconds})  # bookkeeping: charted last
+            tracked.set_tags({notes.NOTE_TAG: "\n".join([f"analysis of {source.label}", *summary])})
             tracked.log_text("\n".join([f"model: {source.label} ({source.uri})", *summary]) + "\n", "summary.txt")
     return AnalysisOutcome(tracked.run_id, source, data_source, tracked.metrics, tracked.artifacts, summary, seconds)
 
@@ -337,5 +338,5 @@ def _sections(
         t0 = time.perf_counter()
         with torch.no_grad():
             summary += sections[name]()
-        run.log_metrics({f"analysis/seconds/{name}": time.perf_counter() - t0})
+        run.log_metrics({f"{BOOKKEEPING}time/{name}_s": time.perf_counter() - t0})
     return summary

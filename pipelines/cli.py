@@ -33,7 +33,7 @@ from picollm.config import (
     load_config,
 )
 from picollm.runtime import logs
-from picollm.tracking import limits
+from picollm.tracking import limits, links
 from pipelines import progress
 from pipelines.progress import RichReporter as RichReporter  # re-exported: tests patch the train bar here
 from pipelines.progress import console, timing_warnings
@@ -166,6 +166,31 @@ def main_options(
 ) -> None:
     STATE["debug"] = debug or os.environ.get("PICOLLM_DEBUG", "") not in ("", "0")  # per call, not sticky
     logs.configure(verbose)  # library messages (urllib3's retries, MLflow's) only with -v
+    STATE["announced"] = None
+    links.listen(_run_started)  # the first run a command opens: its link, while it works
+
+
+def _run_started(experiment_id: str, run_id: str, run_name: str) -> None:
+    """The link of the command's run as soon as it opens (a sweep worker's trials: the first only)."""
+    if STATE.get("announced"):
+        return
+    STATE["announced"] = run_id
+    url = links.run_url(links.ui_base(), experiment_id, run_id)
+    console.print(f"[dim]run {escape(run_name)} started:[/] {url}", highlight=False, soft_wrap=True)
+
+
+def print_links(run_id: str) -> None:
+    """The run's page (its charts) and, where it logged one, its report: the answer one click away."""
+    try:
+        found = links.run_links(run_id)
+    except Exception as e:  # the result is printed already; a store hiccup must not turn it into a failure
+        console.print(f"[dim]run {run_id} (no link: {escape(str(e).splitlines()[0][:120])})[/]", highlight=False)
+        return
+    console.print(f"run     {found.run}", highlight=False, soft_wrap=True)
+    if found.report:
+        console.print(f"report  {found.report}", highlight=False, soft_wrap=True)
+    if found.grouped:
+        console.print(f"grouped {found.grouped}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -183,6 +208,10 @@ def train(
     console.print(family_table(out.test_metrics, out.families))
     reg = f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
     console.print(f"run {out.run_id}{reg}", highlight=False)
+    print_links(out.run_id)
+    if out.registered_version and cfg.tracking.registered_model:
+        url = links.model_version_url(links.ui_base(), cfg.tracking.registered_model, out.registered_version)
+        console.print(f"model   {url}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -198,6 +227,7 @@ def dpo(
     console.print(dpo_table(out.table, out.split, cfg.dpo.loss_type, out.step0_loss, out.seconds["total"]))
     reg = f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
     console.print(f"run {out.run_id}  reference {out.reference}{reg}", highlight=False)
+    print_links(out.run_id)
 
 
 @app.command()
@@ -221,6 +251,7 @@ def compare(
         f"{len(out.artifacts) - 4} figures logged (report.html renders in the MLflow UI), {out.seconds:.0f} s",
         highlight=False,
     )
+    print_links(out.parent_run_id)
 
 
 @app.command(help=f"Interpretability report of a model, logged to MLflow. Sections: {', '.join(ANALYSIS_SECTIONS)}.")
@@ -248,6 +279,7 @@ def analyze(
         f"{len(out.metrics)} metrics, {out.seconds:.0f} s",
         highlight=False,
     )
+    print_links(out.run_id)
 
 
 def _checked(check: Any) -> Any:
@@ -315,6 +347,7 @@ def bench(
         console.print(part, highlight=False)
     timing_warnings(out.warnings)
     console.print(f"run {out.run_id} (bench.md and metrics in experiment {cfg.tracking.experiment})")
+    print_links(out.run_id)
 
 
 @app.command()
@@ -367,6 +400,7 @@ def sweep(
         highlight=False,
         soft_wrap=True,
     )
+    print_links(out.parent_run_id)
 
 
 @models_app.command("list")
@@ -376,12 +410,17 @@ def models_list() -> None:
     from picollm.tracking.store import init_tracking
 
     init_tracking()
-    table = Table(title="registered models")
-    for col in ("name", "latest", "versions", "aliases"):
-        table.add_column(col)
+    table = Table(title="registered models: latest version and its test metrics")
+    for col in ("name", "latest", "aliases", "test acc", "/ceiling", "test loss"):
+        right = col in ("test acc", "/ceiling", "test loss")
+        table.add_column(col, justify="right" if right else "left", no_wrap=col == "name")
     for m in list_models():
-        aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(m["aliases"].items()))
-        table.add_row(m["name"], str(m["latest"]), str(m["versions"]), aliases)
+        aliases = " ".join(f"@{a}=v{v}" for a, v in sorted(m["aliases"].items()))
+        met = m["metrics"]
+        cells = [
+            f"{met[k]:.3f}" if k in met else "-" for k in ("test/accuracy", "test/accuracy_vs_ceiling", "test/loss")
+        ]
+        table.add_row(m["name"], f"v{m['latest']} of {m['versions']}", aliases, *cells)
     console.print(table)
 
 

@@ -40,7 +40,7 @@ from picollm.config import CompareConfig, ModelConfig, flatten, to_yaml
 from picollm.config.base import RULE_FAMILIES
 from picollm.runtime.hardware import torch_threads
 from picollm.runtime.noise import Load, load_average
-from picollm.tracking import runs
+from picollm.tracking import links, notes, runs, store
 from picollm.tracking.runs import RunLog, Session
 from picollm.training import run as train_run
 from pipelines.progress import FlowProgress, as_progress
@@ -334,7 +334,10 @@ def run(cfg: CompareConfig, progress: Say | Callable[[str], None] | None = None)
             # MLflow's artifact viewer shows markdown as text: the HTML copy, with the figures inlined, is
             # the one it renders (images and all).
             parent.log_text(cmp.report_html(report, parent.figure_files), "report.html")
-            parent.log_metrics({"compare/seconds": seconds})
+            parent.log_metrics({f"{runs.BOOKKEEPING}time/total_s": seconds})
+            # The children grouped by variant, one chart per metric (mean and band): a shared view to link to.
+            eid = parent.active.info.experiment_id
+            store.store_write(links.share_grouped_view, eid, parent.run_id, "compare.model", "eval/", what="a view")
     artifacts = ["config.yaml", "data_config.yaml", "report.md", "report.html", *(path for _, path in figures)]
     outcome = CompareOutcome(
         parent.run_id, inp.mode, inp.members, summary.rows, report, parent.metrics, seconds, cc.names, artifacts, lrs
@@ -343,9 +346,19 @@ def run(cfg: CompareConfig, progress: Say | Callable[[str], None] | None = None)
     return outcome
 
 
+def contrasts_only(metrics: dict[str, float], variants: list[str]) -> dict[str, float]:
+    """The parent's keys: the contrasts (differences and their tests), not each variant's own value. A
+    variant's values are its child runs' (the same keys in sibling runs tagged `compare.model`): the runs
+    table grouped by that tag draws them on one chart, mean and band, where `<metric>/<variant>` keys on
+    the parent would be a chart each."""
+    own = tuple(f"/{v}{sfx}" for v in variants for sfx in ("", "_ci_low", "_ci_high", "_seq_ci_low", "_seq_ci_high"))
+    return {k: v for k, v in metrics.items() if not k.endswith(own)}
+
+
 def _log_summary(parent: RunLog, cfg: CompareConfig, inp: Inputs, by_variant: ByVariant) -> Summary:
-    """The summary's headline numbers as the parent's metrics (metric first, variant last: compare.keys),
-    the mean position curves with bands, and every metric's aggregate and test as tables."""
+    """The summary's contrasts as the parent's metrics (metric first: compare.keys; each variant's values
+    are in its children), its headline as the parent's description, and every metric's aggregate and test
+    (the position curves with bands too) as tables."""
     cc = cfg.compare
     summary = summarise(cfg, inp, by_variant)
     names = list(by_variant)
@@ -359,13 +372,9 @@ def _log_summary(parent: RunLog, cfg: CompareConfig, inp: Inputs, by_variant: By
         each = (f"{r['key']}{'' if len(names) == 2 else ' ' + r['variant']}: {r['verdict']}" for r in primary)
         parent.set_tags({"compare.primary_verdicts": "; ".join(each)})
     metrics |= keys.family_metrics(summary.agg, inp.families, variants=names)
-    metrics |= {f"model/num_params/{v}": float(n) for v, n in summary.params.items()}
-    parent.log_metrics(metrics)
+    parent.log_metrics(contrasts_only(metrics, names))
+    parent.set_tags({notes.NOTE_TAG: notes.contrast_note(summary.rows)})  # the parent's description
     curves = {v: {name: [m.curves[name] for m in ms] for name in ms[0].curves} for v, ms in by_variant.items()}
-    charted = ["eval/test/accuracy_by_position"]
-    charted += [f"lengen/x{max(cc.length_factors)}/accuracy_by_position"] if cc.length_factors else []
-    for step, point in keys.curve_steps(curves, charted):  # step = position
-        parent.log_metrics(point, step)
     parent.flush()
     tables = {
         "tables/summary.json": keys.summary_table(summary.agg),
@@ -478,7 +487,7 @@ def _efficiency(parent: RunLog, cfg: CompareConfig, archs: dict[str, ModelConfig
                 att: {n: cmp.measure_step_memory(m.cfg, n, batches[n]) for n in e.lengths} for att, m in models.items()
             }
     for (name, step), value in eff.metrics(keys.compact(list(archs))).items():
-        if math.isfinite(value):
+        if math.isfinite(value):  # under `scaling/`: after the contrasts (`eval/`) in the chart view
             parent.log_metrics({name: value}, step)
     parent.log_params(eff.params())
     parent.flush()
@@ -528,11 +537,8 @@ def _figures(parent: RunLog, cfg: CompareConfig, by_variant: ByVariant, agg: Any
         )
     figs, emb = cmp.embedding_figures(first)
     emb_metrics = {f"embeddings/{k}/{v}": x for v, m in emb.items() for k, x in m.items() if math.isfinite(x)}
-    if keys.compact(list(by_variant)):  # many variants: a table, not a chart section per statistic
-        items = sorted(emb_metrics.items())
-        parent.log_table({"metric": [k for k, _ in items], "value": [x for _, x in items]}, "tables/embeddings.json")
-    else:
-        parent.log_metrics(emb_metrics)
+    items = sorted(emb_metrics.items())  # a table: one value per variant, not a chart each on the parent
+    parent.log_table({"metric": [k for k, _ in items], "value": [x for _, x in items]}, "tables/embeddings.json")
     for v, fig in figs.items():
         put(
             fig,

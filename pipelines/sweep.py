@@ -41,9 +41,9 @@ from picollm.data.splits import SyntheticData, build_data
 from picollm.errors import ConfigError, PicollmError, TrainingError
 from picollm.runtime.hardware import measure_matmul_peak
 from picollm.sweep import search as sweep
-from picollm.tracking import registry, runs
+from picollm.tracking import notes, registry, runs
 from picollm.tracking import store as tracking
-from picollm.tracking.runs import RunLog, Session
+from picollm.tracking.runs import BOOKKEEPING, RunLog, Session
 from picollm.training import plots
 from picollm.training import run as train_run
 from picollm.training.trainer import NullCallbacks, TrainCallbacks
@@ -470,17 +470,21 @@ def _finish(
     if c.complete:
         best = study.best_trial
         out.best_trial, out.best_value, out.best_params = best.number, best.value, dict(best.params)
-        parent.log_metrics({"sweep/best_value": float(best.value), "sweep/best_trial": float(best.number)}, step=step)
+        parent.log_metrics(
+            {"sweep/best_value": float(best.value), f"{BOOKKEEPING}best_trial": float(best.number)}, step=step
+        )
         best_run = best.user_attrs.get("mlflow_run_id", "")
         parent.set_tags({"sweep.best_trial": str(best.number), "sweep.best_run_id": best_run})
         parent.set_tags({f"best.{k}": str(v) for k, v in best.params.items()})
+        params = ", ".join(f"{k}={v}" for k, v in best.params.items())
+        parent.set_tags({notes.NOTE_TAG: f"best trial {best.number}: {metric} {best.value:.4g} ({params})"})
         if cfg.top_k:
             out.top_k = _top_k(s, search, study, parent, trials, say)
         if cfg.promote:
             out.promoted = _promote(s, search, best, trials, say)
             parent.set_tags({"sweep.promoted": out.promoted})
     out.seconds = time.perf_counter() - start
-    parent.log_metrics({"sweep/seconds": out.seconds}, step=step, flush=True)
+    parent.log_metrics({f"{BOOKKEEPING}time/total_s": out.seconds}, step=step, flush=True)
     return out
 
 

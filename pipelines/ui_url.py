@@ -12,11 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-RUNS_VIEW = "workflowType=machine_learning"
-
-
-def runs_table_url(base: str, experiment_id: str) -> str:
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?{RUNS_VIEW}"
+from picollm.tracking.links import RUNS_VIEW, runs_table_url
 
 
 def experiment_urls(store_uri: str, base: str) -> list[tuple[str, str]]:

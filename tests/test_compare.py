@@ -29,6 +29,7 @@ from picollm.compare import keys
 from picollm.config import CompareConfig, DataConfig, ModelConfig, load_config
 from picollm.data.splits import build_data, to_padded
 from picollm.errors import ConfigError
+from picollm.tracking import links
 
 from .conftest import REPO, copy_store, mlflow_store, point_mlflow
 
@@ -303,15 +304,24 @@ def test_parent_with_one_child_per_model_and_seed(in_compared: Compared):
         assert len(client.get_metric_history(c.info.run_id, "eval/test/accuracy_by_position")) == 11
 
     pm = parent.data.metrics
+    # Each variant's values are its children's: the same keys in sibling runs tagged compare.model (the runs
+    # table grouped by that tag charts them together); the parent keeps the contrasts.
+    shared = ("eval/test/accuracy", "eval/test/loss", "eval/test/accuracy/counting", "model/num_params")
+    assert {c.data.tags["compare.model"] for c in children} == {"softmax", "linear"}
+    assert all(set(shared) <= set(c.data.metrics) for c in children)
+    own = [k for k in pm if k.endswith(("/softmax", "/linear", "_ci_low", "_ci_high")) and "/diff" not in k]
+    assert all(k.startswith("scaling/") for k in own), own  # the timings: one per variant, not per seed
+    assert len({c.data.metrics["model/num_params"] for c in children}) == 1  # matched architectures
     for att in ("softmax", "linear"):
-        accs = [c.data.metrics["eval/test/accuracy"] for c in children if c.info.run_name.startswith(att)]
-        iv = cmp.mean_ci(accs)
-        assert pm[f"eval/test/accuracy/{att}"] == pytest.approx(iv.mean)
-        assert pm[f"eval/test/accuracy/{att}_ci_low"] == pytest.approx(iv.low)
-        assert pm[f"model/num_params/{att}"] > 0
-        assert f"eval/test/accuracy/counting/{att}" in pm and f"efficiency/step_ms/{att}" in pm
-        assert len(client.get_metric_history(out.parent_run_id, f"eval/test/accuracy_by_position/{att}")) == 11
-    assert pm["model/num_params/softmax"] == pm["model/num_params/linear"]  # matched architectures
+        assert f"scaling/step_ms/{att}" in pm  # one measurement per variant, not per seed
+    assert "eval/test/accuracy/counting/diff" in pm and pm["system/time/total_s"] > 0
+    assert parent.data.tags["mlflow.note.content"].startswith("linear − softmax: test loss")
+    # the children grouped by variant: a shared view of the experiment that `compare` links to
+    shared = client.get_experiment(parent.info.experiment_id).tags[
+        links.SHARED_VIEW_TAG + links.grouped_view_key(out.parent_run_id)
+    ]
+    assert json.loads(shared)["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "compare.model"}]
+    assert links.run_links(out.parent_run_id, base="http://h").grouped.startswith("http://h/#/experiments/")
     # Readable in the UI: a bounded set of headline keys, metric first and the variant last (so both
     # variants share a chart section); the tails (other splits, families, lengths, tests) are tables.
     assert len(pm) <= keys.MAX_PARENT_KEYS, len(pm)
@@ -326,7 +336,8 @@ def test_parent_with_one_child_per_model_and_seed(in_compared: Compared):
     assert not any(k.startswith(("eval/train", "eval/val")) or "/welch_p" in k for k in pm)
     assert re.fullmatch(r"compare-train-\d{4}-\d{6}", parent.info.run_name)
     tables = {a.path for a in client.list_artifacts(out.parent_run_id, "tables")}
-    assert tables == {f"tables/{n}.json" for n in ("summary", "differences", "position_curves", "coverage")}
+    names = ("summary", "differences", "position_curves", "coverage", "embeddings")
+    assert tables == {f"tables/{n}.json" for n in names}
     summary = json.loads(mlflow.artifacts.load_text(f"runs:/{out.parent_run_id}/tables/summary.json"))
     rows = {(r[0], r[1]): r for r in summary["data"]}
     assert summary["columns"][:3] == ["metric", "model", "mean"]

@@ -281,7 +281,7 @@ def test_make_serve_reads_a_model_reference_like_every_command(use_trained: Trai
         assert model_uri.main(["model_uri", ref]) == 0
         assert capsys.readouterr().out.strip() == uri
     run_id = use_trained.outcome.run_id
-    assert model_uri.main(["model_uri", run_id]) == 0 and capsys.readouterr().out.strip() == f"runs:/{run_id}/model"
+    assert model_uri.main(["model_uri", run_id]) == 0 and capsys.readouterr().out.strip() == f"runs:/{run_id}/{name}"
     assert model_uri.main(["model_uri", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: no registered model named 'nope' (registered: {name})"], err

@@ -97,8 +97,8 @@ def test_efficiency_warnings_params_and_report_section():
     assert params["efficiency.load_avg_1m_end"] == 4.0 and params["efficiency.cpus"] == 2
     assert (params["efficiency.repeats.step"], params["efficiency.repeats.gen"]) == (3, 3)
     metrics = noisy.metrics()
-    assert metrics[("efficiency/gen_ms_per_token/linear", 4096)] == 0.19
-    assert metrics[("efficiency/gen_ms_per_token_max/linear", 4096)] == 15.975
+    assert metrics[("scaling/gen_ms_per_token/linear", 4096)] == 0.19
+    assert metrics[("scaling/gen_ms_per_token_max/linear", 4096)] == 15.975
 
     section = "\n".join(efficiency_section(noisy))
     page = report_html(section, {})
@@ -133,7 +133,7 @@ def test_compare_logs_and_reports_the_noise_of_its_timings(migrated_store: str, 
     params, metrics = run.data.params, run.data.metrics
     assert params["efficiency.noisy"] == "True" and params["efficiency.load_avg_1m_start"] == "99.0"
     assert params["efficiency.repeats.step"] == "2" and int(params["efficiency.cpus"]) == noise.cpu_count()
-    assert metrics["efficiency/step_ms_max/linear"] >= metrics["efficiency/step_ms/linear"] > 0
+    assert metrics["scaling/step_ms_max/linear"] >= metrics["scaling/step_ms/linear"] > 0
     page = report_html("\n".join(efficiency_section(eff)), {})
     assert "Noisy timings" in page and "load average (1 min) 99.00 at the start" in page
     step = eff.step["linear"][32]

@@ -90,28 +90,28 @@ class Efficiency:
         return out | (self.load.params("efficiency") if self.load else {})
 
     def metrics(self, compact: bool = False) -> dict[tuple[str, int], float]:
-        """{(metric name, step = length): value} for MLflow: `efficiency/<measure>/<variant>` (the reported
+        """{(metric name, step = length): value} for MLflow: `scaling/<measure>/<variant>` (the reported
         min), so every variant's curve of a measure shares a chart section, and the slowest repeat as
-        `efficiency/<measure>_max/<variant>`. `compact` (many variants): step time, step memory, generation
+        `scaling/<measure>_max/<variant>`. `compact` (many variants): step time, step memory, generation
         time and state size only."""
         out: dict[tuple[str, int], float] = {}
         for att in self.step:
             for n, t in self.step[att].items():
-                out[(f"efficiency/step_ms/{att}", n)] = t.value
+                out[(f"scaling/step_ms/{att}", n)] = t.value
                 if not compact:
-                    out[(f"efficiency/step_ms_max/{att}", n)] = t.max
-                    out[(f"efficiency/tokens_per_s/{att}", n)] = self.batches[n] * n / t.value * 1000
+                    out[(f"scaling/step_ms_max/{att}", n)] = t.max
+                    out[(f"scaling/tokens_per_s/{att}", n)] = self.batches[n] * n / t.value * 1000
             for n, mem in self.memory.get(att, {}).items():
-                out[(f"efficiency/step_mb/{att}", n)] = mem["step_mb"]
+                out[(f"scaling/step_mb/{att}", n)] = mem["step_mb"]
                 if not compact:
-                    out[(f"efficiency/peak_rss_mb/{att}", n)] = mem["peak_rss_mb"]
+                    out[(f"scaling/peak_rss_mb/{att}", n)] = mem["peak_rss_mb"]
             for n, t in self.gen.get(att, {}).items():
-                out[(f"efficiency/gen_ms_per_token/{att}", n)] = t.value
+                out[(f"scaling/gen_ms_per_token/{att}", n)] = t.value
                 if not compact:
-                    out[(f"efficiency/gen_ms_per_token_max/{att}", n)] = t.max
-                    out[(f"efficiency/prefill_ms/{att}", n)] = self.prefill[att][n].value
+                    out[(f"scaling/gen_ms_per_token_max/{att}", n)] = t.max
+                    out[(f"scaling/prefill_ms/{att}", n)] = self.prefill[att][n].value
             for n, floats in self.state_floats.get(att, {}).items():
-                out[(f"efficiency/state_floats/{att}", n)] = floats
+                out[(f"scaling/state_floats/{att}", n)] = floats
         return out
 
 

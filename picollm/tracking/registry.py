@@ -146,11 +146,14 @@ def _package_copy(directory: Path) -> Path:
     return dst
 
 
-def log_model(model: Transformer, registered_name: str | None, tokenizer: str = "integers", step: int = 0) -> Logged:
+def log_model(
+    model: Transformer, registered_name: str | None, tokenizer: str = "integers", step: int = 0, name: str = "model"
+) -> Logged:
     """Log the model to the active run (and register it): a models-from-code pyfunc carrying the picollm
     package (`code_paths`), complete pinned requirements, a signature and an input example, so that
     `mlflow.pyfunc.load_model` and `mlflow models serve` work in an environment without picollm.
-    `tokenizer` is how prompts are read: "integers" (synthetic models) or "gpt2" (text models).
+    `tokenizer` is how prompts are read: "integers" (synthetic models) or "gpt2" (text models). `name`: the
+    logged model's name (`runs:/<run id>/<name>`; the UI lists it), e.g. the registered name.
 
     MLflow links the run's metrics logged at `step` to the model (RunLog.log_model passes a step with
     none, and links the final metrics itself).
@@ -172,7 +175,7 @@ def log_model(model: Transformer, registered_name: str | None, tokenizer: str = 
             files["tokenizer_files"] = str(bundle)
         assert model.cfg.vocab_size is not None
         info = mlflow.pyfunc.log_model(
-            name="model",
+            name=name,
             python_model=str(Path(__file__).with_name("serving.py")),
             artifacts=files,
             code_paths=[str(_package_copy(Path(tmp)))],
@@ -247,12 +250,34 @@ def promote(name: str, version: str, alias: str = CHAMPION) -> None:
 
 
 def list_models() -> list[dict[str, Any]]:
+    """Every registered model: name, latest version, number of versions, aliases, and the latest version's
+    test metrics ("metrics": its tags `test/...`, else what its source run logged) and description."""
+    from picollm.tracking.notes import VERSION_METRICS
+
     client = MlflowClient()
     out = []
     for rm in client.search_registered_models():
         versions = client.search_model_versions(f"name='{rm.name}'")
-        latest = max((int(v.version) for v in versions), default=None)
-        out.append({"name": rm.name, "latest": latest, "versions": len(versions), "aliases": dict(rm.aliases or {})})
+        last = max(versions, key=lambda v: int(v.version), default=None)
+        metrics: dict[str, float] = {}
+        if last is not None:
+            metrics = {k: float(v) for k, v in (last.tags or {}).items() if k in VERSION_METRICS}
+            if not metrics and last.run_id:  # a version registered before versions carried their metrics
+                try:
+                    logged = client.get_run(last.run_id).data.metrics
+                except MlflowException:
+                    logged = {}
+                metrics = {k: logged[k] for k in VERSION_METRICS if k in logged}
+        out.append(
+            {
+                "name": rm.name,
+                "latest": int(last.version) if last is not None else None,
+                "versions": len(versions),
+                "aliases": dict(rm.aliases or {}),
+                "metrics": metrics,
+                "description": (last.description or "") if last is not None else "",
+            }
+        )
     return out
 
 
@@ -271,12 +296,12 @@ def resolve_model_uri(ref: str) -> str:
         raise ModelNotFoundError("model reference is empty")
     client = MlflowClient()
     if ref.startswith("runs:/"):
-        run_id = ref.removeprefix("runs:/").split("/")[0]
+        run_id, _, path = ref.removeprefix("runs:/").partition("/")
         _check_run(client, run_id)
-        return ref if ref.count("/") >= 2 and ref.split("/", 2)[2] else f"runs:/{run_id}/model"
+        return f"runs:/{run_id}/{_run_model_path(client, run_id, path.strip('/'))}"
     if _RUN_ID.match(ref):
         _check_run(client, ref)
-        return f"runs:/{ref}/model"
+        return f"runs:/{ref}/{_run_model_path(client, ref, '')}"
     body = ref.removeprefix("models:/")
     if body.startswith("m-"):  # a logged-model id
         try:
@@ -315,6 +340,23 @@ def _check_name(client: MlflowClient, name: str) -> None:
     except MlflowException:
         known = ", ".join(_registered_names()) or "none yet"
         raise ModelNotFoundError(f"no registered model named {name!r} (registered: {known})") from None
+
+
+def _run_model_path(client: MlflowClient, run_id: str, path: str) -> str:
+    """The path of a run's model in a runs:/ URI: `path` when given and not `model`, else the name of the
+    run's (latest) logged model. Models are logged under what they are (`picollm-linear`, `linear-2L`), older
+    runs' as `model`; `runs:/<id>/model` and a bare run id reach either."""
+    if path and path != "model":
+        return path
+    try:
+        experiment = client.get_run(run_id).info.experiment_id
+        found = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    except MlflowException:  # a store without logged models (a file store, an old server): the old name
+        return path or "model"
+    names = [m.name for m in sorted(found, key=lambda m: m.creation_timestamp, reverse=True)]
+    if path in names:  # an older run's `model`
+        return path
+    return names[0] if names else "model"
 
 
 def _check_run(client: MlflowClient, run_id: str) -> None:

@@ -38,6 +38,7 @@ from pydantic import BaseModel
 from picollm.config import TrackingConfig, flatten, to_yaml
 from picollm.runtime import distributed
 from picollm.runtime.distributed import DistContext
+from picollm.tracking import links
 from picollm.tracking import store as tracking
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ SINGLE_VALUE_STEP = 0
 # MLflow's log_model links every metric logged at its `step` to the model (at step 0: whatever a run logs
 # first). Nothing is logged at this step, so only the metrics `RunLog.log_model(link=...)` names are linked.
 UNLINKED_STEP = -1
+# Bookkeeping (the matmul peak, epoch counts, a flow's seconds) goes under this prefix: MLflow 3.17's run page
+# shows `system/...` keys on its *System metrics* tab (beside MLflow's own samples), and the experiment's chart
+# view puts them in the last section, so a run's first chart is a result. (`sys/` would sort before `test/`, and
+# MLflow refuses key names with `~` or other characters that sort after lowercase letters.)
+BOOKKEEPING = "system/"
 FIGURE_DPI = 150  # MLflow's default (100) leaves 8-panel figures' labels unreadable in the UI
 
 
@@ -135,14 +141,15 @@ class RunLog:
         *,
         tokenizer: str = "integers",
         link: Iterable[str] = (),
+        name: str = "model",
     ) -> tuple[str, str | None]:
-        """Log the model (and register it under `registered_name` unless None): (model URI, version).
+        """Log the model as `name` (and register it under `registered_name` unless None): (model URI, version).
         The latest values of the metrics named in `link` (the final test and val metrics), already
         logged, are linked to it in that order: the model page and the Models tab show those columns."""
         from picollm.tracking.registry import log_model
 
         self.flush()  # what was logged must be in the store before `_link` looks for it
-        logged = log_model(model, registered_name, tokenizer, step=UNLINKED_STEP)
+        logged = log_model(model, registered_name, tokenizer, step=UNLINKED_STEP, name=name)
         if logged.version:
             mlflow.set_tag("registered_model", f"{registered_name}/{logged.version}")
         self._link(list(dict.fromkeys(link)), logged.model_id)
@@ -208,6 +215,8 @@ class Session:
             tracking.tracked_run(self.tracking.experiment, run_name, run_id, all_tags, nested) as active,
         ):
             out = RunLog(active)
+            if not nested:  # the CLI prints its link while it works
+                links.announce(active.info.experiment_id, out.run_id, active.info.run_name or "")
             try:
                 if config is not None:
                     out.log_config(config, config_path, param_prefix, param_exclude)

@@ -31,9 +31,10 @@ from picollm.runtime.disk_cache import cached_build_data, cached_matmul_peak
 from picollm.runtime.hardware import resolve_device, torch_threads
 from picollm.runtime.timing import Stopwatch, TimedCallbacks
 from picollm.tracking import faults as store_faults
+from picollm.tracking import notes
 from picollm.tracking import store as tracking
 from picollm.tracking.registry import SOURCE_CONFIG, fail_pending_models
-from picollm.tracking.runs import CHECKPOINT_PATH, SINGLE_VALUE_STEP, RunLog, Session, unique_name
+from picollm.tracking.runs import BOOKKEEPING, CHECKPOINT_PATH, SINGLE_VALUE_STEP, RunLog, Session, unique_name
 from picollm.training.evaluation import evaluate
 from picollm.training.optim import load_checkpoint, make_optimizer, make_scheduler, validate_checkpoint
 from picollm.training.trainer import NullCallbacks, TrainCallbacks, Trainer, TrainResult
@@ -207,7 +208,7 @@ def train(
         system_metrics=cfg.train.system_metrics,
     ) as run:
         if ckpt is None:
-            run.log_metrics({"hardware/peak_flops": prep.peak})  # measured (or set): a number to chart
+            run.log_metrics({f"{BOOKKEEPING}peak_flops": prep.peak})  # measured (or set): bookkeeping, charted last
             log_splits(run, prep.data)
         else:
             pending = tracking.store_write(fail_pending_models, run.run_id, what="finalising a logged model")
@@ -221,10 +222,26 @@ def train(
         test_metrics = evaluate(prep.trainer.model, prep.splits["test"], "test", cfg.train.eval_batch_size)
         watch.switch("logging")
         run.log_metrics(test_metrics, step=SINGLE_VALUE_STEP, flush=True)  # one value each: bar charts
+        headline = notes.training_note(test_metrics)
+        run.set_tags({notes.NOTE_TAG: headline})  # the run's description: its headline
         model_uri = version = None
         if cfg.tracking.log_model:  # the final test (and val) metrics linked to the model: its page shows them
             linked = ["test/accuracy", *test_metrics, *(k for k in result.history[-1] if k.startswith("val/"))]
-            model_uri, version = run.log_model(prep.trainer.model.cpu(), cfg.tracking.registered_model, link=linked)
+            model_uri, version = run.log_model(
+                prep.trainer.model.cpu(),
+                cfg.tracking.registered_model,
+                link=linked,
+                name=notes.model_name(cfg.tracking.registered_model, cfg.model.attention, cfg.model.n_layers),
+            )
+            if version:  # the registry's pages and `picollm models list` show the test metrics
+                tracking.store_write(
+                    notes.describe_version,
+                    cfg.tracking.registered_model,
+                    version,
+                    headline,
+                    test_metrics,
+                    what="describing the model version",
+                )
         final = _log_results(run, prep, result, test_metrics)
         timing = watch.breakdown()  # closing the run (its last flush) is not in it
         run.log_metrics(timing, step=SINGLE_VALUE_STEP, flush=True)
@@ -268,10 +285,10 @@ def _log_results(run: RunLog, prep: Prepared, result: TrainResult, test_metrics:
     summary = {
         "throughput/tokens_per_s_mean": _mean(result.history, "throughput/tokens_per_s"),
         "throughput/mfu_mean": _mean(result.history, "throughput/mfu"),
-        "train/epochs_run": float(result.epochs_run),
+        f"{BOOKKEEPING}epochs_run": float(result.epochs_run),
     }
     if result.best_epoch is not None:
-        summary["train/best_epoch"] = float(result.best_epoch)
+        summary[f"{BOOKKEEPING}best_epoch"] = float(result.best_epoch)
     run.log_metrics(summary, step=SINGLE_VALUE_STEP, flush=True)  # one value each: bar charts
     from picollm.training import plots  # matplotlib: imported when the figures are drawn, not at start-up
 
