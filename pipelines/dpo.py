@@ -33,6 +33,7 @@ from picollm.tracking import registry, runs
 from picollm.tracking.runs import SINGLE_VALUE_STEP, RunLog, Session, unique_name
 from picollm.training.run import MlflowCallbacks
 from picollm.training.trainer import NullCallbacks, TrainCallbacks, Trainer, resolve_precision
+from pipelines.progress import FlowProgress, as_progress
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ def run(
     """The whole flow. `ui` receives the SFT trainer's callbacks; `echo` the progress lines of the reference
     log-probs and of every DPO evaluation. Inside an open MLflow run (a study) the DPO run is nested in it."""
     t_start = time.perf_counter()
-    echo = echo or log.info
+    # The phases on the command's bar (the CLI's reporter), or lines: SFT, reference log-probs, DPO.
+    say = as_progress(echo or log.info)
     with runs.session("dpo", cfg.tracking, device=cfg.sft.device, num_threads=cfg.sft.num_threads) as s:
         # Everything that can fail on the user's input happens before the run starts.
         reference = _load_reference(cfg) if cfg.dpo.reference else None
@@ -187,7 +189,9 @@ def run(
         with s.run(run_name, config=cfg, params=data_params(data.stats()), nested=nested) as run:
             t0 = time.perf_counter()
             sft_run_id = sft_version = None
+            say.plan(3 if reference is None else 2, "phases")
             if reference is None:
+                say.part("SFT")
                 reference, sft_run_id, sft_uri, sft_version = _train_sft(s, cfg, data, run_name, ui or NullCallbacks())
                 sft = cfg.tracking.sft_registered_model
                 ref_name = f"{sft}/{sft_version}" if sft_version else sft_uri or f"runs:/{sft_run_id}"
@@ -196,7 +200,7 @@ def run(
                 ref_name = cfg.dpo.reference or ""
             run.set_tags({"reference": ref_name})
             timings = {"sft": time.perf_counter() - t0}
-            out = _optimise(s, run, cfg, data, reference, timings, echo)
+            out = _optimise(s, run, cfg, data, reference, timings, say)
             out.seconds = timings | {"total": time.perf_counter() - t_start}
             run.log_metrics(out.metrics, SINGLE_VALUE_STEP, flush=True)  # one value each: bar charts
             # Bookkeeping as params: MLflow orders chart sections by key, and sys/ or time/ would come before test/
@@ -240,7 +244,7 @@ def _optimise(
     data: PreferenceData,
     reference: Transformer,
     timings: dict[str, float],
-    echo: Callable[[str], None],
+    say: FlowProgress,
 ) -> DPOOutcome:
     """Reference log-probs once, then DPO of a copy of the reference; the kept policy scored on test (on val
     only, with dpo.evaluate_test false)."""
@@ -249,8 +253,9 @@ def _optimise(
     sets = {name: PairSet(data.pairs[name], data.pad_id) for name in splits}
     t0 = time.perf_counter()
     precision = resolve_precision(cfg.dpo.precision, s.device)  # reference and policy alike: step-0 loss ln 2
+    say.part("reference log-probs")
     for name, pairs in sets.items():  # once: the reference is frozen
-        progress = _reference_progress(echo, name)
+        progress = _reference_progress(say, name)
         compute_reference_logps(reference, pairs, cfg.dpo.eval_batch_size, s.device, precision, progress)
     timings["reference_logps"] = time.perf_counter() - t0
 
@@ -260,12 +265,18 @@ def _optimise(
 
     def on_eval(step: int, m: dict[str, float]) -> None:
         run.log_metrics(m, step, flush=True)
-        echo(
+        say(
             f"dpo step {step:>4}/{cfg.dpo.max_steps}  val/loss {m['val/loss']:.4f}  "
             f"val/accuracy {m['val/accuracy']:.3f} (reference {m['val/reference_accuracy']:.3f})"
         )
 
-    result = trainer.fit(sets["train"], sets["val"], on_log=lambda st, m: run.log_metrics(m, st), on_eval=on_eval)
+    def on_log(step: int, m: dict[str, float]) -> None:
+        run.log_metrics(m, step)
+        say.on_step(step, None)
+
+    say.part("DPO")
+    say.on_train_start(cfg.dpo.max_steps, cfg.dpo.max_steps, 0)
+    result = trainer.fit(sets["train"], sets["val"], on_log=on_log, on_eval=on_eval)
     val_scores = trainer.score(sets["val"])  # the kept (best) policy
     val_table = gain_table(val_scores, seed=cfg.dpo.seed)
     run.log_table(val_table, "val/per_scheme.json")

@@ -650,8 +650,30 @@ def test_synthetic_dpo_end_to_end_and_named_reference() -> None:
     import picollm
     from pipelines.dpo import run
 
+    class Phases:  # the CLI's reporter, reduced to what the flow tells it
+        def __init__(self) -> None:
+            self.planned, self.parts, self.steps = 0, [], []
+
+        def __call__(self, msg: str) -> None:
+            pass
+
+        def plan(self, parts: int, unit: str = "parts") -> None:
+            self.planned = parts
+
+        def part(self, label: str, done: int | None = None) -> None:
+            self.parts.append(label)
+
+        def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
+            self.steps.append((0, total_steps))
+
+        def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
+            self.steps.append((step, self.steps[-1][1]))
+
     names = ("tracking.registered_model=syn-dpo", "tracking.sft_registered_model=syn-sft")
-    out = run(tiny_synthetic(*names))
+    phases = Phases()
+    out = run(tiny_synthetic(*names), echo=phases)
+    assert phases.planned == 3 and phases.parts == ["SFT", "reference log-probs", "DPO"]
+    assert phases.steps[-1][0] == out.steps  # the DPO phase: its steps on the bar, to the last
     assert out.step0_loss == pytest.approx(LN2, abs=1e-4)
     assert 0.0 <= out.metrics["test/reference_accuracy/random_tokens"] <= 1.0
     assert {r.info.status for r in runs("dpo-syn")} == {"FINISHED"} and len(runs("dpo-syn")) == 2
