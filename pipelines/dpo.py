@@ -335,8 +335,8 @@ def _pair_columns(scores: PairScores) -> dict[str, list]:
 def _log_report(run: RunLog, cfg: DPORunConfig, data: PreferenceData, out: DPOOutcome) -> None:
     """The figure (chosen vs rejected log-probs over the steps; accuracy per scheme before and after) and
     report.md / report.html (the html self-contained: MLflow's artifact viewer renders it)."""
-    from picollm.compare.report import report_html
     from picollm.dpo import report
+    from picollm.tracking.pages import report_html
 
     run.log_figure(report.dpo_figure(out.history, out.table, out.split, cfg.dpo.loss_type), report.FIGURE)
     names = {"sft": "SFT", "reference_logps": "reference log-probs", "dpo": "DPO", "total": "total"}

@@ -41,8 +41,10 @@ from picollm.data.splits import SyntheticData, build_data
 from picollm.errors import ConfigError, PicollmError, TrainingError
 from picollm.runtime.hardware import measure_matmul_peak
 from picollm.sweep import search as sweep
+from picollm.sweep.report import sweep_report
 from picollm.tracking import notes, registry, runs
 from picollm.tracking import store as tracking
+from picollm.tracking.pages import report_html
 from picollm.tracking.runs import BOOKKEEPING, RunLog, Session
 from picollm.training import plots
 from picollm.training import run as train_run
@@ -483,9 +485,29 @@ def _finish(
         if cfg.promote:
             out.promoted = _promote(s, search, best, trials, say)
             parent.set_tags({"sweep.promoted": out.promoted})
+    _log_report(search, parent, c, rows, out)
     out.seconds = time.perf_counter() - start
     parent.log_metrics({f"{BOOKKEEPING}time/total_s": out.seconds}, step=step, flush=True)
     return out
+
+
+def _log_report(search: sweep.Search, parent: RunLog, c: sweep.Counts, rows: list[dict], out: SweepOutcome) -> None:
+    """report.md and its self-contained report.html (the page the CLI links to)."""
+    cfg = search.cfg
+    best = None
+    if out.best_trial is not None:
+        best = {"number": out.best_trial, "value": out.best_value, "params": out.best_params}
+    counts = {"complete": c.complete, "pruned": c.pruned, "failed": c.failed}
+    params = list(dict.fromkeys(k for t in rows for k in t if k not in _ROW_FIELDS))
+    md = sweep_report(
+        search.study_name, cfg.objective.metric, search.direction, counts, rows, params, best, out.top_k,
+        list(parent.figure_files), out.promoted,
+    )  # fmt: skip
+    parent.log_text(md, "report.md")
+    parent.log_text(report_html(md, parent.figure_files, title=f"picollm sweep: {search.study_name}"), "report.html")
+
+
+_ROW_FIELDS = ("number", "state", "value", "duration_s", "run_id", "failure", "pruned_epoch")
 
 
 def _row(t: FrozenTrial) -> dict[str, Any]:

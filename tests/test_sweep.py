@@ -220,6 +220,11 @@ def test_study_has_one_parent_and_a_child_per_trial(migrated_store: str, tmp_pat
     assert {"sweep.yaml", "trials.json"} <= {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
     figures = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "figures")}
     assert "figures/optimization_history.png" in figures
+    # the report the CLI links to: the best trial, its values, the figures inlined
+    page = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="report.html"))
+    html = page.read_text()
+    assert f"Trial {out.best_trial}: val/loss <strong>{out.best_value:.4g}</strong>" in html
+    assert "data:image/png;base64," in html and "Top-k re-runs" in html and "registered as" in html
     children = by_trial(sweep_runs("trial"))
     assert sorted(children) == [t.number for t in st.trials] == [0, 1, 2]
     check_trials_match_runs(st, parent.info.run_id)

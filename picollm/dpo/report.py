@@ -1,7 +1,7 @@
 """report.md and the figure of a `picollm dpo` run: setup, the per-scheme table (reference vs DPO, gain with
 its story-bootstrap CI), how to read it, chosen vs rejected log-probs over the steps, and sample continuations.
 Pure text and a matplotlib figure from what the flow measured; the flow logs them (and report.html, the same
-page self-contained, through compare's `report_html`)."""
+page self-contained, through `picollm.tracking.pages.report_html`)."""
 
 from __future__ import annotations
 
