@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from picollm.config import ReferenceResults, TrainRunConfig, load_config
 from picollm.errors import ConfigError
 from picollm.training.reproduce import check
+from picollm.training.run import _check_reference
 from pipelines.cli import app
 
 from .conftest import REPO, TINY
@@ -84,40 +85,40 @@ def test_shipped_configs_carry_their_reference(name: str):
     assert ref.source and ref.tolerance_from
 
 
+def test_no_reference_section_no_check():
+    assert _check_reference(None, load_config(TrainRunConfig, TINY, []), {"test/accuracy": 0.5}, "1") is None  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
 def test_a_run_says_whether_it_reproduced(tmp_path: Path, migrated_store: str):
     runner = CliRunner()
-    first = runner.invoke(app, ["train", str(TINY), "--set", "train.epochs=1"])
-    assert first.exit_code == 0, first.output
-    assert "reference" not in first.stdout  # no section: no verdict, no tag
-    [plain] = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert "reproduced" not in plain.data.tags
-    got = plain.data.metrics
-
-    # Its own results as the reference (runs on the CPU are deterministic): the same config matches ...
     raw = yaml.safe_load(TINY.read_text())
-    raw["reference"] = {
-        "source": "test_reproduce",
-        "metrics": {k: {"value": got[k], "tolerance": 1e-4} for k in ("test/accuracy", "test/loss")},
-    }
     path = tmp_path / "tiny_ref.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    same = runner.invoke(app, ["train", str(path), "--set", "train.epochs=1"])
-    assert same.exit_code == 0, same.output
-    assert "matches the reference (test/accuracy" in same.stdout
-    [run] = mlflow.search_runs(
+
+    def train_against(reference: dict[str, float]) -> tuple[str, mlflow.entities.Run]:
+        raw["reference"] = {
+            "source": "test_reproduce",
+            "metrics": {k: {"value": v, "tolerance": 1e-4} for k, v in reference.items()},
+        }
+        path.write_text(yaml.safe_dump(raw))
+        result = runner.invoke(app, ["train", str(path), "--set", "train.epochs=1"])
+        assert result.exit_code == 0, result.output
+        [run] = mlflow.search_runs(search_all_experiments=True, max_results=1, output_format="list")
+        return result.stdout, run
+
+    # A reference the run cannot reach: the verdict names the metric that drifted.
+    out, drifted = train_against({"test/accuracy": 0.0, "test/loss": 50.0})
+    assert "does not match the reference: test/accuracy " in out and "vs reference 0.0000 ± 0.0001: drifted" in out
+    assert drifted.data.tags["reproduced"] == "false"
+    assert drifted.data.tags["reproduced.test/loss"] == "false"
+    assert not any(k.startswith("reference") for k in drifted.data.params)  # expectations, not settings
+
+    # Its own results as the reference (runs on the CPU are deterministic): the same config matches.
+    got = drifted.data.metrics
+    out, same = train_against({"test/accuracy": got["test/accuracy"], "test/loss": got["test/loss"]})
+    assert "matches the reference (test/accuracy " in out
+    [found] = mlflow.search_runs(
         search_all_experiments=True, filter_string="tags.reproduced = 'true'", output_format="list"
     )
-    assert run.data.tags["reproduced.test/loss"] == "true"
-    assert not any(k.startswith("reference") for k in run.data.params)  # expectations, not settings
-    version = MlflowClient().get_model_version("picollm-tiny", "2")
-    assert version.tags["reproduced"] == "true"
-
-    # ... and one epoch more (a changed default) names the drift.
-    drift = runner.invoke(app, ["train", str(path), "--set", "train.epochs=2"])
-    assert drift.exit_code == 0, drift.output
-    assert "does not match the reference: " in drift.stdout and "test/loss" in drift.stdout
-    assert "drifted" in drift.stdout
-    [drifted] = mlflow.search_runs(
-        search_all_experiments=True, filter_string="tags.reproduced != 'true'", output_format="list"
-    )
-    assert drifted.data.tags["reproduced.test/loss"] == "false"
+    assert found.info.run_id == same.info.run_id and same.data.tags["reproduced.test/loss"] == "true"
+    assert MlflowClient().get_model_version("picollm-tiny", "2").tags["reproduced"] == "true"
