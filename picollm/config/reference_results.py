@@ -28,5 +28,5 @@ class ReferenceResults(StrictModel):
     """metric name as logged (e.g. test/accuracy, val/loss) -> its value and tolerance"""
     source: str = Field(min_length=1)
     """where the values came from: the command, commit and date of the reference run"""
-    tolerance_from: str = Field("", max_length=500)
+    tolerance_from: str = Field("")
     """how the tolerances were set: the seeds run and the rule, e.g. max(3 sd, ...) over train.seed 0-4"""
