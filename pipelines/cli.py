@@ -208,6 +208,9 @@ def train(
     console.print(family_table(out.test_metrics, out.families))
     reg = f"  registered {cfg.tracking.registered_model} v{out.registered_version}" if out.registered_version else ""
     console.print(f"run {out.run_id}{reg}", highlight=False)
+    if out.reproduction is not None:  # the config's reference results: matched, or what drifted (tag `reproduced`)
+        style = "green" if out.reproduction.outcome == "true" else "yellow"
+        console.print(f"[{style}]{escape(out.reproduction.line)}[/{style}]", highlight=False, soft_wrap=True)
     print_links(out.run_id)
     if out.registered_version and cfg.tracking.registered_model:
         url = links.model_version_url(links.ui_base(), cfg.tracking.registered_model, out.registered_version)

@@ -46,6 +46,10 @@ from picollm.config.dpo import (  # noqa: F401
     DPOTrackingConfig,
     SFTConfig,
 )
+from picollm.config.reference_results import (  # noqa: F401
+    ReferenceMetric,
+    ReferenceResults,
+)
 from picollm.config.server import (  # noqa: F401
     ServerConfig,
 )

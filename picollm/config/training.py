@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from picollm.config.base import RULE_FAMILIES, Beta, Family, Seed, StrictModel, model_name_problem
+from picollm.config.reference_results import ReferenceResults
 from picollm.model.config import ModelConfig
 
 NEW_RULE_FAMILIES = {"arithmetic": "arithmetic_steps", "geometric": "geometric_ratios"}  # family -> its held-out rules
@@ -268,6 +269,10 @@ class TrainRunConfig(StrictModel):
     """The trainer: AdamW with linear warmup and cosine decay, batches, evaluation and checkpoints."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """Where the run is logged (MLflow) and what is registered."""
+    reference: ReferenceResults | None = Field(None)
+    """The results this config should reproduce (the docs' numbers) with tolerances from the seeds' spread; a run
+    ends with `matches the reference` or names the metrics that drifted, and is tagged `reproduced`. null = no
+    check."""
 
     @model_validator(mode="after")
     def _link_model_to_data(self) -> TrainRunConfig:

@@ -37,6 +37,8 @@ from picollm.tracking.registry import SOURCE_CONFIG, fail_pending_models
 from picollm.tracking.runs import BOOKKEEPING, CHECKPOINT_PATH, SINGLE_VALUE_STEP, RunLog, Session, unique_name
 from picollm.training.evaluation import evaluate
 from picollm.training.optim import load_checkpoint, make_optimizer, make_scheduler, validate_checkpoint
+from picollm.training.reproduce import Verdict
+from picollm.training.reproduce import check as check_reference
 from picollm.training.trainer import NullCallbacks, TrainCallbacks, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class TrainOutcome:
     families: list[str] = field(default_factory=list)
     model: Transformer | None = field(default=None, repr=False)  # the trained model (on the CPU)
     timing: dict[str, float] = field(default_factory=dict)  # time/<phase>_s, as logged (picollm.timing)
+    reproduction: Verdict | None = None  # against the config's reference results; None: the config has none
 
 
 class Prepared(NamedTuple):
@@ -92,7 +95,7 @@ def load_resume(run_id: str, cfg: TrainRunConfig) -> dict[str, Any]:
     old, new = flatten(saved.model_dump(mode="json")), flatten(cfg.model_dump(mode="json"))
     check_checkpoint_matches_params(run_id, old, params)
     for key in sorted(old.keys() | new.keys()):
-        if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):
+        if key not in RESUMABLE_KEYS and not key.startswith("reference.") and old.get(key) != new.get(key):
             raise PicollmError(
                 f"--resume: {key} is {new.get(key)!r} in this config but {old.get(key)!r} in run {run_id} "
                 "(its logged params and checkpoint)"
@@ -201,6 +204,7 @@ def train(
         run_name,
         config=cfg if ckpt is None else None,  # a resumed run has its params already
         config_path=SOURCE_CONFIG,
+        param_exclude={"reference"},  # expected results, not settings: in the logged config.yaml, not params
         params=_run_params(cfg, session, prep) if ckpt is None else None,
         tags=run_tags,
         nested=nested,
@@ -243,10 +247,36 @@ def train(
                     what="describing the model version",
                 )
         final = _log_results(run, prep, result, test_metrics)
+        verdict = _check_reference(run, cfg, final, version)
         timing = watch.breakdown()  # closing the run (its last flush) is not in it
         run.log_metrics(timing, step=SINGLE_VALUE_STEP, flush=True)
     model = prep.trainer.model.cpu()
-    return TrainOutcome(run.run_id, model_uri, version, final, result.history, prep.data.families, model, timing=timing)
+    return TrainOutcome(
+        run.run_id, model_uri, version, final, result.history, prep.data.families, model, timing, verdict
+    )
+
+
+def _check_reference(
+    run: RunLog, cfg: TrainRunConfig, metrics: dict[str, float], version: str | None
+) -> Verdict | None:
+    """The run's metrics against the config's reference results, tagged on the run (and its model version):
+    none without a `reference:` section."""
+    if cfg.reference is None:
+        return None
+    verdict = check_reference(metrics, cfg.reference)
+    run.set_tags(verdict.tags())
+    if version and cfg.tracking.registered_model:
+        for key, value in verdict.tags().items():
+            tracking.store_write(
+                MlflowClient().set_model_version_tag,
+                cfg.tracking.registered_model,
+                version,
+                key,
+                value,
+                what="tagging the model version",
+            )
+    log.info("run %s %s", run.run_id, verdict.line)
+    return verdict
 
 
 def _claim_resume(resume: str, cfg: TrainRunConfig, ctx: distributed.DistContext) -> dict[str, Any]:
