@@ -126,6 +126,9 @@ def test_space_ranges_and_trial_configs():
     assert tcfg.tracking.registered_model is None
     assert search.direction == "minimize" and search.pruner_sign == 1.0
     assert sweep.prepare(load(**{"objective": {"metric": "val/accuracy"}})).pruner_sign == -1.0
+    # a base config's reference results describe its defaults, which a trial changes: trials are not checked
+    shipped = sweep.prepare(load(f"base.config={REPO / 'configs' / 'linear.yaml'}"))
+    assert shipped.base.reference is not None and shipped.trial_config({}, "t").reference is None
     grid = load(**{"sampler": {"name": "grid"}}, space={"model.n_layers": {"type": "int", "low": 1, "high": 3}})
     assert grid.space["model.n_layers"].grid() == [1, 2, 3]
 

@@ -113,6 +113,9 @@ class Search:
             train["peak_flops"] = peak_flops
         if seed is not None:
             train["seed"] = seed
+        # The base config's reference results describe its own defaults: a trial changes them on purpose, so a
+        # "drifted" verdict on every trial would be noise in the runs table.
+        raw.pop("reference", None)
         t = self.cfg.tracking
         raw["tracking"] = {
             "uri": t.uri,
@@ -151,8 +154,10 @@ class Search:
         hardware settings may differ between machines) or objective is another study."""
         c = self.cfg
         hardware = {"device", "num_threads", "peak_flops"}
+        # the reference results are the docs' numbers, not a training setting: refreshing them keeps the study
+        exclude = {"tracking": True, "train": hardware, "reference": True}
         return {
-            "base": self.base.model_dump(mode="json", exclude={"tracking": True, "train": hardware}),
+            "base": self.base.model_dump(mode="json", exclude=exclude),
             "flow": c.base.flow,
             "space": {k: v.model_dump(mode="json") for k, v in c.space.items()},
             "objective": {"metric": c.objective.metric, "direction": self.direction},
