@@ -366,4 +366,4 @@ def test_the_report_labels_primaries_and_states_the_precedence():
     none = cmp.render_report(
         cmp.ReportInput(**{**r.__dict__, "primaries": [], "rows": cmp.summary_rows(agg, diffs, keys, 0.05)})
     )
-    assert "No primary metric declared (compare.primaries is empty)" in none and "**Primary**" not in none
+    assert "No primary metric declared in compare.primaries" in none and "**Primary**" not in none

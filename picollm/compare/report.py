@@ -267,7 +267,11 @@ def _headline(r: ReportInput) -> list[str]:
             "",
         ]
     else:
-        lines += ["No primary metric declared (compare.primaries is empty): every row is **secondary**.", ""]
+        lines += [
+            "No primary metric declared in compare.primaries: every row of this table is **secondary** (a recall "
+            "study declares its primaries as compare.contrasts: the recall section's first table, when set).",
+            "",
+        ]
     lines += _headline_table(r, secondary)
     lines += ["", _test_sentence(r), "", HOW_TO_READ]
     groups: dict[str, list[str]] = {}
