@@ -122,7 +122,7 @@ def forest(rows: list[Contrast], confidence: float) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.42 * max(len(rows), 1)))
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.42 * max(len(rows), 1)))
     for i, c in enumerate(rows):
         y = len(rows) - 1 - i
         d = c.diff
@@ -134,6 +134,10 @@ def forest(rows: list[Contrast], confidence: float) -> Any:
             ax.plot([d.low, d.high], [y, y], color=color, linewidth=2.5, zorder=2)
         ax.plot([d.mean], [y], marker="D", color=color, markersize=7, zorder=3)
         ax.scatter(c.seeds, [y + 0.18] * len(c.seeds), s=14, color="black", alpha=0.6, zorder=4)
+    for i, c in enumerate(rows):  # each row's verdict beside the plot: the figure reads on its own
+        weight = "bold" if c.role == PRIMARY else "normal"
+        ax.text(1.02, len(rows) - 1 - i, c.verdict, transform=ax.get_yaxis_transform(), va="center", fontsize=8,
+                fontweight=weight)  # fmt: skip
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)))
     labels = [f"{c.label} ({c.variant} − {c.baseline})" + ("  [primary]" if c.role == PRIMARY else "") for c in rows]
