@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from picollm import compare as cmp
 from picollm.compare import keys, lr_grid, recall
+from picollm.compare import verdict_page as vp
 from picollm.compare.inputs import EvalSet, Inputs, Member, build_inputs, child_config, data_seed
 from picollm.compare.plots import learning_curve as learning_curve_figure
 from picollm.compare.recall import recall_key
@@ -335,8 +336,8 @@ def run(cfg: CompareConfig, progress: Say | Callable[[str], None] | None = None)
             # the one it renders (images and all).
             parent.log_text(cmp.report_html(report, parent.figure_files), "report.html")
             runs_by_variant = {v: [m.metrics for m in ms] for v, ms in by_variant.items()}
-            page, forest = cmp.verdict_page(cfg, runs_by_variant, summary.paired, parent.run_id)
-            parent.log_text(cmp.page_html(page, forest), cmp.VERDICT_PAGE)  # the verdicts first, one page
+            page, forest = vp.verdict_page(cfg, runs_by_variant, summary.paired, parent.run_id)
+            parent.log_text(vp.page_html(page, forest), vp.PAGE)  # the verdicts first, one page
             parent.log_metrics({f"{runs.BOOKKEEPING}time/total_s": seconds})
             # The children grouped by variant, one chart per metric (mean and band): a shared view to link to.
             eid = parent.active.info.experiment_id
@@ -397,9 +398,9 @@ def from_runs(parent_run_id: str) -> tuple[str, str]:
     runs_by_variant = {v: [dict(r.data.metrics) for r in sorted(rs, key=position)] for v, rs in by_variant.items()}
     first = next(iter(labels.values()))
     paired = mode == "train" and all(ls == first for ls in labels.values())
-    page, forest = cmp.verdict_page(cfg, runs_by_variant, paired, parent_run_id)
-    client.log_text(parent_run_id, cmp.page_html(page, forest), cmp.VERDICT_PAGE)
-    return page, cmp.VERDICT_PAGE
+    page, forest = vp.verdict_page(cfg, runs_by_variant, paired, parent_run_id)
+    client.log_text(parent_run_id, vp.page_html(page, forest), vp.PAGE)
+    return page, vp.PAGE
 
 
 def contrasts_only(metrics: dict[str, float], variants: list[str]) -> dict[str, float]:

@@ -12,7 +12,8 @@
   generation state size; every timing with its repeats and the load (picollm.runtime.noise);
 - `plots`: the figures;
 - `report`, `report_studies`, `report_efficiency`: report.md (and its self-contained HTML copy, report.html);
-- `verdict_page`: the verdict-first page (primaries in words, a forest plot of every contrast: verdict.html);
+- `verdict_page`: the verdict-first page (primaries in words, a forest plot of every contrast: verdict.html;
+  imported as a module, its function has its name);
 - `keys`: the parent run's metric keys (headline numbers, variant last) and its tables.
 
 Everything here takes plain models, splits and numbers; the flow (pipelines/compare.py) owns MLflow.
@@ -101,8 +102,6 @@ from picollm.compare.table import (
     side,
     summary_rows,
 )
-from picollm.compare.verdict_page import PAGE as VERDICT_PAGE
-from picollm.compare.verdict_page import page_html, verdict_page
 from picollm.compare.verdicts import NA, NA_NOISE, NA_PAIRS, NA_RUNS, verdict
 
 __all__ = [
@@ -187,9 +186,6 @@ __all__ = [
     "two_sided_p",
     "valid_targets",
     "verdict",
-    "VERDICT_PAGE",
-    "page_html",
-    "verdict_page",
     "welch_p",
     "welch_stat",
 ]
