@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
@@ -395,12 +396,26 @@ def from_runs(parent_run_id: str) -> tuple[str, str]:
         return (order.get(label.removeprefix("seed"), len(order)), r.info.start_time or 0, label)
 
     labels = {v: [r.data.tags.get("compare.run", "") for r in sorted(rs, key=position)] for v, rs in by_variant.items()}
-    runs_by_variant = {v: [dict(r.data.metrics) for r in sorted(rs, key=position)] for v, rs in by_variant.items()}
+    runs_by_variant = {v: [_child_metrics(client, r) for r in sorted(rs, key=position)] for v, rs in by_variant.items()}
     first = next(iter(labels.values()))
     paired = mode == "train" and all(ls == first for ls in labels.values())
     page, forest = vp.verdict_page(cfg, runs_by_variant, paired, parent_run_id)
     client.log_text(parent_run_id, vp.page_html(page, forest), vp.PAGE)
     return page, vp.PAGE
+
+
+def _child_metrics(client: MlflowClient, child: Any) -> dict[str, float]:
+    """A child's metrics as the comparison had them: its logged metrics and its tables/evaluation.json (which
+    holds the per-family tails the metrics leave out, e.g. the recall study's answer accuracy)."""
+    import json
+
+    table: dict[str, float] = {}
+    try:  # MLflow's table JSON: {"columns": ["metric", "value"], "data": [[key, value], ...]}
+        text = mlflow.artifacts.load_text(f"runs:/{child.info.run_id}/tables/evaluation.json")
+        table = {k: float(x) for k, x in json.loads(text)["data"] if x is not None}
+    except Exception:  # a child without its table: the logged metrics still hold the headline
+        log.debug("no tables/evaluation.json in run %s", child.info.run_id, exc_info=True)
+    return table | dict(child.data.metrics)  # the logged values where both: the table's JSON rounds them
 
 
 def contrasts_only(metrics: dict[str, float], variants: list[str]) -> dict[str, float]:

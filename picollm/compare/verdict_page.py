@@ -17,10 +17,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from picollm.compare.recall_study import ANSWER_METRIC, declared_contrasts
 from picollm.compare.report import md_table
 from picollm.compare.stats import Difference, aggregate
 from picollm.compare.summary import headline
-from picollm.compare.table import PRIMARY, comparison_rows, diff_cells, differences_vs_baseline, holm_grid
+from picollm.compare.table import (
+    PRIMARY,
+    comparison_rows,
+    diff_cells,
+    differences_vs_baseline,
+    fmt_p,
+    holm_grid,
+)
+from picollm.compare.verdicts import verdict
 from picollm.config import CompareConfig
 from picollm.tracking.pages import report_html
 
@@ -74,6 +83,8 @@ def contrasts(cfg: CompareConfig, runs: Runs, paired: bool) -> list[Contrast]:
         _contrast(runs, diffs, r["key"], r["metric"], r["variant"], higher[r["key"]], r["role"], r["p"], r["verdict"])
         for r in comparison_rows(agg, diffs, keys, cc.alpha, None, names, cc.primaries)
     ]
+    if cc.recall_pairs:  # a recall study: its primaries are the declared contrasts on the trained mixture's answers
+        out = _recall_primaries(cfg, runs, paired) + out
     fam_keys = [f"eval/test/accuracy/{f}" for f in families(runs)]
     adjusted = holm_grid(diffs, fam_keys)
     for key in fam_keys:
@@ -82,6 +93,20 @@ def contrasts(cfg: CompareConfig, runs: Runs, paired: bool) -> list[Contrast]:
             cells = diff_cells(d, adjusted.get((v, key)), cc.alpha, True, None, (names[0], v))
             label = f"test acc., {key.rsplit('/', 1)[-1]}"
             out.append(_contrast(runs, diffs, key, label, v, True, "family", cells["p"], cells["verdict"]))
+    return out
+
+
+def _recall_primaries(cfg: CompareConfig, runs: Runs, paired: bool) -> list[Contrast]:
+    """compare.contrasts (a - b) on the test answer accuracy, Holm over them: the recall study's own
+    (recall_study.declared_contrasts), as its report states them."""
+    answers = {v: [r.get(ANSWER_METRIC, math.nan) for r in per] for v, per in runs.items()}
+    out = []
+    for a, b, d, (p, p_tost) in declared_contrasts(cfg, answers, paired):
+        label = "test answer accuracy (trained mixture)"
+        v = verdict(d.mean, p, p_tost, d.margin, cfg.compare.alpha, True, (b, a))
+        pair = {b: runs[b], a: runs[a]}  # baseline first: `_contrast` takes a - b
+        c = _contrast(pair, {a: {ANSWER_METRIC: d}}, ANSWER_METRIC, label, a, True, PRIMARY, fmt_p(p), v)
+        out.append(c)
     return out
 
 
