@@ -14,6 +14,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from picollm.compare import verdict_page as vp
+from picollm.compare.recall_study import ANSWER_METRIC, declared_contrasts
 from picollm.config import CompareConfig, load_config
 
 from .test_compare import TINY_COMPARE, Compared, compared, in_compared  # noqa: F401, F811 (the tiny comparison)
@@ -113,3 +114,25 @@ def test_from_runs_refuses_a_run_that_is_not_a_compare_parent(migrated_store):
     result = CliRunner().invoke(app, ["compare", "--from-runs", run.info.run_id])
     assert result.exit_code == 2 and "not a compare parent" in result.output
     assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+
+
+def test_recall_study_primaries_are_its_declared_contrasts():
+    overrides = ["data.seq_types=[counting, mqar]", "data.vocab_size=48", "data.max_len=20", "compare.recall_pairs=[2]"]
+    cfg = load_config(CompareConfig, TINY_COMPARE, overrides)
+    base, variant = cfg.compare.names
+    cfg.compare.contrasts = [(base, variant)]  # base - variant, as configs/recall.yaml declares it
+    rng = np.random.default_rng(1)
+    answers = 0.9 + rng.normal(0, 0.01, 4)
+    runs = {
+        base: [{ANSWER_METRIC: float(x), "recall/pairs2/accuracy": float(x)} for x in answers],
+        variant: [{ANSWER_METRIC: float(x - 0.3 + e)} for x, e in zip(answers, rng.normal(0, 0.01, 4), strict=True)],
+    }
+    page, _ = vp.verdict_page(cfg, runs, paired=True)
+    rows = vp.contrasts(cfg, runs, paired=True)
+    (first,) = [c for c in rows if c.role == "primary"]
+    ((a, b, d, _),) = declared_contrasts(cfg, {v: [r[ANSWER_METRIC] for r in rs] for v, rs in runs.items()}, True)
+    assert (first.variant, first.baseline, first.diff.mean) == (a, b, pytest.approx(d.mean)) and d.mean > 0
+    paired = zip(runs[base], runs[variant], strict=True)
+    assert first.seeds == pytest.approx([x[ANSWER_METRIC] - y[ANSWER_METRIC] for x, y in paired])
+    assert f"{base} has higher test answer accuracy (trained mixture) than {variant}" in page
+    assert f"**{base} better" in page
