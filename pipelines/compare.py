@@ -371,6 +371,8 @@ def from_runs(parent_run_id: str) -> tuple[str, str]:
     mode = parent.data.tags.get("compare.mode")
     if mode is None or parent.data.tags.get("mlflow.parentRunId"):
         raise PicollmError(f"--from-runs: run {parent_run_id} is not a compare parent run (no compare.mode tag)")
+    if parent.info.status == "RUNNING":  # its children are not all there yet: the page would be a partial one
+        raise PicollmError(f"--from-runs: compare run {parent_run_id} is still running; build its page when it ends")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(parent_run_id, "config.yaml", tmp)
