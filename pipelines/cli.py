@@ -189,6 +189,8 @@ def print_links(run_id: str) -> None:
     console.print(f"run     {found.run}", highlight=False, soft_wrap=True)
     if found.report:
         console.print(f"report  {found.report}", highlight=False, soft_wrap=True)
+    if found.verdict:
+        console.print(f"verdict {found.verdict}", highlight=False, soft_wrap=True)
     if found.grouped:
         console.print(f"grouped {found.grouped}", highlight=False, soft_wrap=True)
 
@@ -237,8 +239,23 @@ def dpo(
 def compare(
     config: Annotated[Path, typer.Argument(help="Compare config")] = Path("configs/compare.yaml"),
     overrides: SetOpt = None,
+    from_runs: Annotated[
+        str | None,
+        typer.Option(
+            "--from-runs",
+            metavar="PARENT_RUN_ID",
+            help="Build the verdict page (verdict.html) of this existing compare parent run; no training.",
+        ),
+    ] = None,
 ) -> None:
     """Attention variants against a baseline: train (or load) each over seeds, evaluate, report with CIs (MLflow)."""
+    if from_runs is not None:
+        page, path = _flow("compare").from_runs(from_runs)
+        for part in markdown(page.split("![", 1)[0].splitlines(), console.width):  # the verdicts in words
+            console.print(part, highlight=False)
+        console.print(f"{path} logged on parent run {from_runs}", highlight=False)
+        print_links(from_runs)
+        return
     cfg = load_config(CompareConfig, config, overrides)
     with progress.reporter("compare", epoch_lines=False) as reporter:
         out = _flow("compare").run(cfg, progress=reporter)

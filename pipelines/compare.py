@@ -25,12 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
 from picollm import compare as cmp
 from picollm.compare import keys, lr_grid, recall
+from picollm.compare import verdict_page as vp
 from picollm.compare.inputs import EvalSet, Inputs, Member, build_inputs, child_config, data_seed
 from picollm.compare.plots import learning_curve as learning_curve_figure
 from picollm.compare.recall import recall_key
@@ -334,6 +336,9 @@ def run(cfg: CompareConfig, progress: Say | Callable[[str], None] | None = None)
             # MLflow's artifact viewer shows markdown as text: the HTML copy, with the figures inlined, is
             # the one it renders (images and all).
             parent.log_text(cmp.report_html(report, parent.figure_files), "report.html")
+            runs_by_variant = {v: [m.metrics for m in ms] for v, ms in by_variant.items()}
+            page, forest = vp.verdict_page(cfg, runs_by_variant, summary.paired, parent.run_id)
+            parent.log_text(vp.page_html(page, forest), vp.PAGE)  # the verdicts first, one page
             parent.log_metrics({f"{runs.BOOKKEEPING}time/total_s": seconds})
             # The children grouped by variant, one chart per metric (mean and band): a shared view to link to.
             eid = parent.active.info.experiment_id
@@ -344,6 +349,75 @@ def run(cfg: CompareConfig, progress: Say | Callable[[str], None] | None = None)
     )
     outcome.timing_warnings = efficiency.warnings() if efficiency is not None else []
     return outcome
+
+
+def from_runs(parent_run_id: str) -> tuple[str, str]:
+    """The verdict page of an existing compare parent, built from its config and its children's metrics (no
+    training) and logged onto it as verdict.html. Returns (the page's markdown, its artifact path). A run that
+    is not a compare parent (or no run at all): PicollmError, exit 2."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.exceptions import MlflowException
+
+    from picollm.config.base import read_yaml, validate
+    from picollm.errors import PicollmError
+
+    client = MlflowClient()
+    try:
+        parent = client.get_run(parent_run_id)
+    except MlflowException:
+        raise PicollmError(f"--from-runs: no run {parent_run_id!r} in the tracking store") from None
+    mode = parent.data.tags.get("compare.mode")
+    if mode is None or parent.data.tags.get("mlflow.parentRunId"):
+        raise PicollmError(f"--from-runs: run {parent_run_id} is not a compare parent run (no compare.mode tag)")
+    if parent.info.status == "RUNNING":  # its children are not all there yet: the page would be a partial one
+        raise PicollmError(f"--from-runs: compare run {parent_run_id} is still running; build its page when it ends")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parent_run_id, "config.yaml", tmp)
+        except Exception as e:  # a parent without its config cannot say which contrasts it declared
+            raise PicollmError(f"--from-runs: run {parent_run_id} has no readable config.yaml ({e})") from None
+        cfg = validate(CompareConfig, read_yaml(Path(path)), source=f"run {parent_run_id} config.yaml")
+    found = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
+    )
+    # The seeded (or loaded) runs of each variant; not the lr-grid or d_model-width runs.
+    members = [r for r in found if "compare.model" in r.data.tags]
+    members = [r for r in members if not {"compare.lr_grid", "compare.d_model"} & set(r.data.tags)]
+    by_variant: dict[str, list[Any]] = {v: [] for v in cfg.compare.names}
+    for r in members:
+        by_variant.setdefault(r.data.tags["compare.model"], []).append(r)
+    if not all(by_variant.values()):
+        missing = ", ".join(v for v, rs in by_variant.items() if not rs)
+        raise PicollmError(f"--from-runs: run {parent_run_id} has no child runs of variant(s) {missing}")
+    order = {str(s): i for i, s in enumerate(cfg.compare.seeds)}  # the paired design's seed order
+
+    def position(r: Any) -> tuple[int, int, str]:
+        label = r.data.tags.get("compare.run", "")
+        return (order.get(label.removeprefix("seed"), len(order)), r.info.start_time or 0, label)
+
+    labels = {v: [r.data.tags.get("compare.run", "") for r in sorted(rs, key=position)] for v, rs in by_variant.items()}
+    runs_by_variant = {v: [_child_metrics(client, r) for r in sorted(rs, key=position)] for v, rs in by_variant.items()}
+    first = next(iter(labels.values()))
+    paired = mode == "train" and all(ls == first for ls in labels.values())
+    page, forest = vp.verdict_page(cfg, runs_by_variant, paired, parent_run_id)
+    client.log_text(parent_run_id, vp.page_html(page, forest), vp.PAGE)
+    return page, vp.PAGE
+
+
+def _child_metrics(client: MlflowClient, child: Any) -> dict[str, float]:
+    """A child's metrics as the comparison had them: its logged metrics and its tables/evaluation.json (which
+    holds the per-family tails the metrics leave out, e.g. the recall study's answer accuracy)."""
+    import json
+
+    table: dict[str, float] = {}
+    try:  # MLflow's table JSON: {"columns": ["metric", "value"], "data": [[key, value], ...]}
+        text = mlflow.artifacts.load_text(f"runs:/{child.info.run_id}/tables/evaluation.json")
+        table = {k: float(x) for k, x in json.loads(text)["data"] if x is not None}
+    except Exception:  # a child without its table: the logged metrics still hold the headline
+        log.debug("no tables/evaluation.json in run %s", child.info.run_id, exc_info=True)
+    return table | dict(child.data.metrics)  # the logged values where both: the table's JSON rounds them
 
 
 def contrasts_only(metrics: dict[str, float], variants: list[str]) -> dict[str, float]:

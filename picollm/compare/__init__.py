@@ -12,6 +12,8 @@
   generation state size; every timing with its repeats and the load (picollm.runtime.noise);
 - `plots`: the figures;
 - `report`, `report_studies`, `report_efficiency`: report.md (and its self-contained HTML copy, report.html);
+- `verdict_page`: the verdict-first page (primaries in words, a forest plot of every contrast: verdict.html;
+  imported as a module, its function has its name);
 - `keys`: the parent run's metric keys (headline numbers, variant last) and its tables.
 
 Everything here takes plain models, splits and numbers; the flow (pipelines/compare.py) owns MLflow.

@@ -55,14 +55,22 @@ def _contrasts(
     cfg: CompareConfig, summary: Summary, by_variant: ByVariant
 ) -> list[tuple[str, str, Difference, tuple[float, float]]]:
     """The declared contrasts (else each variant against the baseline) on ANSWER_METRIC, Holm over them."""
-    cc, names = cfg.compare, list(by_variant)
+    answers = {v: _values(ms, ANSWER_METRIC) for v, ms in by_variant.items()}
+    return declared_contrasts(cfg, answers, summary.paired)
+
+
+def declared_contrasts(
+    cfg: CompareConfig, answers: dict[str, list[float]], paired: bool
+) -> list[tuple[str, str, Difference, tuple[float, float]]]:
+    """`_contrasts` from each variant's ANSWER_METRIC values in seed order (also what the verdict page uses)."""
+    cc, names = cfg.compare, list(answers)
     pairs = [tuple(c) for c in cc.contrasts] or [(v, names[0]) for v in names[1:]]
-    runs = {v: [{ANSWER_METRIC: x} for x in _values(ms, ANSWER_METRIC)] for v, ms in by_variant.items()}
+    runs = {v: [{ANSWER_METRIC: x} for x in xs] for v, xs in answers.items()}
     tested = []
     for a, b in pairs:
-        d = differences(
-            runs, cc.confidence, cc.equivalence_margin, cc.equivalence_margins, cc.test, summary.paired, b, a
-        ).get(ANSWER_METRIC)
+        d = differences(runs, cc.confidence, cc.equivalence_margin, cc.equivalence_margins, cc.test, paired, b, a).get(
+            ANSWER_METRIC
+        )
         if d is not None:
             tested.append((a, b, d))
     p, p_tost = holm([d.p for *_, d in tested]), holm([d.p_tost for *_, d in tested])

@@ -28,6 +28,7 @@ UI_HOST = "127.0.0.1"
 UI_PORT = 5000  # `make ui`'s default (the Makefile's UI_PORT)
 RUN_CHARTS_TAB = "model-metrics"
 REPORTS = ("report.html", "report.md")  # a run's report, the rendered one first
+VERDICT = "verdict.html"  # a compare parent's verdict-first page (picollm.compare.verdict_page)
 
 
 def ui_base(tracking_uri: str | None = None, env: dict[str, str] | None = None) -> str:
@@ -104,18 +105,20 @@ def grouped_view_url(base: str, experiment_id: str, key: str) -> str:
 
 @dataclass(frozen=True)
 class RunLinks:
-    """The links of one run: its charts, its report (None without one) and its runs table."""
+    """The links of one run: its charts, its report (None without one), its verdict page (a compare parent's)
+    and its runs table."""
 
     run_id: str
     run: str
     runs_table: str
     report: str | None = None
     grouped: str | None = None  # its children grouped by a tag (a compare parent: by variant)
+    verdict: str | None = None  # a compare parent's verdict.html
 
 
 def run_links(run_id: str, base: str | None = None) -> RunLinks:
-    """Look `run_id` up in MLflow's current store: its experiment, and its report among its top-level
-    artifacts (REPORTS)."""
+    """Look `run_id` up in MLflow's current store: its experiment, and its report (REPORTS) and verdict page
+    (VERDICT) among its top-level artifacts."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -129,7 +132,8 @@ def run_links(run_id: str, base: str | None = None) -> RunLinks:
     key = grouped_view_key(run_id)
     shared = SHARED_VIEW_TAG + key in client.get_experiment(eid).tags
     grouped = grouped_view_url(base, eid, key) if shared else None
-    return RunLinks(run_id, run_url(base, eid, run_id), runs_table_url(base, eid), report, grouped)
+    verdict = artifact_url(base, eid, run_id, VERDICT) if VERDICT in names else None
+    return RunLinks(run_id, run_url(base, eid, run_id), runs_table_url(base, eid), report, grouped, verdict)
 
 
 # --------------------------------------------------------------------------------------------------
