@@ -38,7 +38,7 @@ from picollm.model.hooks import act_name
 from picollm.model.transformer import Transformer
 from picollm.tracking import notes, registry, runs
 from picollm.tracking.runs import BOOKKEEPING, RunLog
-from pipelines.progress import FlowProgress, as_progress
+from picollm.training.progress import FlowProgress, as_progress
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class AnalysisOutcome:
 
 
 def run(cfg: AnalysisConfig, progress: FlowProgress | Callable[[str], None] | None = None) -> AnalysisOutcome:
-    """The analysis run; `progress` gets its sections as the parts of a bar (pipelines/progress.py)."""
+    """The analysis run; `progress` gets its sections as the parts of a bar (picollm/training/progress.py)."""
     start = time.perf_counter()
     say = as_progress(progress)
     if not cfg.model:

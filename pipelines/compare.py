@@ -45,11 +45,11 @@ from picollm.runtime.noise import Load, load_average
 from picollm.tracking import links, notes, runs, store
 from picollm.tracking.runs import RunLog, Session
 from picollm.training import run as train_run
-from pipelines.progress import FlowProgress, as_progress
+from picollm.training.progress import FlowProgress, as_progress
 
 log = logging.getLogger(__name__)
 
-Say = FlowProgress  # lines, the parts (runs) and their training steps: pipelines/progress.py
+Say = FlowProgress  # lines, the parts (runs) and their training steps: picollm/training/progress.py
 
 
 @dataclass

@@ -31,9 +31,9 @@ from picollm.model.transformer import Transformer
 from picollm.runtime.hardware import measure_matmul_peak, resolve_device, torch_threads
 from picollm.tracking import registry, runs
 from picollm.tracking.runs import SINGLE_VALUE_STEP, RunLog, Session, unique_name
+from picollm.training.progress import FlowProgress, as_progress
 from picollm.training.run import MlflowCallbacks
 from picollm.training.trainer import NullCallbacks, TrainCallbacks, Trainer, resolve_precision
-from pipelines.progress import FlowProgress, as_progress
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,16 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+# The flows' side of progress lives in the library; re-exported for the CLI and its tests.
+from picollm.training.progress import FlowProgress as FlowProgress
+from picollm.training.progress import LineProgress as LineProgress
+from picollm.training.progress import as_progress as as_progress
 
 console = Console()
 log = logging.getLogger(__name__)
@@ -31,55 +36,6 @@ log = logging.getLogger(__name__)
 # Outside a terminal, a line whenever nothing was printed for this long (`PICOLLM_HEARTBEAT_S` to change it).
 HEARTBEAT_S = 10.0
 Clock = Callable[[], float]
-
-
-class FlowProgress(Protocol):
-    """What a flow reports to; `picollm.training.trainer.TrainCallbacks` for the steps."""
-
-    def __call__(self, msg: str) -> None: ...
-    def plan(self, parts: int, unit: str = "parts") -> None: ...
-    def part(self, label: str, done: int | None = None) -> None: ...
-    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None: ...
-    def on_step(self, step: int, metrics: dict[str, float] | None) -> None: ...
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None: ...
-    def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None: ...
-
-
-class LineProgress:
-    """A plain line callback (or logging) as a FlowProgress: parts become lines, steps are ignored."""
-
-    def __init__(self, say: Callable[[str], None] | None = None) -> None:
-        self.say = say or (lambda msg: log.info("%s", msg))
-        self.parts, self.done = 0, 0
-
-    def __call__(self, msg: str) -> None:
-        self.say(msg)
-
-    def plan(self, parts: int, unit: str = "parts") -> None:
-        self.parts, self.done = parts, 0
-
-    def part(self, label: str, done: int | None = None) -> None:
-        self.done = self.done + 1 if done is None else done + 1
-        self.say(f"{label} ({self.done}/{self.parts})" if self.parts else label)
-
-    def on_train_start(self, total_steps: int, steps_per_epoch: int, start_epoch: int) -> None:
-        pass
-
-    def on_step(self, step: int, metrics: dict[str, float] | None) -> None:
-        pass
-
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def on_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
-        pass
-
-
-def as_progress(progress: FlowProgress | Callable[[str], None] | None) -> FlowProgress:
-    """A flow's `progress` argument as a FlowProgress (a bare callable or None: lines only)."""
-    if progress is not None and hasattr(progress, "plan"):
-        return progress  # type: ignore[return-value]
-    return LineProgress(progress)
 
 
 def hms(seconds: float) -> str:

@@ -48,12 +48,12 @@ from picollm.tracking.pages import report_html
 from picollm.tracking.runs import BOOKKEEPING, RunLog, Session
 from picollm.training import plots
 from picollm.training import run as train_run
+from picollm.training.progress import FlowProgress, as_progress
 from picollm.training.trainer import NullCallbacks, TrainCallbacks
-from pipelines.progress import FlowProgress, as_progress
 
 log = logging.getLogger(__name__)
 
-Say = FlowProgress  # lines and the trials as the parts of the bar: pipelines/progress.py
+Say = FlowProgress  # lines and the trials as the parts of the bar: picollm/training/progress.py
 POLL_S = 2.0  # a process with nothing to start waits this long for the others' running trials
 STOP_GRACE_S = 30.0  # local workers get this long to close their runs after an interrupt
 

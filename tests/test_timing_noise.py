@@ -120,8 +120,8 @@ def test_compare_logs_and_reports_the_noise_of_its_timings(migrated_store: str, 
     repeats, max and load reach the parent's params and metrics, report.html and the CLI's warning line."""
     from picollm.config import CompareConfig, load_config
     from picollm.tracking import runs
+    from picollm.training.progress import as_progress
     from pipelines import cli, compare
-    from pipelines.progress import as_progress
 
     monkeypatch.setattr(compare, "load_average", lambda: 99.0)
     cfg = load_config(CompareConfig, REPO / "configs" / "compare_tiny.yaml", ["efficiency.timed_steps=2"])
